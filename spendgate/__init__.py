@@ -1,0 +1,3 @@
+"""spendgate: hard spend caps in front of GPU inference."""
+
+__version__ = "0.1.0"

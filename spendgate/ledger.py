@@ -1,0 +1,403 @@
+"""The ledger: balances, holds, rate limits and usage records in Redis, changed only by Lua.
+
+Each operation is one script and one round trip: atomic, and idempotent by request id or
+funding id. The same code runs on a single Redis and on Redis Cluster because every key a
+script touches carries the customer's hash tag (see ``spendgate.keys``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from importlib import resources
+from typing import Any
+
+from .keys import for_customer
+from .models import CustomerBudgetSpec, Mode, RateLimit
+
+IDEMPOTENCY_TTL_MS = 7 * 86_400_000
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+class LedgerError(RuntimeError):
+    """A ledger call that was refused for a reason other than money (bad arguments, etc.)."""
+
+
+class Outcome(StrEnum):
+    reserved = "ok"
+    duplicate = "duplicate"
+    unknown_customer = "unknown_customer"
+    currency_mismatch = "currency_mismatch"
+    suspended = "suspended"
+    cost_cap = "cost_cap"
+    insufficient = "insufficient"
+    cap_reached = "cap_reached"
+    rate_limited = "rate_limited"
+
+
+@dataclass(frozen=True)
+class RateInfo:
+    """The tightest rate limit after this request, for ``RateLimit-*`` headers."""
+
+    limit: int
+    remaining: int
+    reset_ms: int
+
+
+@dataclass(frozen=True)
+class Reservation:
+    outcome: Outcome
+    request_id: str
+    estimate: int = 0
+    available: int | None = None
+    deadline_ms: int | None = None
+    rate: RateInfo | None = None
+    retry_after_ms: int | None = None
+    limit_id: str | None = None
+    detail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome is Outcome.reserved
+
+
+@dataclass(frozen=True)
+class Extension:
+    ok: bool
+    hold: int = 0
+    available: int | None = None
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Settlement:
+    duplicate: bool
+    balance: int | None = None
+    held: int | None = None
+    spent: int | None = None
+    entry_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Credit:
+    duplicate: bool
+    balance: int
+    entry_id: str
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What a request used; stored on the ledger entry next to its cost."""
+
+    model: str = ""
+    input_tokens: int = 0
+    output_tokens: int = 0
+    upstream_ms: int = 0
+    outcome: str = "ok"
+    pod: str = ""
+    rule: str = ""
+
+    def fields(self) -> list[str]:
+        return [
+            "model", self.model,
+            "input_tokens", str(self.input_tokens),
+            "output_tokens", str(self.output_tokens),
+            "upstream_ms", str(self.upstream_ms),
+            "outcome", self.outcome,
+            "pod", self.pod,
+            "rule", self.rule,
+        ]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Account:
+    customer_id: str
+    configured: bool
+    currency: str | None
+    mode: str | None
+    limit: int
+    period: str | None
+    balance: int
+    held: int
+    spent: int
+    period_start_ms: int
+    funded: int
+    charged: int
+    expired_holds: int
+    suspensions: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def available(self) -> int:
+        if self.mode == Mode.capped:
+            return self.limit - self.spent - self.held
+        available = self.balance - self.held
+        if self.limit:
+            available = min(available, self.limit - self.spent - self.held)
+        return available
+
+
+def _load_script(name: str) -> str:
+    package = resources.files("spendgate.lua")
+    prelude = package.joinpath("prelude.lua").read_text()
+    return prelude + "\n" + package.joinpath(f"{name}.lua").read_text()
+
+
+SCRIPT_NAMES = ("reserve", "extend", "settle", "release", "credit", "configure")
+
+
+def check_request_id(request_id: str) -> str:
+    if not isinstance(request_id, str) or not _REQUEST_ID_RE.match(request_id):
+        raise LedgerError(f"invalid request/funding id {request_id!r}")
+    return request_id
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _rate_limit_entries(limits: list[RateLimit], scope: str) -> list[dict[str, Any]]:
+    entries = []
+    for index, limit in enumerate(limits):
+        burst = limit.burst if limit.burst is not None else limit.amount
+        if limit.kind == "cost" and limit.burst is not None:
+            burst = limit.amount * limit.burst // 100  # cost bursts are a percentage
+        entries.append(
+            {
+                # The id encodes the limit itself, so changing a limit starts it afresh.
+                "id": f"{scope}:{limit.kind}:{limit.amount}:{limit.per.value}:{burst}",
+                "kind": limit.kind,
+                "amount": limit.amount,
+                "window_ms": limit.per.milliseconds,
+                "burst": burst,
+            }
+        )
+    return entries
+
+
+def budget_config(spec: CustomerBudgetSpec) -> dict[str, str]:
+    """The ``cfg`` hash the scripts read, built from a CustomerBudget spec."""
+    config = {
+        "currency": spec.currency,
+        "mode": spec.mode.value,
+        "limit": str(spec.limit or 0),
+        "period": spec.period.value if spec.period else "",
+        "max_cost": str(spec.policy.max_request_cost or 0),
+        "rl": json.dumps(_rate_limit_entries(spec.rate_limits, "c")),
+    }
+    for key in spec.api_keys:
+        if key.rate_limits:
+            config[f"krl:{key.name}"] = json.dumps(
+                _rate_limit_entries(key.rate_limits, f"k:{key.name}")
+            )
+    return config
+
+
+class Ledger:
+    """Async access to the ledger scripts on a ``redis.asyncio`` client (single or cluster).
+
+    ``clock`` (milliseconds) replaces Redis' own TIME; tests use it to step across rate-limit
+    windows, hold deadlines and period boundaries. In production Redis' clock is the only one.
+    """
+
+    def __init__(self, redis: Any, *, clock: Callable[[], int] | None = None) -> None:
+        self.redis = redis
+        self.clock = clock
+        self._scripts = {name: redis.register_script(_load_script(name)) for name in SCRIPT_NAMES}
+
+    def _now(self) -> int:
+        return self.clock() if self.clock else 0
+
+    async def load_scripts(self) -> None:
+        """Load every script into Redis (all nodes on a cluster); readiness depends on it."""
+        for name, script in self._scripts.items():
+            sha = await self.redis.script_load(script.script)
+            if sha != script.sha:
+                raise LedgerError(f"script {name} loaded with unexpected sha {sha}")
+
+    async def _run(self, name: str, keys: list[str], args: list[Any]) -> list[Any]:
+        result = await self._scripts[name](keys=keys, args=args)
+        return [_text(item) if isinstance(item, bytes) else item for item in result]
+
+    # ----------------------------------------------------------------- request path
+
+    async def reserve(
+        self,
+        customer_id: str,
+        request_id: str,
+        estimate: int,
+        *,
+        key_id: str,
+        currency: str,
+        ttl_ms: int,
+    ) -> Reservation:
+        if estimate < 0:
+            raise LedgerError(f"estimate must not be negative, got {estimate}")
+        keys = for_customer(customer_id)
+        rid = check_request_id(request_id)
+        args = [self._now(), rid, key_id, estimate, currency, ttl_ms]
+        result = await self._run("reserve", keys.script_keys(keys.request(rid)), args)
+        outcome = Outcome(result[0])
+        if outcome is Outcome.reserved:
+            rate = RateInfo(*result[4:7]) if result[4] >= 0 else None
+            return Reservation(
+                outcome, rid, estimate, available=result[3], deadline_ms=result[7], rate=rate
+            )
+        if outcome is Outcome.rate_limited:
+            return Reservation(
+                outcome,
+                rid,
+                estimate,
+                retry_after_ms=result[1],
+                rate=RateInfo(result[2], result[3], result[4]),
+                limit_id=result[5],
+            )
+        if outcome in (Outcome.insufficient, Outcome.cap_reached):
+            return Reservation(outcome, rid, estimate, available=result[1])
+        if outcome is Outcome.suspended:
+            return Reservation(outcome, rid, estimate, detail=f"{result[1]}: {result[2]}")
+        if outcome is Outcome.currency_mismatch:
+            return Reservation(outcome, rid, estimate, detail=result[1])
+        if outcome is Outcome.cost_cap:
+            return Reservation(outcome, rid, estimate, available=result[1])
+        return Reservation(outcome, rid, estimate)
+
+    async def extend(
+        self, customer_id: str, request_id: str, extra: int, *, ttl_ms: int
+    ) -> Extension:
+        if extra <= 0:
+            raise LedgerError(f"extension must be positive, got {extra}")
+        keys = for_customer(customer_id)
+        rid = check_request_id(request_id)
+        args = [self._now(), rid, extra, ttl_ms]
+        result = await self._run("extend", keys.script_keys(keys.request(rid)), args)
+        if result[0] == "ok":
+            return Extension(True, hold=result[1], available=result[2])
+        if result[0] == "insufficient":
+            return Extension(False, available=result[1], reason="insufficient")
+        return Extension(False, reason=result[0])
+
+    async def settle(
+        self,
+        customer_id: str,
+        request_id: str,
+        cost: int,
+        *,
+        key_id: str = "",
+        usage: Usage | None = None,
+    ) -> Settlement:
+        if cost < 0:
+            raise LedgerError(f"cost must not be negative, got {cost}")
+        keys = for_customer(customer_id)
+        rid = check_request_id(request_id)
+        args = [self._now(), rid, cost, key_id, IDEMPOTENCY_TTL_MS, *(usage or Usage()).fields()]
+        result = await self._run("settle", keys.script_keys(keys.request(rid)), args)
+        if result[0] == "duplicate":
+            return Settlement(duplicate=True)
+        return Settlement(False, result[1], result[2], result[3], _text(result[4]))
+
+    async def release(self, customer_id: str, request_id: str) -> int | None:
+        """Free a hold without charging; returns the amount freed, None if already final."""
+        keys = for_customer(customer_id)
+        rid = check_request_id(request_id)
+        args = [self._now(), rid, IDEMPOTENCY_TTL_MS]
+        result = await self._run("release", keys.script_keys(keys.request(rid)), args)
+        return None if result[0] == "duplicate" else int(result[1])
+
+    # ----------------------------------------------------------------- money in
+
+    async def fund(
+        self, customer_id: str, funding_id: str, amount: int, *, source: str = "", note: str = ""
+    ) -> Credit:
+        if amount <= 0:
+            raise LedgerError(f"funding amount must be positive, got {amount}")
+        return await self._credit("fund", customer_id, funding_id, amount, source, note)
+
+    async def adjust(
+        self, customer_id: str, adjustment_id: str, amount: int, *, source: str = "", note: str = ""
+    ) -> Credit:
+        if amount == 0:
+            raise LedgerError("an adjustment of zero changes nothing")
+        return await self._credit("adjust", customer_id, adjustment_id, amount, source, note)
+
+    async def _credit(
+        self, kind: str, customer_id: str, funding_id: str, amount: int, source: str, note: str
+    ) -> Credit:
+        keys = for_customer(customer_id)
+        fid = check_request_id(funding_id)
+        args = [self._now(), fid, amount, kind, "source", source, "note", note]
+        result = await self._run("credit", keys.script_keys(keys.funding(fid)), args)
+        return Credit(result[0] == "duplicate", int(result[1]), _text(result[2]).split("@")[-1])
+
+    # ----------------------------------------------------------------- configuration
+
+    async def configure(self, spec: CustomerBudgetSpec) -> int:
+        """Write a budget's configuration; returns the balance change its opening balance made."""
+        keys = for_customer(spec.customer_id)
+        spec_balance = spec.balance if spec.balance is not None else -1
+        pairs: list[str] = []
+        for name, value in budget_config(spec).items():
+            pairs += [name, value]
+        args = [self._now(), spec_balance, "1" if spec.policy.suspended else "0", *pairs]
+        result = await self._run("configure", keys.script_keys(keys.cfg), args)
+        return int(result[1])
+
+    async def suspend(self, customer_id: str, source: str, reason: str) -> None:
+        await self.redis.hset(for_customer(customer_id).suspensions, source, reason)
+
+    async def unsuspend(self, customer_id: str, source: str) -> None:
+        await self.redis.hdel(for_customer(customer_id).suspensions, source)
+
+    # ----------------------------------------------------------------- reading
+
+    async def account(self, customer_id: str) -> Account:
+        keys = for_customer(customer_id)
+        cfg = await self.redis.hgetall(keys.cfg)
+        acct = await self.redis.hgetall(keys.acct)
+        suspensions = await self.redis.hgetall(keys.suspensions)
+        return account_from_hashes(customer_id, cfg, acct, suspensions)
+
+    async def ledger_entries(self, customer_id: str, count: int = 100) -> list[dict[str, str]]:
+        keys = for_customer(customer_id)
+        entries = await self.redis.xrange(keys.ledger, count=count)
+        return [
+            {"id": _text(entry_id), **{_text(k): _text(v) for k, v in fields.items()}}
+            for entry_id, fields in entries
+        ]
+
+    async def holds(self, customer_id: str) -> dict[str, int]:
+        raw = await self.redis.hgetall(for_customer(customer_id).holds)
+        return {_text(rid): int(_text(value).split("|")[0]) for rid, value in raw.items()}
+
+
+def account_from_hashes(
+    customer_id: str,
+    cfg: Mapping[Any, Any],
+    acct: Mapping[Any, Any],
+    suspensions: Mapping[Any, Any],
+) -> Account:
+    cfg = {_text(k): _text(v) for k, v in cfg.items()}
+    acct = {_text(k): _text(v) for k, v in acct.items()}
+
+    def number(source: dict[str, str], name: str) -> int:
+        return int(source.get(name) or 0)
+
+    return Account(
+        customer_id=customer_id,
+        configured=bool(cfg),
+        currency=cfg.get("currency"),
+        mode=cfg.get("mode"),
+        limit=number(cfg, "limit"),
+        period=cfg.get("period") or None,
+        balance=number(acct, "balance"),
+        held=number(acct, "held"),
+        spent=number(acct, "spent"),
+        period_start_ms=number(acct, "pstart"),
+        funded=number(acct, "funded"),
+        charged=number(acct, "charged"),
+        expired_holds=number(acct, "expired"),
+        suspensions={_text(k): _text(v) for k, v in suspensions.items()},
+    )
+

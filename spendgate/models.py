@@ -1,0 +1,500 @@
+"""Typed models of the spendgate resources: CustomerBudget and PriceBook (spendgate.dev/v1alpha1).
+
+These are the single Python description of the specs: ``spendgate apply``, the operator and the
+CRD schemas all use them. Field names are the camelCase names users write in YAML; amounts are
+decimal strings outside and integer micro-units inside (see ``spendgate.money``).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from enum import StrEnum
+from typing import Annotated, Any, Literal, Self
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+
+from .durations import format_duration, parse_duration
+from .money import format_amount, parse_amount, validate_currency
+
+GROUP = "spendgate.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+# Customer ids become part of Redis keys (inside a hash tag), Kubernetes label values and Stripe
+# metadata, so they are restricted to a conservative alphabet with no braces or colons.
+CUSTOMER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
+KEY_NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+
+
+class ManifestError(ValueError):
+    """A manifest that does not describe a valid resource; ``str()`` names every bad field."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source = source
+        self.problems = problems
+        super().__init__(f"{source}: " + "; ".join(problems))
+
+
+def _amount(value: Any) -> int:
+    return parse_amount(value)
+
+
+def _positive_amount(value: Any) -> int:
+    micros = _amount(value)
+    if micros <= 0:
+        raise ValueError("must be greater than zero")
+    return micros
+
+
+def _serialize_amount(micros: int) -> str:
+    return format_amount(micros)
+
+
+Amount = Annotated[int, BeforeValidator(_amount), PlainSerializer(_serialize_amount, str)]
+PositiveAmount = Annotated[
+    int, BeforeValidator(_positive_amount), PlainSerializer(_serialize_amount, str)
+]
+DurationMs = Annotated[
+    int, BeforeValidator(parse_duration), PlainSerializer(format_duration, str)
+]
+Currency = Annotated[str, BeforeValidator(validate_currency)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        alias_generator=to_camel,
+        populate_by_name=True,
+        frozen=True,
+        str_strip_whitespace=True,
+    )
+
+    def to_manifest(self) -> dict[str, Any]:
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+# --------------------------------------------------------------------------- shared pieces
+
+
+class Per(StrEnum):
+    second = "second"
+    minute = "minute"
+    hour = "hour"
+    day = "day"
+
+    @property
+    def milliseconds(self) -> int:
+        return {"second": 1_000, "minute": 60_000, "hour": 3_600_000, "day": 86_400_000}[
+            self.value
+        ]
+
+
+class RateLimit(_Model):
+    """``{requests: 10, per: minute}`` or ``{cost: "5.00", per: hour}``; GCRA with a burst."""
+
+    requests: int | None = Field(default=None, gt=0, le=1_000_000_000)
+    cost: PositiveAmount | None = None
+    per: Per
+    burst: int | None = Field(
+        default=None,
+        gt=0,
+        description="How many requests (or how much cost, for cost limits, as a fraction of"
+        " the limit in percent) may arrive at once; defaults to the whole limit.",
+    )
+
+    @model_validator(mode="after")
+    def _one_of(self) -> Self:
+        if (self.requests is None) == (self.cost is None):
+            raise ValueError("give exactly one of requests or cost")
+        return self
+
+    @property
+    def kind(self) -> Literal["requests", "cost"]:
+        return "requests" if self.requests is not None else "cost"
+
+    @property
+    def amount(self) -> int:
+        """The limit per window: a request count, or a cost in micro-units."""
+        return self.requests if self.requests is not None else self.cost  # type: ignore[return-value]
+
+
+class SecretKeyRef(_Model):
+    name: str = Field(pattern=DNS_SUBDOMAIN_PATTERN, max_length=253)
+    key: str = Field(default="api-key", pattern=r"^[-._a-zA-Z0-9]+$", max_length=253)
+
+
+class ApiKeyRef(_Model):
+    """One API key of a customer, held in a Secret; only its SHA-256 hash reaches Redis."""
+
+    name: str = Field(pattern=KEY_NAME_PATTERN)
+    secret_ref: SecretKeyRef
+    rate_limits: list[RateLimit] = Field(default_factory=list, max_length=8)
+    disabled: bool = False
+
+
+# --------------------------------------------------------------------------- CustomerBudget
+
+
+class Mode(StrEnum):
+    prepaid = "prepaid"
+    capped = "capped"
+
+
+class Period(StrEnum):
+    day = "day"
+    week = "week"
+    month = "month"
+
+
+class PaymentFailureAction(StrEnum):
+    suspend = "suspend"
+    grace = "grace"
+    alert = "alert"
+
+
+class OnPaymentFailure(_Model):
+    action: PaymentFailureAction = PaymentFailureAction.suspend
+    grace_period: DurationMs | None = None
+
+    @model_validator(mode="after")
+    def _grace_needs_period(self) -> Self:
+        if self.action is PaymentFailureAction.grace and not self.grace_period:
+            raise ValueError("action 'grace' needs gracePeriod (for example \"72h\")")
+        if self.action is not PaymentFailureAction.grace and self.grace_period is not None:
+            raise ValueError("gracePeriod is only used with action 'grace'")
+        return self
+
+
+class BudgetPolicy(_Model):
+    suspended: bool = False
+    alert_thresholds: list[int] = Field(default_factory=lambda: [50, 80, 100], max_length=10)
+    max_request_cost: PositiveAmount | None = None
+    on_payment_failure: OnPaymentFailure = Field(default_factory=OnPaymentFailure)
+    suspend_on_dispute: bool = True
+    require_payment_method: bool = False
+
+    @field_validator("alert_thresholds")
+    @classmethod
+    def _thresholds(cls, value: list[int]) -> list[int]:
+        for index, percent in enumerate(value):
+            if not 1 <= percent <= 100:
+                raise ValueError(f"[{index}] {percent} is not a percentage between 1 and 100")
+        if value != sorted(set(value)):
+            raise ValueError("thresholds must be increasing and unique")
+        return value
+
+
+class StripeLink(_Model):
+    customer_id: str = Field(pattern=r"^cus_[A-Za-z0-9]+$")
+    subscription_id: str | None = Field(default=None, pattern=r"^sub_[A-Za-z0-9]+$")
+
+
+class CustomerBudgetSpec(_Model):
+    customer_id: str = Field(pattern=CUSTOMER_ID_PATTERN)
+    display_name: str | None = Field(default=None, max_length=200)
+    mode: Mode = Mode.prepaid
+    currency: Currency
+    balance: Amount | None = Field(
+        default=None,
+        description="Opening prepaid balance. Changing it later adds or removes the difference.",
+    )
+    limit: PositiveAmount | None = None
+    period: Period | None = None
+    rate_limits: list[RateLimit] = Field(default_factory=list, max_length=8)
+    api_keys: list[ApiKeyRef] = Field(default_factory=list, max_length=32)
+    policy: BudgetPolicy = Field(default_factory=BudgetPolicy)
+    stripe: StripeLink | None = None
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> Self:
+        if self.mode is Mode.capped:
+            if self.limit is None or self.period is None:
+                raise ValueError("mode 'capped' needs both limit and period")
+            if self.balance is not None:
+                raise ValueError("balance is for mode 'prepaid'; capped budgets spend up to limit")
+        elif self.limit is not None and self.period is None:
+            raise ValueError("a prepaid spend cap (limit) needs a period")
+        elif self.period is not None and self.limit is None:
+            raise ValueError("period is only meaningful together with limit")
+        if self.balance is not None and self.balance < 0:
+            raise ValueError("balance must not be negative")
+        names = [key.name for key in self.api_keys]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"apiKeys names must be unique; repeated: {', '.join(duplicates)}")
+        return self
+
+
+class Condition(_Model):
+    """``metav1.Condition``."""
+
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str = Field(pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
+    message: str = ""
+    last_transition_time: str
+    observed_generation: int | None = None
+
+
+class BudgetState(StrEnum):
+    active = "Active"
+    exhausted = "Exhausted"
+    suspended = "Suspended"
+    pending_payment_method = "PendingPaymentMethod"
+    misconfigured = "Misconfigured"
+
+
+class CustomerBudgetStatus(_Model):
+    model_config = ConfigDict(extra="allow")
+
+    customer_id: str | None = None
+    state: BudgetState | None = None
+    currency: str | None = None
+    balance: str | None = None
+    held: str | None = None
+    available: str | None = None
+    spent_this_period: str | None = None
+    period_start: str | None = None
+    conditions: list[Condition] = Field(default_factory=list)
+    observed_generation: int | None = None
+    last_stripe_sync: str | None = None
+
+
+# --------------------------------------------------------------------------- PriceBook
+
+
+class UsageHeaders(_Model):
+    input_tokens: str = "X-Usage-Input-Tokens"
+    output_tokens: str = "X-Usage-Output-Tokens"
+
+
+class Match(_Model):
+    methods: list[str] = Field(default_factory=lambda: ["POST"], min_length=1)
+    path: str | None = Field(default=None, pattern=r"^/")
+    path_prefix: str | None = Field(default=None, pattern=r"^/")
+    models: list[str] = Field(default_factory=list, description="Glob patterns on body.model")
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, value: list[str]) -> list[str]:
+        allowed = {"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"}
+        upper = [method.upper() for method in value]
+        for index, method in enumerate(upper):
+            if method not in allowed:
+                raise ValueError(f"[{index}] {method!r} must be one of {', '.join(sorted(allowed))}")
+        return upper
+
+    @model_validator(mode="after")
+    def _one_path(self) -> Self:
+        if self.path is not None and self.path_prefix is not None:
+            raise ValueError("give path or pathPrefix, not both")
+        return self
+
+    def matches(self, method: str, path: str, model: str | None) -> bool:
+        if method.upper() not in self.methods:
+            return False
+        if self.path is not None and path != self.path:
+            return False
+        if self.path_prefix is not None and not path.startswith(self.path_prefix):
+            return False
+        if self.models:
+            return model is not None and any(fnmatch.fnmatchcase(model, p) for p in self.models)
+        return True
+
+
+class Price(_Model):
+    flat: Amount = 0
+    per_million_input_tokens: Amount = 0
+    per_million_output_tokens: Amount = 0
+    per_second: Amount = 0
+
+    @property
+    def is_flat_only(self) -> bool:
+        return not (
+            self.per_million_input_tokens or self.per_million_output_tokens or self.per_second
+        )
+
+
+class Estimate(_Model):
+    input_tokens: int | None = Field(
+        default=None, ge=0, description="Fixed estimate; default: counted from the request body."
+    )
+    output_tokens: int = Field(default=256, ge=0, description="Used when max_tokens is absent.")
+    seconds: DurationMs = 0
+
+
+class FailureCharge(StrEnum):
+    free = "free"
+    metered = "metered"
+
+
+class PriceRule(_Model):
+    name: str = Field(pattern=KEY_NAME_PATTERN)
+    match: Match = Field(default_factory=Match)
+    price: Price
+    estimate: Estimate = Field(default_factory=Estimate)
+    maximum: PositiveAmount | None = None
+    timeout: DurationMs = 300_000
+    on_upstream_error: FailureCharge = FailureCharge.free
+    on_client_disconnect: FailureCharge = FailureCharge.metered
+
+    @model_validator(mode="after")
+    def _maximum(self) -> Self:
+        if self.maximum is None:
+            if not self.price.is_flat_only:
+                raise ValueError("a rule with token or time prices needs a maximum")
+        elif self.maximum < self.price.flat:
+            raise ValueError("maximum must be at least the flat price")
+        if self.timeout <= 0:
+            raise ValueError("timeout must be positive")
+        return self
+
+    @property
+    def max_cost(self) -> int:
+        return self.maximum if self.maximum is not None else self.price.flat
+
+
+class Unmatched(StrEnum):
+    deny = "deny"
+    free = "free"
+
+
+class PriceBookSpec(_Model):
+    currency: Currency
+    rules: list[PriceRule] = Field(min_length=1, max_length=200)
+    unmatched: Unmatched = Unmatched.deny
+    usage_headers: UsageHeaders = Field(default_factory=UsageHeaders)
+
+    @model_validator(mode="after")
+    def _unique_rule_names(self) -> Self:
+        names = [rule.name for rule in self.rules]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"rule names must be unique; repeated: {', '.join(duplicates)}")
+        return self
+
+    def find_rule(self, method: str, path: str, model: str | None) -> PriceRule | None:
+        for rule in self.rules:
+            if rule.match.matches(method, path, model):
+                return rule
+        return None
+
+
+# --------------------------------------------------------------------------- resources
+
+
+class ObjectMeta(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True, alias_generator=to_camel)
+
+    name: str = Field(pattern=DNS_SUBDOMAIN_PATTERN, max_length=253)
+    namespace: str = Field(default="default", pattern=DNS_SUBDOMAIN_PATTERN, max_length=63)
+    generation: int | None = None
+    uid: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
+class CustomerBudget(_Model):
+    api_version: Literal["spendgate.dev/v1alpha1"] = API_VERSION
+    kind: Literal["CustomerBudget"] = "CustomerBudget"
+    metadata: ObjectMeta
+    spec: CustomerBudgetSpec
+    status: CustomerBudgetStatus | None = None
+
+    @property
+    def ref(self) -> str:
+        return f"{self.metadata.namespace}/{self.metadata.name}"
+
+
+class PriceBook(_Model):
+    api_version: Literal["spendgate.dev/v1alpha1"] = API_VERSION
+    kind: Literal["PriceBook"] = "PriceBook"
+    metadata: ObjectMeta
+    spec: PriceBookSpec
+    status: dict[str, Any] | None = None
+
+    @property
+    def ref(self) -> str:
+        return f"{self.metadata.namespace}/{self.metadata.name}"
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _format_loc(loc: tuple[int | str, ...]) -> str:
+    text = ""
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        elif part.startswith(("function-after", "function-before", "function-plain")):
+            continue
+        else:
+            text += f".{part}" if text else str(part)
+    return text
+
+
+def _strip_prefix(message: str) -> str:
+    for prefix in ("Value error, ", "Assertion failed, "):
+        if message.startswith(prefix):
+            return message[len(prefix) :]
+    return message
+
+
+def _enum_hint(error: Any) -> str:
+    expected = (error.get("ctx") or {}).get("expected")
+    if error["type"] == "enum" and expected:
+        return f"must be one of {expected}"
+    if error["type"] == "literal_error" and expected:
+        return f"must be {expected}"
+    if error["type"] == "extra_forbidden":
+        return "unknown field"
+    if error["type"] == "missing":
+        return "required field is missing"
+    if error["type"] == "string_pattern_mismatch":
+        return f"{error['input']!r} does not match {error['ctx']['pattern']}"
+    return _strip_prefix(error["msg"])
+
+
+def validation_problems(error: ValidationError) -> list[str]:
+    """Turn a pydantic error into ``["spec.rateLimits[1].per: must be one of ..."]``."""
+    problems = []
+    for item in error.errors():
+        loc = _format_loc(item["loc"])
+        problems.append(f"{loc}: {_enum_hint(item)}" if loc else _enum_hint(item))
+    return problems
+
+
+ResourceModel = CustomerBudget | PriceBook
+KINDS: dict[str, type[CustomerBudget] | type[PriceBook]] = {
+    "CustomerBudget": CustomerBudget,
+    "PriceBook": PriceBook,
+}
+
+
+def parse_resource(manifest: dict[str, Any], source: str = "<manifest>") -> ResourceModel:
+    """Validate a CustomerBudget or PriceBook manifest; raise ManifestError naming each field."""
+    if not isinstance(manifest, dict):
+        raise ManifestError(source, [f"expected a mapping, got {type(manifest).__name__}"])
+    kind = manifest.get("kind")
+    model = KINDS.get(kind) if isinstance(kind, str) else None
+    if model is None:
+        raise ManifestError(source, [f"kind: {kind!r} is not one of {', '.join(KINDS)}"])
+    api_version = manifest.get("apiVersion")
+    if api_version != API_VERSION:
+        raise ManifestError(source, [f"apiVersion: {api_version!r} must be {API_VERSION!r}"])
+    try:
+        return model.model_validate(manifest)
+    except ValidationError as error:
+        raise ManifestError(source, validation_problems(error)) from None
+
