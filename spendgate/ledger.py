@@ -160,7 +160,7 @@ def _text(value: Any) -> str:
 
 def _rate_limit_entries(limits: list[RateLimit], scope: str) -> list[dict[str, Any]]:
     entries = []
-    for index, limit in enumerate(limits):
+    for limit in limits:
         burst = limit.burst if limit.burst is not None else limit.amount
         if limit.kind == "cost" and limit.burst is not None:
             burst = limit.amount * limit.burst // 100  # cost bursts are a percentage

@@ -1,0 +1,553 @@
+"""The request path: identify, price, reserve, forward (streaming), settle.
+
+See DESIGN.md, "The sidecar's request path". Settlement runs after the response has been
+written, in a task the app drains on shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import aiohttp
+from aiohttp import web
+from redis.exceptions import RedisError
+
+from spendgate.config_store import KeyOwner
+from spendgate.keys import hash_api_key
+from spendgate.ledger import Ledger, Outcome, Reservation, Usage
+from spendgate.models import (
+    FailureCharge,
+    Price,
+    PriceBookSpec,
+    PriceRule,
+    Unmatched,
+    UsageHeaders,
+)
+from spendgate.money import format_amount
+from spendgate.pricing import BadRequestBody, RequestFacts, cost_of, estimate_of, inspect_body
+
+from . import errors
+from .config_cache import ConfigCache
+from .metering import ResponseTap, TokenUsage, sse_error_event, usage_from_headers
+from .metrics import SidecarMetrics
+from .reconcile import PendingCharge, PendingCharges
+from .settings import FailMode, SidecarSettings
+
+log = logging.getLogger("spendgate.sidecar")
+
+HOP_BY_HOP = frozenset(
+    h.lower()
+    for h in (
+        "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "TE",
+        "Trailer", "Transfer-Encoding", "Upgrade", "Host", "Content-Length",
+    )
+)  # fmt: skip
+CREDENTIAL_HEADERS = frozenset({"authorization", "x-api-key"})
+OWN_PREFIX = "x-spendgate-"
+_FREE_RULE = PriceRule(name="unmatched", price=Price())
+_MIN_KEY_LENGTH, _MAX_KEY_LENGTH = 8, 512
+
+
+class _Refused(Exception):
+    def __init__(self, response: web.StreamResponse) -> None:
+        self.response = response
+
+
+@dataclass
+class Metered:
+    """One admitted request on its way through."""
+
+    owner: KeyOwner
+    request_id: str
+    rule: PriceRule
+    facts: RequestFacts
+    currency: str
+    hold: int
+    reserved: bool  # False when served fail-open without a reservation
+    started: float = field(default_factory=time.monotonic)
+    upstream_started: float = 0.0
+    cut_off: bool = False
+    events_sent: int = 0
+
+    @property
+    def input_estimate(self) -> int:
+        fixed = self.rule.estimate.input_tokens
+        return self.facts.input_tokens if fixed is None else fixed
+
+    def elapsed_ms(self) -> int:
+        start = self.upstream_started or self.started
+        return int((time.monotonic() - start) * 1000)
+
+
+def extract_api_key(headers: web.BaseRequest.headers) -> str | None:  # type: ignore[name-defined]
+    """The presented key, "" for a malformed credential, None when there is none."""
+    auth = headers.get("Authorization")
+    if auth is not None:
+        scheme, _, token = auth.strip().partition(" ")
+        key = token.strip() if scheme.lower() == "bearer" else ""
+    else:
+        key = headers.get("X-API-Key", None)
+        if key is None:
+            return None
+        key = key.strip()
+    if not _MIN_KEY_LENGTH <= len(key) <= _MAX_KEY_LENGTH or not key.isprintable() or " " in key:
+        return ""
+    return key
+
+
+def forward_headers(request: web.Request, owner: KeyOwner, request_id: str) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for name, value in request.headers.items():
+        lower = name.lower()
+        if lower in HOP_BY_HOP or lower in CREDENTIAL_HEADERS or lower.startswith(OWN_PREFIX):
+            continue
+        headers[name] = value
+    headers["X-Spendgate-Customer"] = owner.customer_id
+    headers["X-Spendgate-Key"] = owner.key_name
+    headers["X-Spendgate-Request-Id"] = request_id
+    if request.remote:
+        prior = request.headers.get("X-Forwarded-For")
+        headers["X-Forwarded-For"] = f"{prior}, {request.remote}" if prior else request.remote
+    return headers
+
+
+def response_headers(upstream: aiohttp.ClientResponse) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for name, value in upstream.headers.items():
+        if name.lower() in HOP_BY_HOP and name.lower() != "content-length":
+            continue
+        headers[name] = value
+    return headers
+
+
+class Proxy:
+    def __init__(
+        self,
+        settings: SidecarSettings,
+        ledger: Ledger,
+        config: ConfigCache,
+        metrics: SidecarMetrics,
+        pending: PendingCharges,
+        session: aiohttp.ClientSession,
+    ) -> None:
+        self.settings = settings
+        self.ledger = ledger
+        self.config = config
+        self.metrics = metrics
+        self.pending = pending
+        self.session = session
+        self.upstream = settings.upstream.rstrip("/")
+        self.background: set[asyncio.Task[None]] = set()
+
+    # ----------------------------------------------------------------- entry point
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        received = time.perf_counter()
+        try:
+            metered = await self._admit(request)
+        except _Refused as refused:
+            return refused.response
+        self.metrics.added_latency.observe(time.perf_counter() - received)
+        return await self._forward(request, metered)
+
+    # ----------------------------------------------------------------- admission
+
+    def _refuse(self, outcome: str, response: web.StreamResponse) -> _Refused:
+        self.metrics.decisions.labels(outcome).inc()
+        return _Refused(response)
+
+    async def _admit(self, request: web.Request) -> Metered:
+        key = extract_api_key(request.headers)
+        if key is None:
+            raise self._refuse("missing_key", errors.missing_key())
+        if key == "":
+            raise self._refuse("invalid_key", errors.invalid_key())
+        digest = hash_api_key(key)
+        try:
+            owner = await self.config.owner(digest)
+        except (RedisError, OSError, TimeoutError) as error:
+            self.metrics.redis_errors.labels("lookup").inc()
+            log.warning("key lookup failed", extra={"error": repr(error)})
+            raise self._refuse("store_unavailable", errors.store_unavailable()) from None
+        if owner is None:
+            raise self._refuse("invalid_key", errors.invalid_key())
+
+        pricebook = self.config.pricebook
+        if pricebook is None:
+            raise self._refuse(
+                "unpriced",
+                errors.error_response(
+                    503, "server_error", "pricebook_missing",
+                    f"PriceBook {self.settings.pricebook} is not configured.",
+                    headers={"Retry-After": "5"},
+                ),
+            )  # fmt: skip
+        body = await self._read_body(request)
+        try:
+            facts = inspect_body(body, request.content_type)
+        except BadRequestBody as error:
+            raise self._refuse(
+                "bad_request",
+                errors.error_response(400, "invalid_request_error", "invalid_body", str(error)),
+            ) from None
+        rule = self._rule_for(pricebook, request, facts)
+        estimate = estimate_of(rule, facts)
+        request_id = uuid.uuid4().hex
+        request["spendgate_body"] = body
+        reservation = await self._reserve(owner, request_id, rule, estimate, pricebook.currency)
+        if reservation is not None and not reservation.ok:
+            raise self._refuse(reservation.outcome.value, self._refusal(reservation, owner))
+        self.metrics.decisions.labels("admitted" if reservation else "fail_open").inc()
+        return Metered(
+            owner=owner,
+            request_id=request_id,
+            rule=rule,
+            facts=facts,
+            currency=pricebook.currency,
+            hold=estimate,
+            reserved=reservation is not None,
+        )
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        limit = self.settings.max_body_bytes
+        if request.content_length is not None and request.content_length > limit:
+            raise self._refuse("too_large", self._too_large(limit))
+        try:
+            return await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise self._refuse("too_large", self._too_large(limit)) from None
+
+    @staticmethod
+    def _too_large(limit: int) -> web.Response:
+        return errors.error_response(
+            413, "invalid_request_error", "request_too_large",
+            f"Request body is larger than {limit} bytes.",
+        )  # fmt: skip
+
+    def _rule_for(
+        self, pricebook: PriceBookSpec, request: web.Request, facts: RequestFacts
+    ) -> PriceRule:
+        rule = pricebook.find_rule(request.method, request.path, facts.model)
+        if rule is not None:
+            return rule
+        if pricebook.unmatched is Unmatched.free:
+            return _FREE_RULE
+        raise self._refuse(
+            "unpriced",
+            errors.error_response(
+                404, "invalid_request_error", "unpriced_route",
+                f"No price is defined for {request.method} {request.path}"
+                + (f" with model {facts.model!r}" if facts.model else "") + ".",
+            ),
+        )  # fmt: skip
+
+    async def _reserve(
+        self, owner: KeyOwner, request_id: str, rule: PriceRule, estimate: int, currency: str
+    ) -> Reservation | None:
+        try:
+            return await self.ledger.reserve(
+                owner.customer_id,
+                request_id,
+                estimate,
+                key_id=owner.key_name,
+                currency=currency,
+                ttl_ms=rule.timeout + self.settings.hold_grace_ms,
+            )
+        except (RedisError, OSError, TimeoutError) as error:
+            self.metrics.redis_errors.labels("reserve").inc()
+            if self.settings.fail_mode is FailMode.open:
+                log.warning(
+                    "billing store unavailable; serving fail-open",
+                    extra={"customer": owner.customer_id, "error": repr(error)},
+                )
+                return None
+            log.warning(
+                "billing store unavailable; refusing",
+                extra={"customer": owner.customer_id, "error": repr(error)},
+            )
+            raise self._refuse("store_unavailable", errors.store_unavailable()) from None
+
+    def _refusal(self, reservation: Reservation, owner: KeyOwner) -> web.Response:
+        outcome = reservation.outcome
+        if outcome is Outcome.rate_limited:
+            headers = errors.rate_limit_headers(reservation.rate)
+            headers["Retry-After"] = errors.retry_after_seconds(reservation.retry_after_ms or 0)
+            return errors.error_response(
+                429, "rate_limit_error", "rate_limit_exceeded",
+                "Rate limit reached for this customer or key; retry after "
+                f"{headers['Retry-After']} s.",
+                headers=headers,
+            )  # fmt: skip
+        if outcome in (Outcome.insufficient, Outcome.cap_reached):
+            what = "balance" if outcome is Outcome.insufficient else "spend limit for this period"
+            return errors.error_response(
+                402, "insufficient_quota", "insufficient_balance"
+                if outcome is Outcome.insufficient else "spend_limit_reached",
+                f"Your {what} does not cover this request (needs "
+                f"{format_amount(reservation.estimate)}, available "
+                f"{format_amount(max(0, reservation.available or 0))}).",
+            )  # fmt: skip
+        if outcome is Outcome.cost_cap:
+            return errors.error_response(
+                402, "insufficient_quota", "request_cost_limit",
+                f"This request may cost up to {format_amount(reservation.estimate)}, more than "
+                f"the per-request limit of {format_amount(reservation.available or 0)}; "
+                "lower max_tokens.",
+            )  # fmt: skip
+        if outcome is Outcome.suspended:
+            return errors.error_response(
+                403, "permission_error", "account_suspended",
+                "This account is suspended; contact your provider.",
+            )  # fmt: skip
+        if outcome is Outcome.unknown_customer:
+            return errors.invalid_key()
+        if outcome is Outcome.currency_mismatch:
+            log.error(
+                "price book currency differs from the budget's",
+                extra={"customer": owner.customer_id, "budget_currency": reservation.detail},
+            )
+            return errors.error_response(
+                500, "server_error", "billing_misconfigured",
+                "This model's prices are in a different currency than your budget.",
+            )  # fmt: skip
+        return errors.error_response(
+            409, "invalid_request_error", "duplicate_request", "Duplicate request id."
+        )
+
+    # ----------------------------------------------------------------- forwarding
+
+    async def _forward(self, request: web.Request, metered: Metered) -> web.StreamResponse:
+        url = self.upstream + request.raw_path
+        timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=5, sock_read=metered.rule.timeout / 1000
+        )
+        metered.upstream_started = time.monotonic()
+        try:
+            upstream_cm = self.session.request(
+                request.method,
+                url,
+                data=request["spendgate_body"] or None,
+                headers=forward_headers(request, metered.owner, metered.request_id),
+                timeout=timeout,
+                allow_redirects=False,
+            )
+            upstream = await upstream_cm.__aenter__()
+        except TimeoutError:
+            return self._upstream_failed(metered, 504, "upstream_timeout", "timeout")
+        except aiohttp.ClientError as error:
+            log.warning("model container unreachable", extra={"error": repr(error)})
+            return self._upstream_failed(metered, 502, "upstream_unavailable", "connect")
+        try:
+            return await self._relay(request, upstream, metered)
+        finally:
+            upstream.release()
+
+    def _upstream_failed(
+        self, metered: Metered, status: int, code: str, kind: str
+    ) -> web.Response:
+        self.metrics.upstream_errors.labels(kind).inc()
+        self._finish(metered, None, None, outcome=f"upstream_{kind}")
+        return errors.error_response(
+            status, "server_error", code, "The model did not answer; you were charged "
+            + ("nothing." if metered.rule.on_upstream_error is FailureCharge.free
+               else "for the time it used."),
+        )  # fmt: skip
+
+    async def _relay(
+        self, request: web.Request, upstream: aiohttp.ClientResponse, metered: Metered
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+        response.headers.update(response_headers(upstream))
+        response.headers["X-Spendgate-Request-Id"] = metered.request_id
+        tap = ResponseTap(
+            upstream.headers.get("Content-Type", ""), upstream.headers.get("Content-Encoding", "")
+        )
+        if tap.sse:
+            response.headers.pop("Content-Length", None)  # a cut-off stream changes the length
+        try:
+            await response.prepare(request)
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            self._finish(metered, upstream, tap, outcome="client_disconnect")
+            return response
+        outcome = "ok" if upstream.status < 400 else "upstream_status"
+        try:
+            async for chunk in upstream.content.iter_any():
+                pieces = tap.feed(chunk)
+                if not await self._write_paid(response, metered, tap, pieces):
+                    break
+            else:
+                rest = tap.finish()
+                if rest:
+                    await response.write(rest)
+                await response.write_eof()
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            outcome = "client_disconnect"
+        except (TimeoutError, aiohttp.ClientError) as error:
+            log.warning("model stream failed", extra={"error": repr(error)})
+            self.metrics.upstream_errors.labels("stream").inc()
+            outcome = "upstream_stream"
+        if metered.cut_off:
+            outcome = "cut_off"
+        self._finish(metered, upstream, tap, outcome=outcome)
+        return response
+
+    async def _write_paid(
+        self,
+        response: web.StreamResponse,
+        metered: Metered,
+        tap: ResponseTap,
+        pieces: list[tuple[bytes, int]],
+    ) -> bool:
+        """Write what the hold pays for; extend the hold or end the stream when it runs out."""
+        if not metered.reserved or metered.rule.price.is_flat_only:
+            await response.write(b"".join(piece for piece, _ in pieces))
+            metered.events_sent = tap.events
+            return True
+        paid = bytearray()
+        for piece, events_after in pieces:
+            cost = cost_of(
+                metered.rule, metered.input_estimate, events_after, metered.elapsed_ms()
+            )
+            if cost > metered.hold and not await self._extend(metered):
+                await response.write(bytes(paid))
+                await self._cut_off(response, metered, tap)
+                return False
+            paid += piece
+            metered.events_sent = events_after
+        await response.write(bytes(paid))
+        return True
+
+    async def _extend(self, metered: Metered) -> bool:
+        rule = metered.rule
+        if metered.hold >= rule.max_cost:
+            return True  # the cost can never exceed the rule's maximum
+        step = max(metered.hold, rule.max_cost // 4, 1)
+        extra = min(step, rule.max_cost - metered.hold)
+        try:
+            extension = await self.ledger.extend(
+                metered.owner.customer_id,
+                metered.request_id,
+                extra,
+                ttl_ms=rule.timeout + self.settings.hold_grace_ms,
+            )
+        except (RedisError, OSError, TimeoutError):
+            self.metrics.redis_errors.labels("extend").inc()
+            return self.settings.fail_mode is FailMode.open
+        if extension.ok:
+            metered.hold += extra
+        return extension.ok
+
+    async def _cut_off(
+        self, response: web.StreamResponse, metered: Metered, tap: ResponseTap
+    ) -> None:
+        metered.cut_off = True
+        self.metrics.stream_cutoffs.inc()
+        if tap.sse:
+            await response.write(
+                sse_error_event(
+                    "insufficient_quota", "insufficient_balance",
+                    "The balance ran out; the response was cut off here.",
+                )
+            )  # fmt: skip
+        await response.write_eof()
+
+    # ----------------------------------------------------------------- settlement
+
+    def _finish(
+        self,
+        metered: Metered,
+        upstream: aiohttp.ClientResponse | None,
+        tap: ResponseTap | None,
+        *,
+        outcome: str,
+    ) -> None:
+        cost, usage = self._price_outcome(metered, upstream, tap, outcome)
+        task = asyncio.create_task(self._settle(metered, cost, usage))
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
+    def _measure(
+        self, metered: Metered, upstream: aiohttp.ClientResponse | None, tap: ResponseTap | None
+    ) -> TokenUsage:
+        facts, rule = metered.facts, metered.rule
+        estimated_input = metered.input_estimate
+        if upstream is not None:
+            from_headers = usage_from_headers(upstream.headers, self._usage_headers())
+            if from_headers is not None:
+                return TokenUsage(*from_headers, "header")
+        if metered.cut_off:
+            return TokenUsage(estimated_input, metered.events_sent, "counted")
+        if tap is not None and tap.usage is not None:
+            return TokenUsage(*tap.usage, "body")
+        if tap is not None and tap.sse:
+            return TokenUsage(estimated_input, tap.events, "counted")
+        output = facts.max_tokens if facts.max_tokens is not None else rule.estimate.output_tokens
+        return TokenUsage(estimated_input, output, "estimate")
+
+    def _usage_headers(self) -> UsageHeaders:
+        pricebook = self.config.pricebook
+        return pricebook.usage_headers if pricebook else UsageHeaders()
+
+    def _price_outcome(
+        self,
+        metered: Metered,
+        upstream: aiohttp.ClientResponse | None,
+        tap: ResponseTap | None,
+        outcome: str,
+    ) -> tuple[int, Usage]:
+        rule = metered.rule
+        measured = self._measure(metered, upstream, tap)
+        upstream_ms = metered.elapsed_ms()
+        failed = outcome.startswith("upstream")
+        free = (failed and rule.on_upstream_error is FailureCharge.free) or (
+            outcome == "client_disconnect" and rule.on_client_disconnect is FailureCharge.free
+        )
+        if free:
+            cost = 0
+        elif failed and (tap is None or not tap.events):
+            cost = cost_of(rule, 0, 0, upstream_ms)  # metered failure: the time it used
+        else:
+            cost = cost_of(rule, measured.input_tokens, measured.output_tokens, upstream_ms)
+        if metered.cut_off and metered.reserved:
+            cost = min(cost, metered.hold)
+        usage = Usage(
+            model=metered.facts.model or "",
+            input_tokens=measured.input_tokens,
+            output_tokens=measured.output_tokens,
+            upstream_ms=upstream_ms,
+            outcome=outcome,
+            pod=self.settings.pod,
+            rule=rule.name,
+        )
+        return cost, usage
+
+    async def _settle(self, metered: Metered, cost: int, usage: Usage) -> None:
+        customer = metered.owner.customer_id
+        try:
+            if cost == 0 and metered.reserved:
+                await self.ledger.release(customer, metered.request_id)
+                self.metrics.settlements.labels("released").inc()
+                return
+            if cost == 0:
+                return
+            await self.ledger.settle(
+                customer, metered.request_id, cost, key_id=metered.owner.key_name, usage=usage
+            )
+            self.metrics.settlements.labels("settled").inc()
+            self.metrics.spend.labels(metered.currency).inc(cost)
+        except (RedisError, OSError, TimeoutError) as error:
+            self.metrics.redis_errors.labels("settle").inc()
+            log.warning(
+                "settle deferred",
+                extra={"customer": customer, "request_id": metered.request_id,
+                       "error": repr(error)},
+            )  # fmt: skip
+            if cost > 0:
+                self.pending.add(
+                    PendingCharge(customer, metered.request_id, cost, metered.owner.key_name, usage)
+                )
+                self.metrics.settlements.labels("deferred").inc()

@@ -1,0 +1,183 @@
+"""The sidecar application: app factory, health endpoints, lifecycle and ``serve``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+
+from spendgate.config_store import ConfigStore
+from spendgate.ledger import Ledger
+
+from .config_cache import ConfigCache
+from .metrics import SidecarMetrics
+from .proxy import Proxy
+from .reconcile import PendingCharges
+from .settings import SidecarSettings
+
+log = logging.getLogger("spendgate.sidecar")
+
+def connect_redis(settings: SidecarSettings) -> Any:
+    options: dict[str, Any] = {
+        "socket_timeout": settings.redis_timeout_s,
+        "socket_connect_timeout": settings.redis_timeout_s,
+    }
+    if settings.cluster:
+        return RedisCluster.from_url(settings.redis_url, **options)
+    return Redis.from_url(
+        settings.redis_url, health_check_interval=10, max_connections=256, **options
+    )
+
+
+class Sidecar:
+    """Everything one running sidecar owns."""
+
+    def __init__(self, settings: SidecarSettings, redis: Any | None = None) -> None:
+        self.settings = settings
+        self.redis = redis if redis is not None else connect_redis(settings)
+        self.metrics = SidecarMetrics()
+        self.ledger = Ledger(self.redis)
+        self.config = ConfigCache(
+            ConfigStore(self.redis, self.ledger),
+            settings.pricebook,
+            refresh_s=settings.key_refresh_s,
+        )
+        self.pending = PendingCharges(self.ledger, self.metrics)
+        self.session: aiohttp.ClientSession | None = None
+        self.proxy: Proxy | None = None
+        self.scripts_loaded = False
+
+    async def start(self, app: web.Application) -> None:
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True)
+        self.session = aiohttp.ClientSession(
+            connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",)
+        )
+        self.proxy = Proxy(
+            self.settings, self.ledger, self.config, self.metrics, self.pending, self.session
+        )
+        try:
+            await self.ledger.load_scripts()
+            self.scripts_loaded = True
+            await self.config.load()
+        except Exception as error:  # Redis may come later; readiness says so meanwhile
+            log.warning("Redis not ready at start", extra={"error": repr(error)})
+        self.config.start()
+        self.pending.start()
+        await self.config.wait_subscribed(within_s=2.0)
+        log.info(
+            "sidecar started",
+            extra={
+                "upstream": self.settings.upstream,
+                "pricebook": self.settings.pricebook,
+                "fail_mode": self.settings.fail_mode.value,
+                "keys": len(self.config.keys),
+            },
+        )
+
+    async def stop(self, app: web.Application) -> None:
+        """Runs after aiohttp has drained in-flight handlers: settle, then close."""
+        if self.proxy is not None and self.proxy.background:
+            await asyncio.wait(self.proxy.background, timeout=self.settings.drain_timeout_s)
+        await self.pending.stop(timeout_s=self.settings.drain_timeout_s)
+        await self.config.stop()
+        if self.session is not None:
+            await self.session.close()
+        with contextlib.suppress(Exception):
+            await self.redis.aclose()
+        log.info("sidecar stopped")
+
+    async def ready(self) -> tuple[bool, dict[str, Any]]:
+        checks: dict[str, Any] = {}
+        try:
+            await self.redis.ping()
+            checks["redis"] = "ok"
+            if not self.scripts_loaded:
+                await self.ledger.load_scripts()
+                self.scripts_loaded = True
+            if not self.config.loaded:
+                await self.config.load()
+        except Exception as error:
+            checks["redis"] = f"unreachable: {type(error).__name__}"
+        checks["scripts"] = "loaded" if self.scripts_loaded else "missing"
+        checks["pricebook"] = "loaded" if self.config.pricebook else "missing"
+        checks["pending_settlements"] = len(self.pending)
+        ok = checks["redis"] == "ok" and self.scripts_loaded and self.config.pricebook is not None
+        return ok, checks
+
+
+SIDECAR_KEY = web.AppKey("sidecar", Sidecar)
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    ok, checks = await request.app[SIDECAR_KEY].ready()
+    return web.json_response({"ready": ok, **checks}, status=200 if ok else 503)
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    sidecar = request.app[SIDECAR_KEY]
+    sidecar.metrics.holds_in_flight.set(len(sidecar.proxy.background) if sidecar.proxy else 0)
+    body = generate_latest(sidecar.metrics.registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def _proxy(request: web.Request) -> web.StreamResponse:
+    proxy = request.app[SIDECAR_KEY].proxy
+    assert proxy is not None, "sidecar not started"
+    return await proxy.handle(request)
+
+
+def create_app(settings: SidecarSettings, redis: Any | None = None) -> web.Application:
+    # The body limit is enforced by the proxy with a clear 413; aiohttp's own is a backstop.
+    app = web.Application(client_max_size=settings.max_body_bytes)
+    sidecar = Sidecar(settings, redis)
+    app[SIDECAR_KEY] = sidecar
+    app.on_startup.append(sidecar.start)
+    app.on_cleanup.append(sidecar.stop)
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
+    app.router.add_get("/metrics", _metrics)
+    app.router.add_route("*", "/{tail:.*}", _proxy)
+    return app
+
+
+async def run(settings: SidecarSettings, *, stop: asyncio.Event | None = None) -> None:
+    """Serve until ``stop`` is set or SIGTERM/SIGINT arrives, then drain gracefully."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    app = create_app(settings)
+    runner = web.AppRunner(
+        app, shutdown_timeout=settings.drain_timeout_s, access_log=None, handle_signals=False
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, settings.listen_host, settings.listen_port, reuse_address=True)
+    await site.start()
+    log.info(
+        "listening", extra={"host": settings.listen_host, "port": settings.listen_port}
+    )
+    await stop.wait()
+    log.info("shutting down: draining in-flight requests")
+    await runner.cleanup()
+
+
+def serve(settings: SidecarSettings) -> None:
+    try:
+        import uvloop  # type: ignore[import-not-found]
+    except ImportError:
+        asyncio.run(run(settings))
+    else:
+        uvloop.run(run(settings))

@@ -1,0 +1,165 @@
+"""Configuration in Redis: budgets, API key hashes and PriceBooks, with change notifications.
+
+The operator (and ``spendgate apply`` outside Kubernetes) is the only writer; sidecars read it
+and listen on ``sg:config`` to refresh their caches within a second of a change.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from . import keys as rkeys
+from .keys import hash_api_key
+from .ledger import Ledger
+from .models import CustomerBudget, PriceBook, PriceBookSpec
+
+
+class ConfigConflict(ValueError):
+    """Applying this configuration would break an invariant (e.g. a customer id claimed twice)."""
+
+
+@dataclass(frozen=True)
+class KeyOwner:
+    customer_id: str
+    key_name: str
+
+    def encode(self) -> str:
+        return f"{self.customer_id}\t{self.key_name}"
+
+    @classmethod
+    def decode(cls, raw: bytes | str) -> KeyOwner:
+        text = raw.decode() if isinstance(raw, bytes) else raw
+        customer_id, _, key_name = text.partition("\t")
+        return cls(customer_id, key_name)
+
+
+@dataclass(frozen=True)
+class BudgetApplied:
+    customer_id: str
+    keys_added: int
+    keys_removed: int
+    balance_change: int
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _key_index(customer_id: str) -> str:
+    return f"{rkeys.for_customer(customer_id).tag}:keyhashes"
+
+
+class ConfigStore:
+    def __init__(self, redis: Any, ledger: Ledger | None = None) -> None:
+        self.redis = redis
+        self.ledger = ledger or Ledger(redis)
+
+    async def publish(self, message: str) -> None:
+        await self.redis.publish(rkeys.CONFIG_CHANNEL, message)
+
+    # ----------------------------------------------------------------- budgets
+
+    async def owner_of(self, customer_id: str) -> str | None:
+        owner = await self.redis.hget(rkeys.CUSTOMERS, customer_id)
+        return _text(owner) if owner is not None else None
+
+    async def apply_budget(
+        self, budget: CustomerBudget, api_keys: dict[str, str], *, force: bool = False
+    ) -> BudgetApplied:
+        """Configure a customer and replace its key hashes.
+
+        ``api_keys`` maps key names of ``spec.apiKeys`` to the plaintext keys read from their
+        Secrets; only hashes are stored. Disabled keys are revoked.
+        """
+        spec = budget.spec
+        owner = await self.owner_of(spec.customer_id)
+        if owner is not None and owner != budget.ref and not force:
+            raise ConfigConflict(
+                f"customerId {spec.customer_id!r} is already claimed by CustomerBudget {owner};"
+                f" {budget.ref} cannot use it too"
+            )
+        wanted: dict[str, KeyOwner] = {}
+        for key in spec.api_keys:
+            if key.disabled:
+                continue
+            plaintext = api_keys.get(key.name)
+            if not plaintext:
+                raise ConfigConflict(f"spec.apiKeys[{key.name}]: no key material was provided")
+            digest = hash_api_key(plaintext)
+            existing = await self.redis.hget(rkeys.API_KEYS, digest)
+            if existing is not None:
+                holder = KeyOwner.decode(existing)
+                if holder.customer_id != spec.customer_id:
+                    raise ConfigConflict(
+                        f"spec.apiKeys[{key.name}]: the same key is already in use by another"
+                        " customer; every customer needs its own keys"
+                    )
+            wanted[digest] = KeyOwner(spec.customer_id, key.name)
+
+        await self.redis.hset(rkeys.CUSTOMERS, spec.customer_id, budget.ref)
+        balance_change = await self.ledger.configure(spec)
+        removed = await self._replace_keys(spec.customer_id, wanted)
+        await self.publish(f"customer:{spec.customer_id}")
+        return BudgetApplied(spec.customer_id, len(wanted), removed, balance_change)
+
+    async def _replace_keys(self, customer_id: str, wanted: dict[str, KeyOwner]) -> int:
+        index = _key_index(customer_id)
+        current = {_text(digest) for digest in await self.redis.smembers(index)}
+        stale = current - set(wanted)
+        if wanted:
+            await self.redis.hset(
+                rkeys.API_KEYS, mapping={digest: o.encode() for digest, o in wanted.items()}
+            )
+            await self.redis.sadd(index, *wanted)
+        if stale:
+            await self.redis.hdel(rkeys.API_KEYS, *stale)
+            await self.redis.srem(index, *stale)
+        for digest in stale | (set(wanted) - current):
+            await self.publish(f"key:{digest}")
+        return len(stale)
+
+    async def revoke_customer(self, customer_id: str, reason: str) -> int:
+        """Remove every key of a customer and freeze its account (budget deleted)."""
+        removed = await self._replace_keys(customer_id, {})
+        await self.ledger.suspend(customer_id, "deleted", reason)
+        await self.redis.hdel(rkeys.CUSTOMERS, customer_id)
+        await self.publish(f"customer:{customer_id}")
+        return removed
+
+    async def list_customers(self) -> dict[str, str]:
+        raw = await self.redis.hgetall(rkeys.CUSTOMERS)
+        return {_text(k): _text(v) for k, v in raw.items()}
+
+    # ----------------------------------------------------------------- keys
+
+    async def lookup_key(self, digest: str) -> KeyOwner | None:
+        raw = await self.redis.hget(rkeys.API_KEYS, digest)
+        return KeyOwner.decode(raw) if raw is not None else None
+
+    async def all_keys(self) -> dict[str, KeyOwner]:
+        keys: dict[str, KeyOwner] = {}
+        async for digest, raw in self.redis.hscan_iter(rkeys.API_KEYS, count=1000):
+            keys[_text(digest)] = KeyOwner.decode(raw)
+        return keys
+
+    # ----------------------------------------------------------------- price books
+
+    async def apply_pricebook(self, pricebook: PriceBook) -> None:
+        payload = json.dumps(pricebook.spec.to_manifest(), sort_keys=True)
+        await self.redis.hset(rkeys.PRICEBOOKS, pricebook.ref, payload)
+        await self.publish(f"pricebook:{pricebook.ref}")
+
+    async def delete_pricebook(self, ref: str) -> None:
+        await self.redis.hdel(rkeys.PRICEBOOKS, ref)
+        await self.publish(f"pricebook:{ref}")
+
+    async def get_pricebook(self, ref: str) -> PriceBookSpec | None:
+        raw = await self.redis.hget(rkeys.PRICEBOOKS, ref)
+        if raw is None:
+            return None
+        return PriceBookSpec.model_validate(json.loads(raw))
+
+    async def list_pricebooks(self) -> list[str]:
+        return sorted(_text(ref) for ref in await self.redis.hkeys(rkeys.PRICEBOOKS))
