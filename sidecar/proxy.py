@@ -18,7 +18,7 @@ from redis.exceptions import RedisError
 
 from spendgate.config_store import KeyOwner
 from spendgate.keys import hash_api_key
-from spendgate.ledger import Ledger, Outcome, Reservation, Usage
+from spendgate.ledger import Ledger, Outcome, RateInfo, Reservation, Usage
 from spendgate.models import (
     FailureCharge,
     Price,
@@ -68,6 +68,8 @@ class Metered:
     currency: str
     hold: int
     reserved: bool  # False when served fail-open without a reservation
+    body: bytes = b""
+    rate: RateInfo | None = None
     started: float = field(default_factory=time.monotonic)
     upstream_started: float = 0.0
     cut_off: bool = False
@@ -197,7 +199,6 @@ class Proxy:
         rule = self._rule_for(pricebook, request, facts)
         estimate = estimate_of(rule, facts)
         request_id = uuid.uuid4().hex
-        request["spendgate_body"] = body
         reservation = await self._reserve(owner, request_id, rule, estimate, pricebook.currency)
         if reservation is not None and not reservation.ok:
             raise self._refuse(reservation.outcome.value, self._refusal(reservation, owner))
@@ -210,6 +211,8 @@ class Proxy:
             currency=pricebook.currency,
             hold=estimate,
             reserved=reservation is not None,
+            body=body,
+            rate=reservation.rate if reservation is not None else None,
         )
 
     async def _read_body(self, request: web.Request) -> bytes:
@@ -330,7 +333,7 @@ class Proxy:
             upstream_cm = self.session.request(
                 request.method,
                 url,
-                data=request["spendgate_body"] or None,
+                data=metered.body or None,
                 headers=forward_headers(request, metered.owner, metered.request_id),
                 timeout=timeout,
                 allow_redirects=False,
@@ -363,6 +366,7 @@ class Proxy:
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
         response.headers.update(response_headers(upstream))
         response.headers["X-Spendgate-Request-Id"] = metered.request_id
+        response.headers.update(errors.rate_limit_headers(metered.rate))
         tap = ResponseTap(
             upstream.headers.get("Content-Type", ""), upstream.headers.get("Content-Encoding", "")
         )

@@ -13,6 +13,8 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from spendgate.config_store import ConfigStore
 from spendgate.ledger import Ledger
@@ -26,9 +28,12 @@ from .settings import SidecarSettings
 log = logging.getLogger("spendgate.sidecar")
 
 def connect_redis(settings: SidecarSettings) -> Any:
+    # One quick retry at most: on the hot path a slow failure is worse than a fast one, and
+    # every ledger script is idempotent, so a retried call cannot double-charge.
     options: dict[str, Any] = {
         "socket_timeout": settings.redis_timeout_s,
         "socket_connect_timeout": settings.redis_timeout_s,
+        "retry": Retry(NoBackoff(), 1),
     }
     if settings.cluster:
         return RedisCluster.from_url(settings.redis_url, **options)

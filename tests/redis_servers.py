@@ -22,6 +22,7 @@ Fixtures (re-exported by ``tests/conftest.py``):
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import shutil
 import signal
@@ -33,13 +34,15 @@ import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import pytest
 import pytest_asyncio
 import redis
 import redis.asyncio
 import redis.asyncio.cluster
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 HOST = "127.0.0.1"
 STARTUP_TIMEOUT_S = 10.0
@@ -75,12 +78,16 @@ def _free_ports(count: int) -> list[int]:
             s.close()
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child
-    """Linux: kill redis-server if the test process dies without tearing down."""
-    with contextlib.suppress(Exception):
-        import ctypes
+_libc: ctypes.CDLL | None = None
+if sys.platform == "linux":
+    with contextlib.suppress(OSError):
+        _libc = ctypes.CDLL("libc.so.6", use_errno=True)  # loaded here, not in the forked child
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Linux: have redis-server killed if the test process dies without tearing down."""
+    if _libc is not None:
+        _libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 class RedisServer:
@@ -136,11 +143,11 @@ class RedisServer:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            preexec_fn=_die_with_parent if _libc is not None else None,
         )
 
     def _wait_ready(self, deadline: float) -> None:
-        client = redis.Redis(host=HOST, port=self.port, socket_timeout=1, socket_connect_timeout=1)
+        client = self.client(socket_timeout=1, socket_connect_timeout=1)
         try:
             while True:
                 assert self.proc is not None
@@ -211,8 +218,11 @@ class RedisServer:
         if self._own_dir:
             shutil.rmtree(self.dir, ignore_errors=True)
 
-    def client(self, **kwargs: object) -> redis.Redis:
-        return redis.Redis(host=HOST, port=self.port, **kwargs)  # type: ignore[arg-type]
+    def client(self, **kwargs: Any) -> redis.Redis:
+        """A sync client; unlike redis-py's default (10 retries with backoff) it does not retry,
+        so a stopped/frozen server shows up at once."""
+        kwargs.setdefault("retry", Retry(NoBackoff(), 0))
+        return redis.Redis(host=HOST, port=self.port, **kwargs)
 
     def flushall(self) -> None:
         with self.client(socket_timeout=5) as c:

@@ -33,7 +33,7 @@ def test_redis_url_starts_empty(redis_url: str, run: int) -> None:
 def test_stop_start_same_port(fresh_redis_server: RedisServer) -> None:
     server = fresh_redis_server
     port, url = server.port, server.url
-    with redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1) as client:
+    with server.client(socket_timeout=1, socket_connect_timeout=1) as client:
         client.set("k", "v")
         server.stop()
         assert not server.is_running()

@@ -28,7 +28,10 @@ if delta ~= 0 then
     if l.kind == 'cost' then
       local tat = num(redis.call('HGET', K_RL, l.id))
       if tat > 0 then
-        redis.call('HSET', K_RL, l.id, math.max(now, tat + delta * l.window_ms / l.amount))
+        -- GCRA: the difference arrives now, so it starts from max(tat, now) like a request;
+        -- a refund never moves the arrival time into the past.
+        local base = math.max(tat, now)
+        redis.call('HSET', K_RL, l.id, math.max(now, base + delta * l.window_ms / l.amount))
       end
     end
   end

@@ -1,0 +1,422 @@
+"""The ``spendgate`` command: apply manifests, fund and inspect customers, run the sidecar.
+
+Exit codes: 0 success · 1 runtime failure (Redis unreachable, unknown customer) ·
+2 invalid input or usage (bad manifests, bad amounts, bad flags).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager, suppress
+from dataclasses import replace
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+import redis.asyncio
+import redis.asyncio.cluster
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from .config_store import ConfigStore
+from .keys import check_customer_id
+from .ledger import Account, Ledger, LedgerError, check_request_id
+from .logs import redact, setup_logging
+from .manifests import ApplyError, apply_resources, dry_run_results, load_resources
+from .models import BudgetState, Mode
+from .money import AmountError, format_amount, parse_amount
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_LISTEN = "0.0.0.0:8080"
+_TRUE = {"1", "true", "yes", "on"}
+
+
+class UsageError(Exception):
+    """Bad input on the command line: exit 2."""
+
+
+class Failure(Exception):
+    """The command could not do its job: exit 1."""
+
+
+# --------------------------------------------------------------------------- Redis
+
+
+def redis_settings(ns: argparse.Namespace, environ: Mapping[str, str]) -> tuple[str, bool]:
+    url = ns.redis or environ.get("SPENDGATE_REDIS_URL") or DEFAULT_REDIS_URL
+    cluster = ns.redis_cluster or environ.get("SPENDGATE_REDIS_CLUSTER", "").lower() in _TRUE
+    return url, cluster
+
+
+@asynccontextmanager
+async def connect(ns: argparse.Namespace) -> AsyncIterator[Any]:
+    """A pinged client on ``--redis``; any connection failure becomes a one-line Failure."""
+    url, cluster = redis_settings(ns, os.environ)
+    options: dict[str, Any] = {"socket_connect_timeout": 3, "socket_timeout": 10}
+    try:
+        if cluster:
+            client: Any = redis.asyncio.cluster.RedisCluster.from_url(url, **options)
+        else:
+            client = redis.asyncio.Redis.from_url(url, **options)
+    except ValueError as error:
+        raise UsageError(f"invalid Redis URL {redact(url)}: {error}") from None
+    try:
+        await client.ping()
+        yield client
+    except (RedisConnectionError, RedisTimeoutError, RedisClusterException, OSError) as error:
+        raise Failure(f"cannot reach Redis at {redact(url)}: {redact(str(error))}") from None
+    except RedisError as error:
+        raise Failure(f"Redis error at {redact(url)}: {redact(str(error))}") from None
+    finally:
+        with suppress(RedisError, RedisClusterException, OSError):
+            await client.aclose()
+
+
+# --------------------------------------------------------------------------- apply
+
+
+def _read_inputs(files: Sequence[str]) -> list[tuple[str, str]]:
+    inputs = []
+    for path in files:
+        if path == "-":
+            inputs.append(("<stdin>", sys.stdin.read()))
+            continue
+        try:
+            with open(path, encoding="utf-8") as handle:
+                inputs.append((path, handle.read()))
+        except (OSError, UnicodeDecodeError) as error:
+            raise UsageError(f"{path}: cannot read: {error}") from None
+    return inputs
+
+
+async def cmd_apply(ns: argparse.Namespace) -> int:
+    resources = load_resources(_read_inputs(ns.files))
+    if ns.dry_run:
+        lines = dry_run_results(resources)
+    else:
+        async with connect(ns) as client:
+            lines = await apply_resources(ConfigStore(client), resources)
+    for line in lines:
+        print(line)
+    return 0
+
+
+# --------------------------------------------------------------------------- money
+
+
+def _amount(text: str, *, signed: bool) -> int:
+    try:
+        micros = parse_amount(text, allow_negative=signed)
+    except AmountError as error:
+        kind = "a decimal amount like 10.00 or -2.50" if signed else "a positive decimal like 10.00"
+        raise UsageError(f"AMOUNT must be {kind}: {error}") from None
+    if micros == 0:
+        raise UsageError("AMOUNT must not be zero")
+    return micros
+
+
+def _ids(ns: argparse.Namespace) -> None:
+    try:
+        check_customer_id(ns.customer)
+        check_request_id(ns.id)
+    except (ValueError, LedgerError) as error:
+        raise UsageError(str(error)) from None
+
+
+async def _configured(ledger: Ledger, customer: str) -> Account:
+    account = await ledger.account(customer)
+    if not account.configured:
+        raise Failure(f"unknown customer {customer!r}: no CustomerBudget configures it")
+    return account
+
+
+async def cmd_credit(ns: argparse.Namespace) -> int:
+    signed = ns.command == "adjust"
+    amount = _amount(ns.amount, signed=signed)
+    _ids(ns)
+    async with connect(ns) as client:
+        ledger = Ledger(client)
+        account = await _configured(ledger, ns.customer)
+        change = ledger.adjust if signed else ledger.fund
+        credit = await change(ns.customer, ns.id, amount, source="cli", note=ns.note or "")
+    currency = account.currency or ""
+    balance = f"balance {format_amount(credit.balance)} {currency}".rstrip()
+    if credit.duplicate:
+        print(
+            f"{ns.command} {ns.id} was already applied to {ns.customer}; nothing changed"
+            f" ({balance})"
+        )
+    else:
+        sign = "+" if amount > 0 else ""
+        print(
+            f"{ns.command} {ns.customer} {sign}{format_amount(amount)} {currency} (id {ns.id});"
+            f" {balance}"
+        )
+    return 0
+
+
+# --------------------------------------------------------------------------- balance
+
+_DAY_MS = 86_400_000
+
+
+def period_start_ms(period: str | None, now_ms: int) -> int:
+    """Start (UTC) of the day, ISO week or month containing ``now_ms``; as the Lua prelude."""
+    day = now_ms // _DAY_MS
+    if period == "day":
+        return day * _DAY_MS
+    if period == "week":
+        return (day - (day + 3) % 7) * _DAY_MS
+    if period == "month":
+        now = datetime.fromtimestamp(now_ms / 1000, UTC)
+        return int(datetime(now.year, now.month, 1, tzinfo=UTC).timestamp()) * 1000
+    return 0
+
+
+def balance_report(account: Account, now_ms: int) -> dict[str, Any]:
+    """What ``spendgate balance`` shows; amounts as decimal strings."""
+    if account.period and account.period_start_ms != period_start_ms(account.period, now_ms):
+        account = replace(account, spent=0)  # a new period began; Redis resets it lazily
+    reasons = [f"{source}: {reason}" for source, reason in sorted(account.suspensions.items())]
+    if reasons:
+        state = BudgetState.suspended
+    elif account.available <= 0:
+        state = BudgetState.exhausted
+        noun = "spend cap" if account.mode == Mode.capped or account.limit else "balance"
+        reasons = [f"no {noun} available"]
+    else:
+        state = BudgetState.active
+    report: dict[str, Any] = {
+        "customerId": account.customer_id,
+        "state": state.value,
+        "reasons": reasons,
+        "currency": account.currency,
+        "mode": account.mode,
+        "balance": format_amount(account.balance),
+        "held": format_amount(account.held),
+        "available": format_amount(account.available),
+        "spentThisPeriod": format_amount(account.spent),
+    }
+    if account.limit:
+        report["limit"] = format_amount(account.limit)
+        report["period"] = account.period
+    return report
+
+
+async def cmd_balance(ns: argparse.Namespace) -> int:
+    try:
+        check_customer_id(ns.customer)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    async with connect(ns) as client:
+        account = await _configured(Ledger(client), ns.customer)
+    report = balance_report(account, int(datetime.now(UTC).timestamp() * 1000))
+    if ns.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    unit = f" {report['currency']}"
+    print(f"customer    {report['customerId']} ({report['mode']})")
+    state = report["state"] + (f" ({'; '.join(report['reasons'])})" if report["reasons"] else "")
+    print(f"state       {state}")
+    for name in ("balance", "held", "available"):
+        print(f"{name:<11} {report[name]}{unit}")
+    spent = f"{report['spentThisPeriod']}{unit}"
+    if "limit" in report:
+        spent += f" of {report['limit']}{unit} per {report['period'] or 'period'}"
+    print(f"spent       {spent}")
+    return 0
+
+
+# --------------------------------------------------------------------------- sidecar
+
+
+def _listen(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"--listen {text!r}: expected HOST:PORT, like 0.0.0.0:8080")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, int(port)
+
+
+def sidecar_settings_from_args(
+    ns: argparse.Namespace, environ: Mapping[str, str] | None = None
+) -> Any:
+    """``SidecarSettings`` from flags, falling back to ``SPENDGATE_*`` variables, then defaults."""
+    from spendgate.sidecar.settings import FailMode, SidecarSettings
+
+    env = os.environ if environ is None else environ
+    upstream = ns.upstream or env.get("SPENDGATE_UPSTREAM")
+    if not upstream:
+        raise UsageError(
+            "--upstream (or SPENDGATE_UPSTREAM) is required, e.g. http://127.0.0.1:8000"
+        )
+    parts = urlsplit(upstream)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise UsageError(f"--upstream {upstream!r}: expected an http(s) URL")
+    host, port = _listen(ns.listen or env.get("SPENDGATE_LISTEN") or DEFAULT_LISTEN)
+    pricebook = ns.pricebook or env.get("SPENDGATE_PRICEBOOK") or "default/default"
+    if pricebook.count("/") != 1 or "" in pricebook.split("/"):
+        raise UsageError(f"--pricebook {pricebook!r}: expected NAMESPACE/NAME")
+    fail_mode = ns.fail_mode or env.get("SPENDGATE_FAIL_MODE") or FailMode.closed.value
+    if fail_mode not in FailMode.__members__:
+        raise UsageError(f"--fail-mode {fail_mode!r}: expected closed or open")
+    max_body = ns.max_body_bytes
+    if max_body is None:
+        max_body = env.get("SPENDGATE_MAX_BODY_BYTES")
+    if max_body is not None and (not str(max_body).isdigit() or int(max_body) <= 0):
+        raise UsageError(f"--max-body-bytes {max_body!r}: expected a positive integer")
+    redis_url, cluster = redis_settings(ns, env)
+    settings = SidecarSettings(
+        upstream=upstream.rstrip("/"),
+        redis_url=redis_url,
+        listen_host=host,
+        listen_port=port,
+        pricebook=pricebook,
+        fail_mode=FailMode(fail_mode),
+        pod=ns.pod or env.get("SPENDGATE_POD", ""),
+        cluster=cluster,
+    )
+    return settings if max_body is None else replace(settings, max_body_bytes=int(max_body))
+
+
+def cmd_sidecar(ns: argparse.Namespace) -> int:
+    settings = sidecar_settings_from_args(ns)
+    env = os.environ
+    level = ns.log_level or env.get("SPENDGATE_LOG_LEVEL") or "INFO"
+    setup_logging(level, json=(ns.log_format or env.get("SPENDGATE_LOG_FORMAT")) != "text")
+    from spendgate.sidecar.server import serve  # written separately; imported only when used
+
+    serve(settings)
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="spendgate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--redis",
+        metavar="URL",
+        help=f"Redis URL (env SPENDGATE_REDIS_URL, default {DEFAULT_REDIS_URL})",
+    )
+    common.add_argument(
+        "--redis-cluster",
+        action="store_true",
+        help="use Redis Cluster (env SPENDGATE_REDIS_CLUSTER=1)",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    apply = sub.add_parser("apply", parents=[common], help="validate and apply manifests")
+    apply.add_argument(
+        "-f",
+        "--filename",
+        dest="files",
+        action="append",
+        required=True,
+        metavar="FILE",
+        help="YAML file, repeatable; - reads stdin",
+    )
+    apply.add_argument(
+        "--dry-run", action="store_true", help="validate the input only; Redis is not contacted"
+    )
+
+    for name, signed in (("fund", False), ("adjust", True)):
+        what = "add or remove money (signed)" if signed else "add prepaid money"
+        cmd = sub.add_parser(name, parents=[common], help=what)
+        cmd.add_argument("customer", metavar="CUSTOMER", help="customerId")
+        cmd.add_argument("amount", metavar="AMOUNT", help='decimal string, e.g. "10.00"')
+        cmd.add_argument("--id", required=True, help="idempotency id: applied once per id")
+        cmd.add_argument("--note", help="kept on the ledger entry")
+
+    balance = sub.add_parser("balance", parents=[common], help="show a customer's account")
+    balance.add_argument("customer", metavar="CUSTOMER", help="customerId")
+    balance.add_argument("--json", action="store_true", help="machine-readable output")
+
+    side = sub.add_parser("sidecar", parents=[common], help="run the metering proxy")
+    side.add_argument("--upstream", metavar="URL", help="model server (env SPENDGATE_UPSTREAM)")
+    side.add_argument(
+        "--listen", metavar="HOST:PORT", help=f"env SPENDGATE_LISTEN, default {DEFAULT_LISTEN}"
+    )
+    side.add_argument(
+        "--pricebook", metavar="NS/NAME", help="env SPENDGATE_PRICEBOOK, default default/default"
+    )
+    side.add_argument(
+        "--fail-mode",
+        choices=["closed", "open"],
+        help="when Redis is unreachable (env SPENDGATE_FAIL_MODE, default closed)",
+    )
+    side.add_argument("--pod", help="pod name for the ledger (env SPENDGATE_POD)")
+    side.add_argument(
+        "--max-body-bytes",
+        type=int,
+        metavar="N",
+        help="largest request body (env SPENDGATE_MAX_BODY_BYTES)",
+    )
+    side.add_argument("--log-level", help="env SPENDGATE_LOG_LEVEL, default INFO")
+    side.add_argument(
+        "--log-format", choices=["json", "text"], help="env SPENDGATE_LOG_FORMAT, default json"
+    )
+
+    sub.add_parser(
+        "standin-model",
+        add_help=False,
+        help="run the stand-in OpenAI-compatible model server (see --help)",
+    )
+    return parser
+
+
+_ASYNC_COMMANDS = {
+    "apply": cmd_apply,
+    "fund": cmd_credit,
+    "adjust": cmd_credit,
+    "balance": cmd_balance,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["standin-model"]:
+        from spendgate.sidecar.standin import main as standin_main
+
+        return standin_main(args[1:])
+    parser = build_parser()
+    try:
+        ns = parser.parse_args(args)
+    except SystemExit as exit_:  # --help (0) or a usage error (2), already printed
+        return int(exit_.code or 0)
+    if ns.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        if ns.command == "sidecar":
+            return cmd_sidecar(ns)
+        return asyncio.run(_ASYNC_COMMANDS[ns.command](ns))
+    except ApplyError as error:
+        print(f"spendgate {ns.command}: invalid input:", file=sys.stderr)
+        for problem in error.problems:
+            print(f"  {problem}", file=sys.stderr)
+        applied = "; ".join(error.applied) if error.applied else "nothing"
+        print(f"applied: {applied}", file=sys.stderr)
+        return 2
+    except UsageError as error:
+        print(f"spendgate {ns.command}: {error}", file=sys.stderr)
+        return 2
+    except Failure as error:
+        print(f"spendgate {ns.command}: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,105 @@
+"""Structured logging: one JSON object per line, with secrets masked before anything is written.
+
+``log.info("reserved", extra={"customer": "acme", "cost": "0.02"})`` becomes
+``{"ts": "...", "level": "info", "logger": "...", "msg": "reserved", "customer": "acme", ...}``.
+The redaction filter sits on the handler, so it covers every logger that propagates to root.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+from datetime import UTC, datetime
+from typing import Any
+
+REDACTED = "[REDACTED]"
+
+_PATTERNS = [
+    # Authorization headers: keep the scheme, drop the credential.
+    (re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]+"), r"\1 " + REDACTED),
+    # Stripe secrets and restricted keys, webhook signing secrets.
+    (re.compile(r"\b(sk_live_|sk_test_|rk_live_|rk_test_|whsec_)[A-Za-z0-9]+"), r"\1" + REDACTED),
+    # OpenAI-style keys, including our own sk-demo-... examples.
+    (re.compile(r"\bsk-[A-Za-z0-9_-]{6,}"), "sk-" + REDACTED),
+    # Passwords in URLs: redis://user:secret@host -> redis://user:[REDACTED]@host
+    (re.compile(r"(\w+://[^/\s:@]*):[^@\s/]+@"), r"\1:" + REDACTED + "@"),
+    # key=value / "key": "value" pairs whose name says secret.
+    (
+        re.compile(
+            r"(?i)\b((?:x-)?api[-_]?key|authorization|password|secret|token)"
+            r"(\"?\s*[:=]\s*\"?)(?!bearer\b|basic\b)([^\s\",;]+)"
+        ),
+        r"\1\2" + REDACTED,
+    ),
+]
+_SECRET_FIELD = re.compile(r"(?i)(^|[-_])(api[-_]?key|authorization|password|secret|token)$")
+
+# Attributes every LogRecord has; anything else on a record came in through ``extra``.
+_RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+
+
+def redact(text: str) -> str:
+    for pattern, replacement in _PATTERNS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+def redact_value(value: Any, name: str = "") -> Any:
+    """Mask secrets in a field value; fields named like a secret are masked whole."""
+    if name and _SECRET_FIELD.search(name) and value not in (None, ""):
+        return REDACTED
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {k: redact_value(v, str(k)) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [redact_value(v) for v in value]
+    return value
+
+
+def extra_fields(record: logging.LogRecord) -> dict[str, Any]:
+    return {k: v for k, v in vars(record).items() if k not in _RESERVED and not k.startswith("_")}
+
+
+class RedactingFilter(logging.Filter):
+    """Rewrites the record in place: message rendered and masked, extra fields masked."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = redact(record.getMessage())
+        record.args = None
+        for name, value in extra_fields(record).items():
+            setattr(record, name, redact_value(value, name))
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        entry.update(extra_fields(record))
+        if record.exc_info:
+            entry["exc"] = redact(self.formatException(record.exc_info))
+        return json.dumps(entry, default=str)
+
+
+def setup_logging(level: str | int = "INFO", json: bool = True) -> logging.Handler:
+    """Log to stderr through the root logger (its handlers replaced); returns the handler."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(RedactingFilter())
+    text = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler.setFormatter(JsonFormatter() if json else text)
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper() if isinstance(level, str) else level)
+    return handler
+
+
+__all__ = ["JsonFormatter", "RedactingFilter", "redact", "redact_value", "setup_logging"]
