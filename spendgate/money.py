@@ -13,7 +13,13 @@ MICROS_PER_UNIT = 1_000_000
 
 # An amount is a plain decimal string with at most six fractional digits: no exponent,
 # no thousands separators, no currency sign. Sign is only allowed where the caller says so.
-_AMOUNT_RE = re.compile(r"^(?P<sign>[+-])?(?P<int>\d{1,15})(?:\.(?P<frac>\d{1,6}))?$")
+_AMOUNT_RE = re.compile(
+    r"^(?P<sign>[+-])?(?P<int>\d{1,15})(?:\.(?P<frac>\d{1,6}))?$", re.ASCII
+)
+
+# The Lua ledger computes in doubles: amounts must stay integers below 2^53 to be exact
+# (a larger one would be rounded silently, or make HINCRBY fail). About 9 billion units.
+MAX_MICROS = 2**53 - 1
 
 # ISO 4217 codes are three upper-case letters; custom units ("credits", "gpu-hours") are
 # lower-case words. Currencies are compared exactly, so "usd" and "USD" are different units.
@@ -48,6 +54,8 @@ def parse_amount(text: str | int, *, allow_negative: bool = False) -> int:
     units = int(match["int"])
     frac = (match["frac"] or "").ljust(6, "0")
     micros = units * MICROS_PER_UNIT + int(frac)
+    if micros > MAX_MICROS:
+        raise AmountError(f"{text!r} is out of range (at most {format_amount(MAX_MICROS)})")
     if match["sign"] == "-":
         micros = -micros
     if micros < 0 and not allow_negative:
@@ -93,6 +101,7 @@ def validate_currency(code: str) -> str:
 
 __all__ = [
     "CURRENCY_RE",
+    "MAX_MICROS",
     "MICROS_PER_UNIT",
     "AmountError",
     "ceil_div",

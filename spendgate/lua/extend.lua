@@ -9,7 +9,10 @@ if not raw then return {'no_hold'} end
 local suspended = redis.call('HGETALL', K_SUSP)
 if #suspended > 0 then return {'suspended', suspended[1], suspended[2]} end
 
-local cfg = redis.call('HMGET', K_CFG, 'mode', 'limit', 'period')
+local cfg = redis.call('HMGET', K_CFG, 'mode', 'limit', 'period', 'max_cost')
+local amount, _, key, estimate = parse_hold(raw)
+local max_cost = num(cfg[4])
+if max_cost > 0 and amount + extra > max_cost then return {'cost_cap', max_cost, amount + extra} end
 rollover(cfg[3], now)
 local acct = redis.call('HMGET', K_ACCT, 'balance', 'held', 'spent')
 local balance, held, spent = num(acct[1]), num(acct[2]), num(acct[3])
@@ -20,7 +23,6 @@ if cfg[1] ~= 'capped' and limit > 0 then
 end
 if extra > available then return {'insufficient', available, extra} end
 
-local amount, _, key, estimate = parse_hold(raw)
 local deadline = now + ttl
 redis.call('HSET', K_HOLDS, rid, encode_hold(amount + extra, deadline, key, estimate))
 redis.call('ZADD', K_DEADLINES, deadline, rid)
