@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import redis.asyncio
+import redis.asyncio.cluster
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
@@ -125,8 +126,13 @@ async def data_plane(
     settings: Callable[[SidecarSettings], SidecarSettings] | None = None,
     acme_balance: str = "10.00",
     upstream_app: web.Application | None = None,
+    cluster: bool = False,
 ) -> AsyncIterator[DataPlane]:
-    client_redis = redis.asyncio.Redis.from_url(redis_url)
+    client_redis: Any = (
+        redis.asyncio.cluster.RedisCluster.from_url(redis_url)
+        if cluster
+        else redis.asyncio.Redis.from_url(redis_url)
+    )
     store = ConfigStore(client_redis)
     await store.apply_pricebook(parse_resource(PRICEBOOK))  # type: ignore[arg-type]
     await store.apply_budget(
@@ -143,6 +149,7 @@ async def data_plane(
         pricebook="default/default",
         pod="test-pod",
         drain_timeout_s=5,
+        cluster=cluster,
     )
     if settings is not None:
         sidecar_settings = settings(sidecar_settings)
