@@ -416,7 +416,7 @@ class Proxy:
             cost = cost_of(
                 metered.rule, metered.input_estimate, events_after, metered.elapsed_ms()
             )
-            if cost > metered.hold and not await self._extend(metered):
+            if cost > metered.hold and not await self._extend(metered, cost - metered.hold):
                 await response.write(bytes(paid))
                 await self._cut_off(response, metered, tap)
                 return False
@@ -425,19 +425,24 @@ class Proxy:
         await response.write(bytes(paid))
         return True
 
-    async def _extend(self, metered: Metered) -> bool:
+    async def _extend(self, metered: Metered, needed: int = 1) -> bool:
         rule = metered.rule
         if metered.hold >= rule.max_cost:
             return True  # the cost can never exceed the rule's maximum
         step = max(metered.hold, rule.max_cost // 4, 1)
         extra = min(step, rule.max_cost - metered.hold)
+        ttl_ms = rule.timeout + self.settings.hold_grace_ms
+        customer, request_id = metered.owner.customer_id, metered.request_id
         try:
-            extension = await self.ledger.extend(
-                metered.owner.customer_id,
-                metered.request_id,
-                extra,
-                ttl_ms=rule.timeout + self.settings.hold_grace_ms,
-            )
+            extension = await self.ledger.extend(customer, request_id, extra, ttl_ms=ttl_ms)
+            if not extension.ok and extension.reason == "insufficient":
+                # Less than a full step is left: take what remains if it pays for this piece,
+                # so the stream is cut off when the balance is gone, not before.
+                extra = min(extra, extension.available or 0)
+                if extra >= needed:
+                    extension = await self.ledger.extend(
+                        customer, request_id, extra, ttl_ms=ttl_ms
+                    )
         except (RedisError, OSError, TimeoutError):
             self.metrics.redis_errors.labels("extend").inc()
             return self.settings.fail_mode is FailMode.open

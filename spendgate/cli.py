@@ -24,6 +24,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from spendgate.sidecar.settings import FailMode, SidecarSettings
+
 from .config_store import ConfigStore
 from .keys import check_customer_id
 from .ledger import Account, Ledger, LedgerError, check_request_id
@@ -246,10 +248,8 @@ def _listen(text: str) -> tuple[str, int]:
 
 def sidecar_settings_from_args(
     ns: argparse.Namespace, environ: Mapping[str, str] | None = None
-) -> Any:
+) -> SidecarSettings:
     """``SidecarSettings`` from flags, falling back to ``SPENDGATE_*`` variables, then defaults."""
-    from spendgate.sidecar.settings import FailMode, SidecarSettings
-
     env = os.environ if environ is None else environ
     upstream = ns.upstream or env.get("SPENDGATE_UPSTREAM")
     if not upstream:

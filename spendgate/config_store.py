@@ -100,6 +100,7 @@ class ConfigStore:
 
         await self.redis.hset(rkeys.CUSTOMERS, spec.customer_id, budget.ref)
         balance_change = await self.ledger.configure(spec)
+        await self.ledger.unsuspend(spec.customer_id, "deleted")  # a re-created budget
         removed = await self._replace_keys(spec.customer_id, wanted)
         await self.publish(f"customer:{spec.customer_id}")
         return BudgetApplied(spec.customer_id, len(wanted), removed, balance_change)

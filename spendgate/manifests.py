@@ -133,7 +133,7 @@ def parse_secret(document: dict[str, Any], source: str) -> Secret:
     return Secret(namespace, name, data)
 
 
-def _key_problem(
+def _resolve_key(
     budget: CustomerBudget, index: int, secrets: Mapping[tuple[str, str], Secret]
 ) -> tuple[str | None, str | None]:
     """Resolve ``spec.apiKeys[index]``; returns ``(plaintext, None)`` or ``(None, problem)``."""
@@ -170,7 +170,7 @@ def resolve_api_keys(
     for index, ref in enumerate(budget.spec.api_keys):
         if ref.disabled:
             continue  # a revoked key needs no material; its Secret may be gone
-        value, problem = _key_problem(budget, index, secrets)
+        value, problem = _resolve_key(budget, index, secrets)
         if problem:
             problems.append(problem)
         elif value is not None:

@@ -510,6 +510,17 @@ async def test_extend_refused_when_suspended(ledger: Ledger) -> None:
     assert (await ledger.account(CUSTOMER)).held == UNIT
 
 
+async def test_extend_refused_beyond_per_request_cost_cap(ledger: Ledger) -> None:
+    await ledger.configure(spec(balance="100", policy={"maxRequestCost": "2.00"}))
+    await reserve(ledger, "stream", UNIT)
+    refused = await ledger.extend(CUSTOMER, "stream", UNIT + 1, ttl_ms=TTL)
+    assert not refused.ok
+    assert refused.reason == "cost_cap"
+    assert await ledger.holds(CUSTOMER) == {"stream": UNIT}
+    assert (await ledger.extend(CUSTOMER, "stream", UNIT, ttl_ms=TTL)).ok  # up to the cap
+    assert await ledger.holds(CUSTOMER) == {"stream": 2 * UNIT}
+
+
 async def test_extend_without_live_hold(ledger: Ledger) -> None:
     await ledger.configure(spec(balance="10"))
     assert (await ledger.extend(CUSTOMER, "nope", UNIT, ttl_ms=TTL)).reason == "no_hold"
@@ -647,9 +658,7 @@ async def test_request_rate_burst_and_edge(
     assert (await reserve(ledger, "refill-over", 1)).outcome is Outcome.rate_limited
 
 
-async def test_request_rate_uneven_interval_rounds_retry_up(
-    ledger: Ledger, clock: Clock
-) -> None:
+async def test_request_rate_uneven_interval_rounds_retry_up(ledger: Ledger, clock: Clock) -> None:
     await ledger.configure(spec(balance="100", rateLimits=[{"requests": 3, "per": "second"}]))
     for i in range(3):
         assert (await reserve(ledger, f"r{i}", 1)).ok
