@@ -13,6 +13,7 @@ local cfg = redis.call('HMGET', K_CFG, 'mode', 'limit', 'period', 'max_cost')
 local amount, _, key, estimate = parse_hold(raw)
 local max_cost = num(cfg[4])
 if max_cost > 0 and amount + extra > max_cost then return {'cost_cap', max_cost, amount + extra} end
+reap(now, 16)
 rollover(cfg[3], now)
 local acct = redis.call('HMGET', K_ACCT, 'balance', 'held', 'spent')
 local balance, held, spent = num(acct[1]), num(acct[2]), num(acct[3])
