@@ -341,9 +341,15 @@ class Proxy:
             upstream = await upstream_cm.__aenter__()
         except TimeoutError:
             return self._upstream_failed(metered, 504, "upstream_timeout", "timeout")
-        except aiohttp.ClientError as error:
+        except aiohttp.ClientConnectorError as error:  # never reached the model: free
             log.warning("model container unreachable", extra={"error": repr(error)})
             return self._upstream_failed(metered, 502, "upstream_unavailable", "connect")
+        except aiohttp.ClientError as error:  # reached it, then it failed (crash, reset)
+            log.warning("model container failed", extra={"error": repr(error)})
+            return self._upstream_failed(metered, 502, "upstream_unavailable", "disconnect")
+        except asyncio.CancelledError:  # the client left (or shutdown gave up): still settle
+            self._finish(metered, None, None, outcome="client_disconnect")
+            raise
         try:
             return await self._relay(request, upstream, metered)
         finally:
@@ -356,7 +362,8 @@ class Proxy:
         self._finish(metered, None, None, outcome=f"upstream_{kind}")
         return errors.error_response(
             status, "server_error", code, "The model did not answer; you were charged "
-            + ("nothing." if metered.rule.on_upstream_error is FailureCharge.free
+            + ("nothing." if kind == "connect"
+               or metered.rule.on_upstream_error is FailureCharge.free
                else "for the time it used."),
         )  # fmt: skip
 
@@ -377,6 +384,9 @@ class Proxy:
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
             self._finish(metered, upstream, tap, outcome="client_disconnect")
             return response
+        except asyncio.CancelledError:
+            self._finish(metered, upstream, tap, outcome="client_disconnect")
+            raise
         outcome = "ok" if upstream.status < 400 else "upstream_status"
         try:
             async for chunk in upstream.content.iter_any():
@@ -394,6 +404,10 @@ class Proxy:
             log.warning("model stream failed", extra={"error": repr(error)})
             self.metrics.upstream_errors.labels("stream").inc()
             outcome = "upstream_stream"
+        except asyncio.CancelledError:  # handler cancelled (client gone, shutdown timeout)
+            cancelled = "cut_off" if metered.cut_off else "client_disconnect"
+            self._finish(metered, upstream, tap, outcome=cancelled)
+            raise
         if metered.cut_off:
             outcome = "cut_off"
         self._finish(metered, upstream, tap, outcome=outcome)
@@ -512,13 +526,14 @@ class Proxy:
         measured = self._measure(metered, upstream, tap)
         upstream_ms = metered.elapsed_ms()
         failed = outcome.startswith("upstream")
-        free = (failed and rule.on_upstream_error is FailureCharge.free) or (
+        free = outcome == "upstream_connect"  # the model never got the request
+        free = free or (failed and rule.on_upstream_error is FailureCharge.free) or (
             outcome == "client_disconnect" and rule.on_client_disconnect is FailureCharge.free
         )
         if free:
             cost = 0
-        elif failed and (tap is None or not tap.events):
-            cost = cost_of(rule, 0, 0, upstream_ms)  # metered failure: the time it used
+        elif tap is None or (failed and not tap.events):
+            cost = cost_of(rule, 0, 0, upstream_ms)  # metered, no response: the time it used
         else:
             cost = cost_of(rule, measured.input_tokens, measured.output_tokens, upstream_ms)
         if metered.cut_off and metered.reserved:

@@ -3,22 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import pytest
 import redis.asyncio
 from aiohttp import web
 
+from spendgate.config_store import ConfigStore
 from spendgate.ledger import Ledger
-from spendgate.sidecar.server import SIDECAR_KEY, create_app
+from spendgate.models import parse_resource
+from spendgate.sidecar.server import SIDECAR_KEY, Sidecar, create_app
 from spendgate.sidecar.settings import FailMode, SidecarSettings
-from spendgate.sidecar.standin import STATE, StandinConfig
+from spendgate.sidecar.standin import STATE, StandinConfig, StandinState
 from spendgate.sidecar.standin import create_app as create_standin
 from tests.redis_servers import RedisServer
-from tests.sidecar_env import ACME_KEY, DataPlane, data_plane, replace
+from tests.sidecar_env import ACME_KEY, PRICEBOOK, DataPlane, budget, data_plane, replace
 
 MICRO = 1_000_000
 CENT = 10_000
@@ -146,39 +152,116 @@ async def test_upstream_timeout_gets_504_and_is_charged_by_policy(redis_url: str
 # --------------------------------------------------------------------------- the client leaves
 
 
-async def test_client_disconnect_mid_stream_settles_what_was_streamed(redis_url: str) -> None:
+@dataclass
+class Running:
+    app: web.Application
+    runner: web.AppRunner
+    url: str
+    ledger: Ledger
+    upstream_state: StandinState
+
+    @property
+    def sidecar(self) -> Sidecar:
+        return self.app[SIDECAR_KEY]
+
+    async def usage(self) -> list[dict[str, str]]:
+        return [e for e in await self.ledger.ledger_entries("acme") if e["type"] == "usage"]
+
+
+@asynccontextmanager
+async def running_sidecar(
+    redis_url: str,
+    standin: StandinConfig,
+    *,
+    shutdown_timeout: float = 5.0,
+    handler_cancellation: bool = False,
+) -> AsyncIterator[Running]:
+    """The sidecar on a plain AppRunner, as ``run()`` serves it (no test-server defaults)."""
+    client = redis.asyncio.Redis.from_url(redis_url)
+    store = ConfigStore(client)
+    await store.apply_pricebook(parse_resource(PRICEBOOK))  # type: ignore[arg-type]
+    await store.apply_budget(
+        parse_resource(budget("acme", "10.00")),  # type: ignore[arg-type]
+        {"main": ACME_KEY},
+    )
+    upstream_app = create_standin(standin)
+    upstream_runner = web.AppRunner(upstream_app, shutdown_timeout=1)
+    await upstream_runner.setup()
+    await web.TCPSite(upstream_runner, "127.0.0.1", 0).start()
+    settings = SidecarSettings(
+        upstream=f"http://127.0.0.1:{upstream_runner.addresses[0][1]}",
+        redis_url=redis_url,
+        pricebook="default/default",
+        pod="test-pod",
+        drain_timeout_s=5,
+    )
+    app = create_app(settings)
+    runner = web.AppRunner(
+        app, shutdown_timeout=shutdown_timeout, handler_cancellation=handler_cancellation
+    )
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        yield Running(app, runner, url, Ledger(client), upstream_app[STATE])
+    finally:
+        await runner.cleanup()
+        await upstream_runner.cleanup()
+        await client.aclose()
+
+
+def stream_body(max_tokens: int) -> dict[str, Any]:
+    messages = [{"role": "user", "content": "hi"}]
+    return {"model": "standin", "messages": messages, "max_tokens": max_tokens, "stream": True}
+
+
+async def read_events(resp: aiohttp.ClientResponse, count: int) -> bytes:
+    received = b""
+    while received.count(b"\n\n") < count:
+        received += await asyncio.wait_for(resp.content.readany(), 2)
+    return received
+
+
+@pytest.mark.parametrize("handler_cancellation", [False, True], ids=["write-fails", "cancelled"])
+async def test_client_disconnect_mid_stream_settles_what_was_streamed(
+    redis_url: str, handler_cancellation: bool
+) -> None:
+    """Either way aiohttp may tell the handler: a failed write, or cancelling it."""
     standin = StandinConfig(token_interval_ms=40)
-    async with data_plane(redis_url, standin=standin) as plane:
-        resp = await plane.post_chat(max_tokens=40, stream=True)  # ~1.6 s of streaming
+    async with (
+        running_sidecar(redis_url, standin, handler_cancellation=handler_cancellation) as sc,
+        aiohttp.ClientSession() as session,
+    ):
+        # ~1.6 s of streaming; hold 0.41
+        resp = await session.post(f"{sc.url}{CHAT_PATH}", json=stream_body(40), headers=AUTH)
         assert resp.status == 200
         request_id = resp.headers["X-Spendgate-Request-Id"]
-        received = b""
-        while received.count(b"\n\n") < 3:
-            received += await asyncio.wait_for(resp.content.readany(), 2)
+        await read_events(resp, 3)
         resp.close()  # drops the connection mid-stream
 
         async def charged() -> bool:
-            return bool(await usage_entries(plane))
+            return bool(await sc.usage())
 
         await eventually(charged, 3, "the disconnected request is settled")
-        (entry,) = await usage_entries(plane)
+        (entry,) = await sc.usage()
         assert entry["request_id"] == request_id
         assert entry["outcome"] == "client_disconnect"
         cost = int(entry["cost"])
-        assert 3 * CENT + CENT <= cost < CENT + 40 * CENT  # metered: what was streamed
-        await plane.settled()
-        account = await plane.account()
-        assert account.held == 0
-        assert account.balance == 10 * MICRO - cost
-        assert len(plane.sidecar.pending) == 0
-        assert plane.upstream.app is not None
-        state = plane.upstream.app[STATE]
+        assert CENT + 3 * CENT <= cost < CENT + 40 * CENT  # metered: what was streamed
+        assert entry["output_tokens"] == str((cost - CENT) // CENT)
+
+        async def hold_freed() -> bool:
+            return (await sc.ledger.account("acme")).held == 0
+
+        await eventually(hold_freed, 2, "the hold is freed")
+        assert (await sc.ledger.account("acme")).balance == 10 * MICRO - cost
+        assert len(sc.sidecar.pending) == 0
 
         async def model_stopped() -> bool:
-            return state.aborted_streams == 1
+            return sc.upstream_state.aborted_streams == 1
 
         await eventually(model_stopped, 2, "the model's stream is aborted too")
-        assert state.completed_streams == 0
+        assert sc.upstream_state.completed_streams == 0
 
 
 # --------------------------------------------------------------------------- Redis fails
@@ -299,57 +382,50 @@ async def test_settle_failing_after_serving_is_kept_and_reconciled(
 # --------------------------------------------------------------------------- shutdown
 
 
-async def test_graceful_shutdown_settles_the_request_in_flight(redis_url: str) -> None:
-    ledger_redis = redis.asyncio.Redis.from_url(redis_url)
-    # Configure Redis through a throwaway data plane, then run our own sidecar on it.
-    async with data_plane(redis_url):
-        pass
-    upstream_app = create_standin(StandinConfig(token_interval_ms=40))
-    upstream_runner = web.AppRunner(upstream_app)
-    await upstream_runner.setup()
-    upstream_site = web.TCPSite(upstream_runner, "127.0.0.1", 0)
-    await upstream_site.start()
-    upstream_port = upstream_runner.addresses[0][1]
-    settings = SidecarSettings(
-        upstream=f"http://127.0.0.1:{upstream_port}",
-        redis_url=redis_url,
-        pricebook="default/default",
-        pod="test-pod",
-        drain_timeout_s=5,
-    )
-    app = create_app(settings)
-    runner = web.AppRunner(app, shutdown_timeout=5)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    port = runner.addresses[0][1]
-    body: dict[str, Any] = {
-        "model": "standin",
-        "messages": [{"role": "user", "content": "hi"}],
-        "max_tokens": 20,  # ~0.8 s of streaming
-        "stream": True,
-    }
-    try:
-        async with aiohttp.ClientSession() as session:
-            async with session.post(
-                f"http://127.0.0.1:{port}{CHAT_PATH}", json=body, headers=AUTH
-            ) as resp:
-                assert resp.status == 200
-                request_id = resp.headers["X-Spendgate-Request-Id"]
-                first = await asyncio.wait_for(resp.content.readany(), 2)
-                shutdown = asyncio.create_task(runner.cleanup())
-                rest = await asyncio.wait_for(resp.read(), 5)
-            await asyncio.wait_for(shutdown, 10)
+async def test_graceful_shutdown_drains_and_settles_the_request_in_flight(
+    redis_url: str,
+) -> None:
+    standin = StandinConfig(token_interval_ms=40)
+    async with running_sidecar(redis_url, standin) as sc, aiohttp.ClientSession() as session:
+        # ~0.8 s of streaming
+        resp = await session.post(f"{sc.url}{CHAT_PATH}", json=stream_body(20), headers=AUTH)
+        assert resp.status == 200
+        request_id = resp.headers["X-Spendgate-Request-Id"]
+        first = await read_events(resp, 1)
+        shutdown = asyncio.create_task(sc.runner.cleanup())
+        rest = await asyncio.wait_for(resp.read(), 5)
+        await asyncio.wait_for(shutdown, 10)
         assert (first + rest).endswith(b"data: [DONE]\n\n")  # drained, not dropped
-        assert not app[SIDECAR_KEY].proxy.background  # type: ignore[union-attr]
+        assert not sc.sidecar.proxy.background  # type: ignore[union-attr]
         # Settled before the shutdown completed: the entry is there the moment it returns.
-        ledger = Ledger(ledger_redis)
-        entries = [e for e in await ledger.ledger_entries("acme") if e["type"] == "usage"]
+        entries = await sc.usage()
         assert [e["request_id"] for e in entries] == [request_id]
         assert entries[0]["cost"] == str(CENT + 20 * CENT)
-        account = await ledger.account("acme")
+        account = await sc.ledger.account("acme")
         assert account.held == 0
         assert account.balance == 10 * MICRO - 21 * CENT
-    finally:
-        await runner.cleanup()
-        await upstream_runner.cleanup()
-        await ledger_redis.aclose()
+
+
+async def test_shutdown_timeout_cuts_a_long_stream_but_still_settles_it(redis_url: str) -> None:
+    """A stream longer than the drain period is cancelled by aiohttp, and still charged."""
+    standin = StandinConfig(token_interval_ms=40)
+    async with (
+        running_sidecar(redis_url, standin, shutdown_timeout=0.3) as sc,
+        aiohttp.ClientSession() as session,
+    ):
+        # ~4 s of streaming: longer than the 0.3 s drain
+        resp = await session.post(f"{sc.url}{CHAT_PATH}", json=stream_body(100), headers=AUTH)
+        assert resp.status == 200
+        request_id = resp.headers["X-Spendgate-Request-Id"]
+        await read_events(resp, 2)
+        await asyncio.wait_for(sc.runner.cleanup(), 10)
+        with contextlib.suppress(aiohttp.ClientError):
+            await asyncio.wait_for(resp.read(), 2)
+        resp.close()
+        entries = await sc.usage()  # settled before cleanup returned
+        assert [e["request_id"] for e in entries] == [request_id]
+        cost = int(entries[0]["cost"])
+        assert CENT + 2 * CENT <= cost < CENT + 100 * CENT
+        account = await sc.ledger.account("acme")
+        assert account.held == 0
+        assert account.balance == 10 * MICRO - cost
