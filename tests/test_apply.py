@@ -94,18 +94,18 @@ def problems_of(*texts: str) -> str:
 
 
 async def dump_redis(client: Any) -> str:
-    """Every key and every value in the database, as one text blob."""
-    parts: list[bytes] = []
-    async for key in client.scan_iter(count=1000):
-        parts.append(key)
+    """Every key and every value in the database, as one text blob in a stable order."""
+    blobs: list[bytes] = []
+    for key in sorted([key async for key in client.scan_iter(count=1000)]):
+        parts: list[bytes] = [key]
         kind = (await client.type(key)).decode()
         if kind == "string":
             parts.append(await client.get(key))
         elif kind == "hash":
-            for field, value in (await client.hgetall(key)).items():
+            for field, value in sorted((await client.hgetall(key)).items()):
                 parts += [field, value]
         elif kind == "set":
-            parts += list(await client.smembers(key))
+            parts += sorted(await client.smembers(key))
         elif kind == "zset":
             parts += [member for member, _ in await client.zrange(key, 0, -1, withscores=True)]
         elif kind == "list":
@@ -116,6 +116,8 @@ async def dump_redis(client: Any) -> str:
                     parts += [field, value]
         else:
             raise AssertionError(f"unexpected type {kind} of {key!r}")
+        blobs.append(b"\n".join(parts))
+    parts = blobs
     return b"\n".join(parts).decode(errors="replace")
 
 
