@@ -355,9 +355,7 @@ class Proxy:
         finally:
             upstream.release()
 
-    def _upstream_failed(
-        self, metered: Metered, status: int, code: str, kind: str
-    ) -> web.Response:
+    def _upstream_failed(self, metered: Metered, status: int, code: str, kind: str) -> web.Response:
         self.metrics.upstream_errors.labels(kind).inc()
         self._finish(metered, None, None, outcome=f"upstream_{kind}")
         return errors.error_response(
@@ -427,9 +425,7 @@ class Proxy:
             return True
         paid = bytearray()
         for piece, events_after in pieces:
-            cost = cost_of(
-                metered.rule, metered.input_estimate, events_after, metered.elapsed_ms()
-            )
+            cost = cost_of(metered.rule, metered.input_estimate, events_after, metered.elapsed_ms())
             if cost > metered.hold and not await self._extend(metered, cost - metered.hold):
                 await response.write(bytes(paid))
                 await self._cut_off(response, metered, tap)
@@ -454,9 +450,7 @@ class Proxy:
                 # so the stream is cut off when the balance is gone, not before.
                 extra = min(extra, extension.available or 0)
                 if extra >= needed:
-                    extension = await self.ledger.extend(
-                        customer, request_id, extra, ttl_ms=ttl_ms
-                    )
+                    extension = await self.ledger.extend(customer, request_id, extra, ttl_ms=ttl_ms)
         except (RedisError, OSError, TimeoutError):
             self.metrics.redis_errors.labels("extend").inc()
             return self.settings.fail_mode is FailMode.open
@@ -527,8 +521,10 @@ class Proxy:
         upstream_ms = metered.elapsed_ms()
         failed = outcome.startswith("upstream")
         free = outcome == "upstream_connect"  # the model never got the request
-        free = free or (failed and rule.on_upstream_error is FailureCharge.free) or (
-            outcome == "client_disconnect" and rule.on_client_disconnect is FailureCharge.free
+        free = (
+            free
+            or (failed and rule.on_upstream_error is FailureCharge.free)
+            or (outcome == "client_disconnect" and rule.on_client_disconnect is FailureCharge.free)
         )
         if free:
             cost = 0

@@ -27,6 +27,7 @@ from .settings import SidecarSettings
 
 log = logging.getLogger("spendgate.sidecar")
 
+
 def connect_redis(settings: SidecarSettings) -> Any:
     # One quick retry at most: on the hot path a slow failure is worse than a fast one, and
     # every ledger script is idempotent, so a retried call cannot double-charge.
@@ -171,9 +172,7 @@ async def run(settings: SidecarSettings, *, stop: asyncio.Event | None = None) -
     await runner.setup()
     site = web.TCPSite(runner, settings.listen_host, settings.listen_port, reuse_address=True)
     await site.start()
-    log.info(
-        "listening", extra={"host": settings.listen_host, "port": settings.listen_port}
-    )
+    log.info("listening", extra={"host": settings.listen_host, "port": settings.listen_port})
     await stop.wait()
     log.info("shutting down: draining in-flight requests")
     await runner.cleanup()

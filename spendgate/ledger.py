@@ -400,4 +400,3 @@ def account_from_hashes(
         expired_holds=number(acct, "expired"),
         suspensions={_text(k): _text(v) for k, v in suspensions.items()},
     )
-

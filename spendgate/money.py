@@ -13,9 +13,7 @@ MICROS_PER_UNIT = 1_000_000
 
 # An amount is a plain decimal string with at most six fractional digits: no exponent,
 # no thousands separators, no currency sign. Sign is only allowed where the caller says so.
-_AMOUNT_RE = re.compile(
-    r"^(?P<sign>[+-])?(?P<int>\d{1,15})(?:\.(?P<frac>\d{1,6}))?$", re.ASCII
-)
+_AMOUNT_RE = re.compile(r"^(?P<sign>[+-])?(?P<int>\d{1,15})(?:\.(?P<frac>\d{1,6}))?$", re.ASCII)
 
 # The Lua ledger computes in doubles: amounts must stay integers below 2^53 to be exact
 # (a larger one would be rounded silently, or make HINCRBY fail). About 9 billion units.
@@ -37,19 +35,19 @@ def parse_amount(text: str | int, *, allow_negative: bool = False) -> int:
     Floats are refused: ``0.1`` in YAML is already imprecise, so the user must quote it.
     """
     if isinstance(text, bool):
-        raise AmountError(f"expected a decimal string like \"12.50\", got {text!r}")
+        raise AmountError(f'expected a decimal string like "12.50", got {text!r}')
     if isinstance(text, int):
         text = str(text)
     if not isinstance(text, str):
         raise AmountError(
-            f"expected a decimal string like \"12.50\", got {type(text).__name__} {text!r}"
+            f'expected a decimal string like "12.50", got {type(text).__name__} {text!r}'
             " (quote amounts in YAML)"
         )
     match = _AMOUNT_RE.match(text.strip())
     if match is None:
         raise AmountError(
             f"{text!r} is not a decimal amount (expected digits with at most 6 decimals,"
-            " like \"12.50\")"
+            ' like "12.50")'
         )
     units = int(match["int"])
     frac = (match["frac"] or "").ljust(6, "0")
@@ -93,8 +91,8 @@ def ceil_div(numerator: int, denominator: int) -> int:
 def validate_currency(code: str) -> str:
     if not isinstance(code, str) or not CURRENCY_RE.match(code):
         raise AmountError(
-            f"{code!r} is not a currency: use an ISO 4217 code like \"USD\" or a lower-case"
-            " unit name like \"credits\""
+            f'{code!r} is not a currency: use an ISO 4217 code like "USD" or a lower-case'
+            ' unit name like "credits"'
         )
     return code
 

@@ -100,4 +100,3 @@ def estimate_of(rule: PriceRule, facts: RequestFacts) -> int:
     input_tokens = facts.input_tokens if estimate.input_tokens is None else estimate.input_tokens
     output_tokens = facts.max_tokens if facts.max_tokens is not None else estimate.output_tokens
     return cost_of(rule, input_tokens, output_tokens, estimate.seconds)
-

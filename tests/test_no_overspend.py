@@ -9,11 +9,10 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
-import pytest
 import redis.asyncio
 from aiohttp.test_utils import TestServer
 
@@ -92,11 +91,19 @@ def _wait_ready(port: int, proc: subprocess.Popen[bytes], timeout: float = 20.0)
     raise AssertionError(f"sidecar on port {port} not ready")
 
 
-@pytest.fixture
-def sidecar_processes(redis_url: str) -> Iterator[tuple[list[str], list[int]]]:
-    """Three `spendgate sidecar` processes sharing one Redis; the upstream is set later."""
-    ports = [_free_port() for _ in range(3)]
-    yield [f"http://127.0.0.1:{port}" for port in ports], ports
+def _start_sidecars(upstream_url: str, redis_url: str, ports: list[int]) -> list[Any]:
+    """`spendgate sidecar` processes sharing one Redis, as separate pods would."""
+    spendgate = Path(sys.executable).parent / "spendgate"
+    env = {**os.environ, "SPENDGATE_REDIS_URL": redis_url}
+    procs = []
+    for index, port in enumerate(ports):
+        command = [str(spendgate), "sidecar", "--upstream", upstream_url,
+                   "--listen", f"127.0.0.1:{port}", "--pricebook", "default/default",
+                   "--pod", f"sidecar-{index}"]  # fmt: skip
+        procs.append(
+            subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        )
+    return procs
 
 
 async def test_three_sidecar_processes_share_one_balance(redis_url: str) -> None:
@@ -110,23 +117,7 @@ async def test_three_sidecar_processes_share_one_balance(redis_url: str) -> None
     upstream = TestServer(create_standin(StandinConfig()), host="127.0.0.1")
     await upstream.start_server()
     ports = [_free_port() for _ in range(3)]
-    spendgate = Path(sys.executable).parent / "spendgate"
-    env = {**os.environ, "SPENDGATE_REDIS_URL": redis_url}
-    procs = [
-        subprocess.Popen(
-            [
-                str(spendgate), "sidecar",
-                "--upstream", str(upstream.make_url("")).rstrip("/"),
-                "--listen", f"127.0.0.1:{port}",
-                "--pricebook", "default/default",
-                "--pod", f"sidecar-{index}",
-            ],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        for index, port in enumerate(ports)
-    ]
+    procs = _start_sidecars(str(upstream.make_url("")).rstrip("/"), redis_url, ports)
     try:
         for port, proc in zip(ports, procs, strict=True):
             await asyncio.to_thread(_wait_ready, port, proc)

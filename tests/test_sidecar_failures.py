@@ -296,9 +296,7 @@ async def test_hung_redis_fail_closed_refuses_within_the_redis_timeout(
         fresh_redis_server.freeze()
         try:
             started = time.monotonic()
-            resp = await asyncio.wait_for(
-                plane.client.post("/echo", data=b"{}", headers=AUTH), 15
-            )
+            resp = await asyncio.wait_for(plane.client.post("/echo", data=b"{}", headers=AUTH), 15)
             elapsed = time.monotonic() - started
             assert resp.status == 503
             assert (await openai_error(resp))["code"] == "billing_unavailable"
@@ -315,9 +313,7 @@ async def test_redis_hung_fail_open_serves_and_reconciles_later(
     async with data_plane(fresh_redis_server.url, settings=fail_open) as plane:
         fresh_redis_server.freeze()
         try:
-            resp = await asyncio.wait_for(
-                plane.client.post("/echo", data=b"{}", headers=AUTH), 15
-            )
+            resp = await asyncio.wait_for(plane.client.post("/echo", data=b"{}", headers=AUTH), 15)
             assert resp.status == 200
             request_id = resp.headers["X-Spendgate-Request-Id"]
             assert upstream_requests(plane, "POST /echo") == 1

@@ -141,9 +141,7 @@ async def test_balance_pays_for_exactly_k_requests_then_402(redis_url: str) -> N
 
 async def test_suspended_customer_gets_403(redis_url: str) -> None:
     async with data_plane(redis_url) as plane:
-        await plane.apply_budget(
-            budget("acme", "10.00", policy={"suspended": True}), ACME_KEY
-        )
+        await plane.apply_budget(budget("acme", "10.00", policy={"suspended": True}), ACME_KEY)
         resp = await plane.post_chat()
         assert resp.status == 403
         assert (await _error(resp))["code"] == "account_suspended"

@@ -106,7 +106,9 @@ async def test_sse_bytes_are_unchanged_even_when_events_straddle_chunks(redis_ur
         + content_event(0)
         + content_event(1).replace(b"\n\n", b"\r\n\r\n")
         + content_event(2)
-        + b"data: " + json.dumps(usage).encode() + b"\n\n"
+        + b"data: "
+        + json.dumps(usage).encode()
+        + b"\n\n"
         + b"data: [DONE]\n\n"
     )
     pieces = [stream[i : i + 37] for i in range(0, len(stream), 37)]

@@ -19,6 +19,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+
 from spendgate.sidecar.standin import (
     STATE,
     StandinConfig,
