@@ -10,7 +10,6 @@ import asyncio
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field
 
 import aiohttp
 from aiohttp import web
@@ -18,7 +17,7 @@ from redis.exceptions import RedisError
 
 from spendgate.config_store import KeyOwner
 from spendgate.keys import hash_api_key
-from spendgate.ledger import Ledger, Outcome, RateInfo, Reservation, Usage
+from spendgate.ledger import Ledger, Outcome, Reservation, Usage
 from spendgate.models import (
     FailureCharge,
     Price,
@@ -27,103 +26,25 @@ from spendgate.models import (
     Unmatched,
     UsageHeaders,
 )
-from spendgate.money import format_amount
 from spendgate.pricing import BadRequestBody, RequestFacts, cost_of, estimate_of, inspect_body
 
 from . import errors
+from .billing import Metered, measure, price_outcome
 from .config_cache import ConfigCache
-from .metering import ResponseTap, TokenUsage, sse_error_event, usage_from_headers
+from .headers import extract_api_key, forward_headers, response_headers
+from .metering import ResponseTap, sse_error_event
 from .metrics import SidecarMetrics
 from .reconcile import PendingCharge, PendingCharges
 from .settings import FailMode, SidecarSettings
 
 log = logging.getLogger("spendgate.sidecar")
 
-HOP_BY_HOP = frozenset(
-    h.lower()
-    for h in (
-        "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "TE",
-        "Trailer", "Transfer-Encoding", "Upgrade", "Host", "Content-Length",
-    )
-)  # fmt: skip
-CREDENTIAL_HEADERS = frozenset({"authorization", "x-api-key"})
-OWN_PREFIX = "x-spendgate-"
 _FREE_RULE = PriceRule(name="unmatched", price=Price())
-_MIN_KEY_LENGTH, _MAX_KEY_LENGTH = 8, 512
 
 
 class _Refused(Exception):
     def __init__(self, response: web.StreamResponse) -> None:
         self.response = response
-
-
-@dataclass
-class Metered:
-    """One admitted request on its way through."""
-
-    owner: KeyOwner
-    request_id: str
-    rule: PriceRule
-    facts: RequestFacts
-    currency: str
-    hold: int
-    reserved: bool  # False when served fail-open without a reservation
-    body: bytes = b""
-    rate: RateInfo | None = None
-    started: float = field(default_factory=time.monotonic)
-    upstream_started: float = 0.0
-    cut_off: bool = False
-    events_sent: int = 0
-
-    @property
-    def input_estimate(self) -> int:
-        fixed = self.rule.estimate.input_tokens
-        return self.facts.input_tokens if fixed is None else fixed
-
-    def elapsed_ms(self) -> int:
-        start = self.upstream_started or self.started
-        return int((time.monotonic() - start) * 1000)
-
-
-def extract_api_key(headers: web.BaseRequest.headers) -> str | None:  # type: ignore[name-defined]
-    """The presented key, "" for a malformed credential, None when there is none."""
-    auth = headers.get("Authorization")
-    if auth is not None:
-        scheme, _, token = auth.strip().partition(" ")
-        key = token.strip() if scheme.lower() == "bearer" else ""
-    else:
-        key = headers.get("X-API-Key", None)
-        if key is None:
-            return None
-        key = key.strip()
-    if not _MIN_KEY_LENGTH <= len(key) <= _MAX_KEY_LENGTH or not key.isprintable() or " " in key:
-        return ""
-    return key
-
-
-def forward_headers(request: web.Request, owner: KeyOwner, request_id: str) -> dict[str, str]:
-    headers: dict[str, str] = {}
-    for name, value in request.headers.items():
-        lower = name.lower()
-        if lower in HOP_BY_HOP or lower in CREDENTIAL_HEADERS or lower.startswith(OWN_PREFIX):
-            continue
-        headers[name] = value
-    headers["X-Spendgate-Customer"] = owner.customer_id
-    headers["X-Spendgate-Key"] = owner.key_name
-    headers["X-Spendgate-Request-Id"] = request_id
-    if request.remote:
-        prior = request.headers.get("X-Forwarded-For")
-        headers["X-Forwarded-For"] = f"{prior}, {request.remote}" if prior else request.remote
-    return headers
-
-
-def response_headers(upstream: aiohttp.ClientResponse) -> dict[str, str]:
-    headers: dict[str, str] = {}
-    for name, value in upstream.headers.items():
-        if name.lower() in HOP_BY_HOP and name.lower() != "content-length":
-            continue
-        headers[name] = value
-    return headers
 
 
 class Proxy:
@@ -201,7 +122,12 @@ class Proxy:
         request_id = uuid.uuid4().hex
         reservation = await self._reserve(owner, request_id, rule, estimate, pricebook.currency)
         if reservation is not None and not reservation.ok:
-            raise self._refuse(reservation.outcome.value, self._refusal(reservation, owner))
+            if reservation.outcome is Outcome.currency_mismatch:
+                log.error(
+                    "price book currency differs from the budget's",
+                    extra={"customer": owner.customer_id, "budget_currency": reservation.detail},
+                )
+            raise self._refuse(reservation.outcome.value, errors.refusal(reservation))
         self.metrics.decisions.labels("admitted" if reservation else "fail_open").inc()
         return Metered(
             owner=owner,
@@ -273,53 +199,6 @@ class Proxy:
                 extra={"customer": owner.customer_id, "error": repr(error)},
             )
             raise self._refuse("store_unavailable", errors.store_unavailable()) from None
-
-    def _refusal(self, reservation: Reservation, owner: KeyOwner) -> web.Response:
-        outcome = reservation.outcome
-        if outcome is Outcome.rate_limited:
-            headers = errors.rate_limit_headers(reservation.rate)
-            headers["Retry-After"] = errors.retry_after_seconds(reservation.retry_after_ms or 0)
-            return errors.error_response(
-                429, "rate_limit_error", "rate_limit_exceeded",
-                "Rate limit reached for this customer or key; retry after "
-                f"{headers['Retry-After']} s.",
-                headers=headers,
-            )  # fmt: skip
-        if outcome in (Outcome.insufficient, Outcome.cap_reached):
-            what = "balance" if outcome is Outcome.insufficient else "spend limit for this period"
-            return errors.error_response(
-                402, "insufficient_quota", "insufficient_balance"
-                if outcome is Outcome.insufficient else "spend_limit_reached",
-                f"Your {what} does not cover this request (needs "
-                f"{format_amount(reservation.estimate)}, available "
-                f"{format_amount(max(0, reservation.available or 0))}).",
-            )  # fmt: skip
-        if outcome is Outcome.cost_cap:
-            return errors.error_response(
-                402, "insufficient_quota", "request_cost_limit",
-                f"This request may cost up to {format_amount(reservation.estimate)}, more than "
-                f"the per-request limit of {format_amount(reservation.available or 0)}; "
-                "lower max_tokens.",
-            )  # fmt: skip
-        if outcome is Outcome.suspended:
-            return errors.error_response(
-                403, "permission_error", "account_suspended",
-                "This account is suspended; contact your provider.",
-            )  # fmt: skip
-        if outcome is Outcome.unknown_customer:
-            return errors.invalid_key()
-        if outcome is Outcome.currency_mismatch:
-            log.error(
-                "price book currency differs from the budget's",
-                extra={"customer": owner.customer_id, "budget_currency": reservation.detail},
-            )
-            return errors.error_response(
-                500, "server_error", "billing_misconfigured",
-                "This model's prices are in a different currency than your budget.",
-            )  # fmt: skip
-        return errors.error_response(
-            409, "invalid_request_error", "duplicate_request", "Duplicate request id."
-        )
 
     # ----------------------------------------------------------------- forwarding
 
@@ -482,68 +361,16 @@ class Proxy:
         *,
         outcome: str,
     ) -> None:
-        cost, usage = self._price_outcome(metered, upstream, tap, outcome)
+        headers = upstream.headers if upstream is not None else None
+        measured = measure(metered, headers, tap, self._usage_headers())
+        cost, usage = price_outcome(metered, measured, tap, outcome, self.settings.pod)
         task = asyncio.create_task(self._settle(metered, cost, usage))
         self.background.add(task)
         task.add_done_callback(self.background.discard)
 
-    def _measure(
-        self, metered: Metered, upstream: aiohttp.ClientResponse | None, tap: ResponseTap | None
-    ) -> TokenUsage:
-        facts, rule = metered.facts, metered.rule
-        estimated_input = metered.input_estimate
-        if upstream is not None:
-            from_headers = usage_from_headers(upstream.headers, self._usage_headers())
-            if from_headers is not None:
-                return TokenUsage(*from_headers, "header")
-        if metered.cut_off:
-            return TokenUsage(estimated_input, metered.events_sent, "counted")
-        if tap is not None and tap.usage is not None:
-            return TokenUsage(*tap.usage, "body")
-        if tap is not None and tap.sse:
-            return TokenUsage(estimated_input, tap.events, "counted")
-        output = facts.max_tokens if facts.max_tokens is not None else rule.estimate.output_tokens
-        return TokenUsage(estimated_input, output, "estimate")
-
     def _usage_headers(self) -> UsageHeaders:
         pricebook = self.config.pricebook
         return pricebook.usage_headers if pricebook else UsageHeaders()
-
-    def _price_outcome(
-        self,
-        metered: Metered,
-        upstream: aiohttp.ClientResponse | None,
-        tap: ResponseTap | None,
-        outcome: str,
-    ) -> tuple[int, Usage]:
-        rule = metered.rule
-        measured = self._measure(metered, upstream, tap)
-        upstream_ms = metered.elapsed_ms()
-        failed = outcome.startswith("upstream")
-        free = outcome == "upstream_connect"  # the model never got the request
-        free = (
-            free
-            or (failed and rule.on_upstream_error is FailureCharge.free)
-            or (outcome == "client_disconnect" and rule.on_client_disconnect is FailureCharge.free)
-        )
-        if free:
-            cost = 0
-        elif tap is None or (failed and not tap.events):
-            cost = cost_of(rule, 0, 0, upstream_ms)  # metered, no response: the time it used
-        else:
-            cost = cost_of(rule, measured.input_tokens, measured.output_tokens, upstream_ms)
-        if metered.cut_off and metered.reserved:
-            cost = min(cost, metered.hold)
-        usage = Usage(
-            model=metered.facts.model or "",
-            input_tokens=measured.input_tokens,
-            output_tokens=measured.output_tokens,
-            upstream_ms=upstream_ms,
-            outcome=outcome,
-            pod=self.settings.pod,
-            rule=rule.name,
-        )
-        return cost, usage
 
     async def _settle(self, metered: Metered, cost: int, usage: Usage) -> None:
         customer = metered.owner.customer_id

@@ -1,0 +1,99 @@
+"""What an admitted request costs in the end: measured usage and the failure policies."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from multidict import CIMultiDictProxy
+
+from spendgate.config_store import KeyOwner
+from spendgate.ledger import RateInfo, Usage
+from spendgate.models import FailureCharge, PriceRule, UsageHeaders
+from spendgate.pricing import RequestFacts, cost_of
+
+from .metering import ResponseTap, TokenUsage, usage_from_headers
+
+
+@dataclass
+class Metered:
+    """One admitted request on its way through."""
+
+    owner: KeyOwner
+    request_id: str
+    rule: PriceRule
+    facts: RequestFacts
+    currency: str
+    hold: int
+    reserved: bool  # False when served fail-open without a reservation
+    body: bytes = b""
+    rate: RateInfo | None = None
+    started: float = field(default_factory=time.monotonic)
+    upstream_started: float = 0.0
+    cut_off: bool = False
+    events_sent: int = 0
+
+    @property
+    def input_estimate(self) -> int:
+        fixed = self.rule.estimate.input_tokens
+        return self.facts.input_tokens if fixed is None else fixed
+
+    def elapsed_ms(self) -> int:
+        start = self.upstream_started or self.started
+        return int((time.monotonic() - start) * 1000)
+
+
+def measure(
+    metered: Metered,
+    upstream_headers: CIMultiDictProxy[str] | None,
+    tap: ResponseTap | None,
+    usage_headers: UsageHeaders,
+) -> TokenUsage:
+    """What the request used, from the best source available."""
+    facts, rule = metered.facts, metered.rule
+    estimated_input = metered.input_estimate
+    if upstream_headers is not None:
+        from_headers = usage_from_headers(upstream_headers, usage_headers)
+        if from_headers is not None:
+            return TokenUsage(*from_headers, "header")
+    if metered.cut_off:
+        return TokenUsage(estimated_input, metered.events_sent, "counted")
+    if tap is not None and tap.usage is not None:
+        return TokenUsage(*tap.usage, "body")
+    if tap is not None and tap.sse:
+        return TokenUsage(estimated_input, tap.events, "counted")
+    output = facts.max_tokens if facts.max_tokens is not None else rule.estimate.output_tokens
+    return TokenUsage(estimated_input, output, "estimate")
+
+
+def price_outcome(
+    metered: Metered, measured: TokenUsage, tap: ResponseTap | None, outcome: str, pod: str
+) -> tuple[int, Usage]:
+    """The cost to charge for how the request ended, and the usage to record with it."""
+    rule = metered.rule
+    upstream_ms = metered.elapsed_ms()
+    failed = outcome.startswith("upstream")
+    free = outcome == "upstream_connect"  # the model never got the request
+    free = (
+        free
+        or (failed and rule.on_upstream_error is FailureCharge.free)
+        or (outcome == "client_disconnect" and rule.on_client_disconnect is FailureCharge.free)
+    )
+    if free:
+        cost = 0
+    elif tap is None or (failed and not tap.events):
+        cost = cost_of(rule, 0, 0, upstream_ms)  # metered, no response: the time it used
+    else:
+        cost = cost_of(rule, measured.input_tokens, measured.output_tokens, upstream_ms)
+    if metered.cut_off and metered.reserved:
+        cost = min(cost, metered.hold)
+    usage = Usage(
+        model=metered.facts.model or "",
+        input_tokens=measured.input_tokens,
+        output_tokens=measured.output_tokens,
+        upstream_ms=upstream_ms,
+        outcome=outcome,
+        pod=pod,
+        rule=rule.name,
+    )
+    return cost, usage
