@@ -1,0 +1,694 @@
+"""`make demo`: spendgate in front of a stand-in model, live, in about twenty seconds.
+
+Starts a throwaway redis-server, the stand-in model and the spendgate sidecar as subprocesses,
+applies examples/pricebook.yaml and examples/budgets.yaml, then drives traffic from the example
+customers and prints one line per notable event:
+
+- acme (well funded) is served; each line shows tokens, the cost charged and the balance left;
+- an acme stream prints its tokens as they arrive;
+- burstco goes over 2 requests/second and gets 429 with Retry-After, then is served again;
+- tinyco (a tenth of a cent) streams without max_tokens: the stream outruns its hold, is
+  extended while money is left and cut off with a final SSE error event when it is gone;
+  further requests get 402 until a top-up (`spendgate fund`) lets it in again;
+- an unknown API key gets 401.
+
+It ends with a summary table and exits 0, or 1 with the reason and the tails of the
+subprocess logs when something did not behave. Every subprocess and the temp dir are cleaned
+up on success, failure, Ctrl-C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import aiohttp
+import redis.asyncio
+
+from spendgate.keys import for_customer
+from spendgate.ledger import Ledger
+from spendgate.money import format_amount
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+SPENDGATE = str(BIN / "spendgate") if (BIN / "spendgate").exists() else "spendgate"
+HOST = "127.0.0.1"
+EXAMPLES = [ROOT / "examples" / "pricebook.yaml", ROOT / "examples" / "budgets.yaml"]
+
+# Keys from examples/budgets.yaml (demo keys, published on purpose).
+KEYS = {
+    "acme": "sk-demo-acme-prod-7Qm2vX9c",
+    "tinyco": "sk-demo-tinyco-Hb3kW8sQ",
+    "burstco": "sk-demo-burstco-Zr5nY2dT",
+    "postpaid": "sk-demo-postpaid-Vf6hJ0eK",
+}
+UNKNOWN_KEY = "sk-demo-nobody-00000000"
+CUSTOMERS = list(KEYS)
+
+# The stand-in model: a little latency, a visible token rhythm, and a default completion far
+# longer than the PriceBook's 256-token estimate, so a request without max_tokens outruns it.
+STANDIN_LATENCY_MS = 150
+STANDIN_TOKEN_INTERVAL_MS = 8
+STANDIN_DEFAULT_MAX_TOKENS = 4096
+STARTUP_TIMEOUT_S = 20.0
+SETTLE_TIMEOUT_S = 5.0
+
+
+class DemoFailure(Exception):
+    """Something did not behave as spendgate promises: exit 1 with this message."""
+
+
+# --------------------------------------------------------------------------- output
+
+
+class Out:
+    """Timestamped event lines; colour only on a terminal (and never with NO_COLOR)."""
+
+    def __init__(self) -> None:
+        self.color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+
+    def paint(self, text: str, code: str) -> str:
+        return f"\033[{code}m{text}\033[0m" if self.color else text
+
+    def stamp(self) -> str:
+        return datetime.now().strftime("%H:%M:%S.%f")[:-3]
+
+    def event(self, who: str, what: str, detail: str = "", *, tone: str = "") -> None:
+        codes = {"ok": "32", "warn": "33", "bad": "31", "info": "36"}
+        label = self.paint(f"{what:<10}", codes[tone]) if tone else f"{what:<10}"
+        print(f"{self.stamp()}  {who:<9} {label} {detail}".rstrip(), flush=True)
+
+    def section(self, title: str) -> None:
+        print(f"\n{self.paint('== ' + title, '1')}", flush=True)
+
+    def raw(self, text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+
+out = Out()
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """Linux: have children SIGKILLed if this process dies without cleaning up."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        return None
+
+    def prctl() -> None:  # runs in the child between fork and exec
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+    return prctl
+
+
+_PRE_EXEC = _die_with_parent()
+
+
+@dataclass
+class Child:
+    name: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def tail(self, lines: int = 15) -> str:
+        try:
+            text = self.log.read_text(errors="replace").splitlines()
+        except OSError:
+            return "(no log)"
+        return "\n".join(text[-lines:]) or "(empty log)"
+
+
+@dataclass
+class Processes:
+    """Subprocesses logging to files in one temp dir; ``close`` stops them all, then removes it."""
+
+    workdir: Path
+    children: list[Child] = field(default_factory=list)
+
+    def start(self, name: str, argv: list[str]) -> Child:
+        log = self.workdir / f"{name}.log"
+        with log.open("wb") as handle:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                cwd=self.workdir,
+                start_new_session=True,  # Ctrl-C reaches us only; we stop them in order
+                preexec_fn=_PRE_EXEC,  # only prctl(2): safe between fork and exec
+            )
+        child = Child(name, proc, log)
+        self.children.append(child)
+        return child
+
+    def close(self) -> None:
+        for child in reversed(self.children):
+            if child.alive():
+                child.proc.terminate()
+        deadline = time.monotonic() + 5
+        for child in reversed(self.children):
+            try:
+                child.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.proc.kill()
+                child.proc.wait(timeout=5)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def tails(self) -> str:
+        parts = [f"--- {c.name} ({c.log.name}, last lines)\n{c.tail()}" for c in self.children]
+        return "\n".join(parts)
+
+
+def wait_until(what: str, child: Child, probe: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if not child.alive():
+            raise DemoFailure(f"{child.name} exited with code {child.proc.returncode} ({what})")
+        with contextlib.suppress(OSError):
+            if probe():
+                return
+        time.sleep(0.05)
+    raise DemoFailure(f"{child.name} was not {what} within {STARTUP_TIMEOUT_S:.0f} s")
+
+
+def accepts(port: int) -> Callable[[], bool]:
+    def probe() -> bool:
+        with socket.create_connection((HOST, port), timeout=0.5):
+            return True
+
+    return probe
+
+
+def redis_pings(port: int) -> Callable[[], bool]:
+    def probe() -> bool:
+        with socket.create_connection((HOST, port), timeout=0.5) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).startswith(b"+PONG")
+
+    return probe
+
+
+def http_ready(url: str) -> Callable[[], bool]:
+    def probe() -> bool:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:
+                return bool(response.status == 200)
+        except urllib.error.HTTPError:
+            return False  # 503 while not ready
+
+    return probe
+
+
+def run_cli(*args: str, redis_url: str) -> str:
+    result = subprocess.run(
+        [SPENDGATE, *args, "--redis", redis_url],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise DemoFailure(
+            f"spendgate {' '.join(args)} failed ({result.returncode}):\n"
+            f"{result.stdout}{result.stderr}"
+        )
+    return result.stdout
+
+
+@dataclass(frozen=True)
+class Stack:
+    redis_url: str
+    sidecar_url: str
+
+
+def start_stack(procs: Processes) -> Stack:
+    redis_server = shutil.which("redis-server")
+    if redis_server is None:
+        raise DemoFailure(
+            "redis-server is not on PATH; `make demo` installs it (Debian: apt-get install"
+            " redis-server)"
+        )
+    redis_port = free_port()
+    redis_child = procs.start(
+        "redis",
+        [
+            redis_server, "--port", str(redis_port), "--bind", HOST, "--save", "",
+            "--appendonly", "no", "--dir", str(procs.workdir),
+        ],
+    )  # fmt: skip
+    wait_until("answering PING", redis_child, redis_pings(redis_port))
+    redis_url = f"redis://{HOST}:{redis_port}/0"
+    out.event("redis", "started", f"redis-server on {HOST}:{redis_port} (no persistence)")
+
+    model_port = free_port()
+    model = procs.start(
+        "standin-model",
+        [
+            SPENDGATE, "standin-model", "--host", HOST, "--port", str(model_port),
+            "--latency-ms", str(STANDIN_LATENCY_MS),
+            "--token-interval-ms", str(STANDIN_TOKEN_INTERVAL_MS),
+            "--default-max-tokens", str(STANDIN_DEFAULT_MAX_TOKENS),
+        ],
+    )  # fmt: skip
+    wait_until("listening", model, accepts(model_port))
+    out.event(
+        "model",
+        "started",
+        f"stand-in model on {HOST}:{model_port} ({STANDIN_LATENCY_MS} ms to first token,"
+        f" {STANDIN_TOKEN_INTERVAL_MS} ms per token, {STANDIN_DEFAULT_MAX_TOKENS} tokens"
+        " when max_tokens is absent)",
+    )
+
+    files = [arg for path in EXAMPLES for arg in ("-f", str(path))]
+    applied = run_cli("apply", *files, redis_url=redis_url)
+    for line in applied.splitlines():
+        out.event("apply", "", line)
+
+    sidecar_port = free_port()
+    sidecar = procs.start(
+        "sidecar",
+        [
+            SPENDGATE, "sidecar", "--upstream", f"http://{HOST}:{model_port}",
+            "--listen", f"{HOST}:{sidecar_port}", "--pricebook", "default/default",
+            "--fail-mode", "closed", "--pod", "demo-pod", "--redis", redis_url,
+            "--log-format", "text",
+        ],
+    )  # fmt: skip
+    sidecar_url = f"http://{HOST}:{sidecar_port}"
+    wait_until("ready", sidecar, http_ready(f"{sidecar_url}/readyz"))
+    out.event("sidecar", "ready", f"{sidecar_url} -> model, fail-mode closed")
+    return Stack(redis_url, sidecar_url)
+
+
+# --------------------------------------------------------------------------- traffic
+
+
+@dataclass
+class Tally:
+    served: int = 0
+    insufficient: int = 0  # 402
+    limited: int = 0  # 429
+    other: int = 0
+
+    def count(self, status: int) -> None:
+        if status < 400:
+            self.served += 1
+        elif status == 402:
+            self.insufficient += 1
+        elif status == 429:
+            self.limited += 1
+        else:
+            self.other += 1
+
+
+@dataclass
+class Answer:
+    status: int
+    headers: dict[str, str]
+    body: dict[str, Any]
+
+    @property
+    def request_id(self) -> str:
+        return self.headers.get("X-Spendgate-Request-Id", "")
+
+    def error(self) -> str:
+        error = self.body.get("error")
+        if isinstance(error, dict):
+            return f"{error.get('code')}: {error.get('message')}"
+        return json.dumps(self.body)[:200]
+
+
+class Driver:
+    def __init__(self, stack: Stack, session: aiohttp.ClientSession, redis: Any) -> None:
+        self.url = f"{stack.sidecar_url}/v1/chat/completions"
+        self.session = session
+        self.redis = redis
+        self.ledger = Ledger(redis)
+        self.tallies: dict[str, Tally] = {name: Tally() for name in [*CUSTOMERS, "(unknown)"]}
+
+    @staticmethod
+    def chat(prompt: str, max_tokens: int | None = None, stream: bool = False) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "model": "standin",
+            "messages": [{"role": "user", "content": prompt}],
+        }
+        if max_tokens is not None:
+            body["max_tokens"] = max_tokens
+        if stream:
+            body["stream"] = True
+            body["stream_options"] = {"include_usage": True}
+        return body
+
+    async def post(self, who: str, key: str, body: dict[str, Any]) -> Answer:
+        headers = {"Authorization": f"Bearer {key}"}
+        async with self.session.post(self.url, json=body, headers=headers) as response:
+            text = await response.text()
+        try:
+            payload = json.loads(text) if text else {}
+        except ValueError:
+            payload = {"raw": text[:200]}
+        self.tallies[who].count(response.status)
+        return Answer(response.status, dict(response.headers), payload)
+
+    async def charged(self, customer: str, request_id: str) -> int | None:
+        """The cost settled for a request, once the sidecar has settled it (it does so after the
+        response). None when it was released without a charge."""
+        key = for_customer(customer).request(request_id)
+        deadline = time.monotonic() + SETTLE_TIMEOUT_S
+        while time.monotonic() < deadline:
+            raw = await self.redis.get(key)
+            if raw is not None:
+                state = raw.decode()
+                if state.startswith("settled:"):
+                    return int(state.partition(":")[2])
+                return None
+            await asyncio.sleep(0.02)
+        raise DemoFailure(f"request {request_id} of {customer} was not settled in time")
+
+    async def ledger_entry(self, customer: str, request_id: str) -> dict[str, str]:
+        """The usage entry the settlement appended to the customer's ledger stream."""
+        entries = await self.redis.xrevrange(for_customer(customer).ledger, count=50)
+        for _, fields in entries:
+            entry = {k.decode(): v.decode() for k, v in fields.items()}
+            if entry.get("request_id") == request_id:
+                return entry
+        raise DemoFailure(f"no ledger entry for request {request_id} of {customer}")
+
+    async def balance(self, customer: str) -> str:
+        account = await self.ledger.account(customer)
+        return f"{format_amount(account.available)} {account.currency}"
+
+    async def served_line(self, who: str, answer: Answer, note: str = "") -> None:
+        usage = answer.body.get("usage") or {}
+        cost = await self.charged(who, answer.request_id)
+        tokens = f"{usage.get('prompt_tokens', '?')}+{usage.get('completion_tokens', '?')} tok"
+        out.event(
+            who,
+            f"{answer.status} ok",
+            f"{tokens:<10} charged {format_amount(cost or 0):<9} available"
+            f" {await self.balance(who)}{note}",
+            tone="ok",
+        )
+
+    # ------------------------------------------------------------------ scenes
+
+    async def acme_served(self) -> None:
+        out.section("acme: prepaid $5.00, served and charged by the token")
+        for prompt, max_tokens in (
+            ("Summarize the quarterly report in one line", 16),
+            ("Translate 'spend cap' into French", 8),
+            ("Write a haiku about GPUs", 48),
+        ):
+            answer = await self.post("acme", KEYS["acme"], self.chat(prompt, max_tokens))
+            if answer.status != 200:
+                raise DemoFailure(f"acme should be served, got {answer.status} {answer.error()}")
+            await self.served_line("acme", answer, f"   (max_tokens={max_tokens})")
+
+    async def acme_stream(self) -> None:
+        out.section("acme: a streamed completion, tokens as they arrive")
+        body = self.chat("Stream me a short story", max_tokens=40, stream=True)
+        headers = {"Authorization": f"Bearer {KEYS['acme']}"}
+        async with self.session.post(self.url, json=body, headers=headers) as response:
+            self.tallies["acme"].count(response.status)
+            if response.status != 200:
+                raise DemoFailure(f"acme stream refused: {response.status}")
+            request_id = response.headers.get("X-Spendgate-Request-Id", "")
+            out.event("acme", "stream", "", tone="info")
+            out.raw("    ")
+            tokens, usage, column = 0, None, 4
+            async for data in sse_data(response):
+                event = json.loads(data)
+                usage = event.get("usage") or usage
+                for choice in event.get("choices") or []:
+                    content = (choice.get("delta") or {}).get("content")
+                    if content:
+                        tokens += 1
+                        if column + len(content) > 96:
+                            out.raw("\n    ")
+                            content, column = content.lstrip(), 4
+                        out.raw(content)
+                        column += len(content)
+            out.raw("\n")
+        if tokens == 0:
+            raise DemoFailure("the acme stream delivered no tokens")
+        cost = await self.charged("acme", request_id)
+        out.event(
+            "acme",
+            "200 done",
+            f"{tokens} tokens streamed, usage {usage}; charged {format_amount(cost or 0)},"
+            f" available {await self.balance('acme')}",
+            tone="ok",
+        )
+
+    async def burstco_rate_limited(self) -> None:
+        out.section("burstco: 2 requests/second allowed, 5 sent at once")
+        body = self.chat("ping", max_tokens=4)
+        answers = await asyncio.gather(
+            *(self.post("burstco", KEYS["burstco"], body) for _ in range(5))
+        )
+        retry_after = 1
+        for answer in answers:
+            if answer.status == 429:
+                retry_after = int(answer.headers.get("Retry-After", "0") or 0)
+                rate = ", ".join(
+                    f"{name}={answer.headers[name]}"
+                    for name in ("RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset")
+                    if name in answer.headers
+                )
+                out.event(
+                    "burstco",
+                    "429 limit",
+                    f"Retry-After: {answer.headers.get('Retry-After')}  {rate}",
+                    tone="warn",
+                )
+            elif answer.status == 200:
+                await self.served_line("burstco", answer)
+            else:
+                raise DemoFailure(f"burstco: unexpected {answer.status} {answer.error()}")
+        limited = [a for a in answers if a.status == 429]
+        if not limited:
+            raise DemoFailure("burstco sent 5 requests at once and none was rate limited")
+        if any(not a.headers.get("Retry-After") for a in limited):
+            raise DemoFailure("a 429 came without a Retry-After header")
+        out.event("burstco", "waits", f"{retry_after} s as Retry-After says", tone="info")
+        await asyncio.sleep(retry_after)
+        answer = await self.post("burstco", KEYS["burstco"], body)
+        if answer.status != 200:
+            raise DemoFailure(f"burstco after Retry-After: {answer.status} {answer.error()}")
+        await self.served_line("burstco", answer, "   (after waiting)")
+
+    async def tinyco_cut_off(self) -> None:
+        out.section("tinyco: $0.001 prepaid; a stream without max_tokens outruns its hold")
+        out.event("tinyco", "balance", f"available {await self.balance('tinyco')}", tone="info")
+        body = self.chat("Tell me everything you know", stream=True)
+        headers = {"Authorization": f"Bearer {KEYS['tinyco']}"}
+        tokens, final_error = 0, None
+        async with self.session.post(self.url, json=body, headers=headers) as response:
+            self.tallies["tinyco"].count(response.status)
+            if response.status != 200:
+                raise DemoFailure(f"tinyco stream refused: {response.status}")
+            request_id = response.headers.get("X-Spendgate-Request-Id", "")
+            out.event("tinyco", "stream", "one '.' per 25 tokens", tone="info")
+            out.raw("    ")
+            async for data in sse_data(response):
+                event = json.loads(data)
+                if "error" in event:
+                    final_error = data
+                    continue
+                for choice in event.get("choices") or []:
+                    if (choice.get("delta") or {}).get("content"):
+                        tokens += 1
+                        if tokens % 25 == 0:
+                            out.raw(".")
+            out.raw(f" {tokens} tokens\n")
+        if final_error is None:
+            raise DemoFailure(
+                f"tinyco's stream ended after {tokens} tokens without spendgate's error event;"
+                " it should have been cut off when the balance ran out"
+            )
+        out.event("tinyco", "cut off", f"final SSE event: data: {final_error}", tone="bad")
+        if tokens >= STANDIN_DEFAULT_MAX_TOKENS:
+            raise DemoFailure("tinyco's stream ran to the end; it was not cut off")
+        cost = await self.charged("tinyco", request_id)
+        entry = await self.ledger_entry("tinyco", request_id)
+        held = format_amount(int(entry.get("estimate", 0)))
+        out.event(
+            "tinyco",
+            "charged",
+            f"{format_amount(cost or 0)} for {tokens} tokens; {held}"
+            f" was held up front and extended while money was left (ledger: outcome"
+            f" {entry.get('outcome')}, {entry.get('output_tokens')} output tokens);"
+            f" available {await self.balance('tinyco')}",
+            tone="info",
+        )
+
+    async def tinyco_exhausted(self, redis_url: str) -> None:
+        out.section("tinyco: more requests once the money is gone")
+        for _ in range(20):
+            answer = await self.post("tinyco", KEYS["tinyco"], self.chat("one more?", 16))
+            if answer.status == 200:
+                await self.served_line("tinyco", answer)
+                continue
+            if answer.status != 402:
+                raise DemoFailure(f"tinyco: expected 200 or 402, got {answer.status}")
+            out.event("tinyco", "402 denied", answer.error(), tone="bad")
+            break
+        else:
+            raise DemoFailure("tinyco never got 402 although its balance is a tenth of a cent")
+        report = json.loads(run_cli("balance", "tinyco", "--json", redis_url=redis_url))
+        out.event(
+            "tinyco",
+            "balance",
+            f"`spendgate balance tinyco`: state {report['state']}, balance {report['balance']},"
+            f" spent {report['spentThisPeriod']} {report['currency']}",
+            tone="info",
+        )
+        funded = run_cli("fund", "tinyco", "0.01", "--id", "demo-topup-1", redis_url=redis_url)
+        out.event("tinyco", "top-up", f"`spendgate fund`: {funded.strip()}", tone="info")
+        answer = await self.post("tinyco", KEYS["tinyco"], self.chat("back in business?", 16))
+        if answer.status != 200:
+            raise DemoFailure(f"tinyco after a top-up: {answer.status} {answer.error()}")
+        await self.served_line("tinyco", answer, "   (after the top-up)")
+
+    async def postpaid_served(self) -> None:
+        out.section("postpaid: capped mode, $100 per month, invoiced later")
+        answer = await self.post("postpaid", KEYS["postpaid"], self.chat("Classify: 'refund'", 6))
+        if answer.status != 200:
+            raise DemoFailure(f"postpaid should be served, got {answer.status} {answer.error()}")
+        await self.served_line("postpaid", answer, "   (of the monthly cap)")
+
+    async def unknown_key(self) -> None:
+        out.section("someone with a key spendgate does not know")
+        answer = await self.post("(unknown)", UNKNOWN_KEY, self.chat("hello?", 4))
+        if answer.status != 401:
+            raise DemoFailure(f"an unknown key should get 401, got {answer.status}")
+        out.event("(unknown)", "401 denied", answer.error(), tone="bad")
+
+    async def summary(self) -> None:
+        out.section("summary")
+        header = f"{'customer':<10} {'served':>6} {'402':>4} {'429':>4} {'other':>5}"
+        header += f" {'spent':>14} {'balance left':>20}"
+        print(header)
+        print("-" * len(header))
+        for name, tally in self.tallies.items():
+            spent, left = "-", "-"
+            if name in KEYS:
+                account = await self.ledger.account(name)
+                unit = f" {account.currency}"
+                spent = format_amount(account.spent) + unit
+                if account.mode == "capped":
+                    left = f"{format_amount(account.available)}{unit} of cap"
+                else:
+                    left = format_amount(account.balance) + unit
+            print(
+                f"{name:<10} {tally.served:>6} {tally.insufficient:>4} {tally.limited:>4}"
+                f" {tally.other:>5} {spent:>14} {left:>20}"
+            )
+
+
+async def sse_data(response: aiohttp.ClientResponse) -> Any:
+    """The ``data:`` payloads of an SSE response, without ``[DONE]``."""
+    async for raw_line in response.content:
+        line = raw_line.decode().strip()
+        if line.startswith("data:"):
+            data = line[5:].strip()
+            if data != "[DONE]":
+                yield data
+
+
+async def drive(stack: Stack) -> None:
+    client = redis.asyncio.Redis.from_url(stack.redis_url)
+    timeout = aiohttp.ClientTimeout(total=60)
+    try:
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            driver = Driver(stack, session, client)
+            await driver.acme_served()
+            await driver.acme_stream()
+            await driver.burstco_rate_limited()
+            await driver.tinyco_cut_off()
+            await driver.tinyco_exhausted(stack.redis_url)
+            await driver.postpaid_served()
+            await driver.unknown_key()
+            await driver.summary()
+    finally:
+        await client.aclose()
+
+
+# --------------------------------------------------------------------------- main
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def main() -> int:
+    started = time.monotonic()
+    procs = Processes(Path(tempfile.mkdtemp(prefix="spendgate-demo-")))
+    try:
+        with sigterm_as_interrupt():
+            out.section("starting redis, the stand-in model and the spendgate sidecar")
+            stack = start_stack(procs)
+            asyncio.run(drive(stack))
+            for child in procs.children:
+                if not child.alive():
+                    raise DemoFailure(f"{child.name} exited early ({child.proc.returncode})")
+    except DemoFailure as failure:
+        print(f"\nDEMO FAILED: {failure}\n", file=sys.stderr)
+        print(procs.tails(), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted; stopping everything", file=sys.stderr)
+        return 130
+    except Exception:
+        print(procs.tails(), file=sys.stderr)
+        raise
+    finally:
+        procs.close()
+    print(f"\ndemo finished in {time.monotonic() - started:.1f} s; everything stopped and removed")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
