@@ -18,6 +18,7 @@ from redis.backoff import NoBackoff
 
 from spendgate.config_store import ConfigStore
 from spendgate.ledger import Ledger
+from spendgate.script_channel import ScriptChannel
 
 from .config_cache import ConfigCache
 from .metrics import SidecarMetrics
@@ -50,7 +51,12 @@ class Sidecar:
         self.settings = settings
         self.redis = redis if redis is not None else connect_redis(settings)
         self.metrics = SidecarMetrics()
-        self.ledger = Ledger(self.redis)
+        self.channel = (
+            ScriptChannel(settings.redis_url, timeout_s=settings.redis_timeout_s)
+            if settings.pipelined_scripts and not settings.cluster
+            else None
+        )
+        self.ledger = Ledger(self.redis, channel=self.channel)
         self.config = ConfigCache(
             ConfigStore(self.redis, self.ledger),
             settings.pricebook,
@@ -96,6 +102,8 @@ class Sidecar:
         await self.config.stop()
         if self.session is not None:
             await self.session.close()
+        if self.channel is not None:
+            await self.channel.close()
         with contextlib.suppress(Exception):
             await self.redis.aclose()
         log.info("sidecar stopped")

@@ -26,3 +26,4 @@ class SidecarSettings:
     key_refresh_s: float = 60.0  # full key-cache refresh, a safety net behind pub/sub
     drain_timeout_s: float = 30.0
     cluster: bool = False  # talk to Redis Cluster
+    pipelined_scripts: bool = True  # hot-path scripts over one pipelined connection (not Cluster)

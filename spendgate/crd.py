@@ -178,6 +178,7 @@ def openapi_schema(model: type[BaseModel]) -> Schema:
     properties["apiVersion"] = {"type": "string", "description": "spendgate.dev/v1alpha1"}
     properties["kind"] = {"type": "string", "description": model.__name__}
     properties["metadata"] = {"type": "object"}
+    schema["required"] = [name for name in schema["required"] if name != "metadata"]
     return schema
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from .keys import for_customer
 from .models import CustomerBudgetSpec, Mode, RateLimit
+from .script_channel import ScriptChannel
 
 IDEMPOTENCY_TTL_MS = 7 * 86_400_000
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -202,9 +203,16 @@ class Ledger:
     windows, hold deadlines and period boundaries. In production Redis' clock is the only one.
     """
 
-    def __init__(self, redis: Any, *, clock: Callable[[], int] | None = None) -> None:
+    def __init__(
+        self,
+        redis: Any,
+        *,
+        clock: Callable[[], int] | None = None,
+        channel: ScriptChannel | None = None,
+    ) -> None:
         self.redis = redis
         self.clock = clock
+        self.channel = channel  # a pipelined hot-path connection; redis-py otherwise
         self._scripts = {name: redis.register_script(_load_script(name)) for name in SCRIPT_NAMES}
 
     def _now(self) -> int:
@@ -218,7 +226,11 @@ class Ledger:
                 raise LedgerError(f"script {name} loaded with unexpected sha {sha}")
 
     async def _run(self, name: str, keys: list[str], args: list[Any]) -> list[Any]:
-        result = await self._scripts[name](keys=keys, args=args)
+        script = self._scripts[name]
+        if self.channel is not None:
+            result = await self.channel.evalsha(script.sha, script.script, keys, args)
+        else:
+            result = await script(keys=keys, args=args)
         return [_text(item) if isinstance(item, bytes) else item for item in result]
 
     # ----------------------------------------------------------------- request path

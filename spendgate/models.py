@@ -18,13 +18,21 @@ from pydantic import (
     Field,
     PlainSerializer,
     ValidationError,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
 from pydantic.alias_generators import to_camel
 
 from .durations import format_duration, parse_duration
-from .money import format_amount, parse_amount, validate_currency
+from .money import (
+    CURRENCY_RE,
+    MAX_MICROS,
+    MICROS_PER_UNIT,
+    format_amount,
+    parse_amount,
+    validate_currency,
+)
 
 GROUP = "spendgate.dev"
 VERSION = "v1alpha1"
@@ -35,6 +43,57 @@ API_VERSION = f"{GROUP}/{VERSION}"
 CUSTOMER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
 KEY_NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
 DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+
+# The CRD schemas (``spendgate.crd``) are generated from these models. What the validators below
+# check in Python is declared for the API server too: formats as OpenAPI patterns and bounds,
+# cross-field rules as CEL (``x-kubernetes-validations``) next to the validator that enforces
+# them. Patterns use RE2 syntax (the API server is written in Go) and ``[0-9]``, never ``\d``.
+#
+# Amounts are ``x-kubernetes-int-or-string``: a decimal string ("12.50", at most 6 decimals) or a
+# YAML integer of whole units (``balance: 10``), exactly what ``parse_amount`` accepts. Floats
+# (``balance: 0.1``) are refused by both. Not expressible in a pattern: the upper bound of
+# decimal strings (``MAX_MICROS``), which the operator reports instead.
+AMOUNT_PATTERN = r"^[+]?[0-9]{1,15}([.][0-9]{1,6})?$"
+# Durations are int-or-string too: "500ms", "30s", "5m", "72h", "1h30m", "2d", or integer seconds.
+DURATION_PATTERN = r"^([0-9]+(ms|s|m|h|d))+$"
+# ... and a duration that must not be zero has a non-zero digit in some part.
+POSITIVE_DURATION_PATTERN = (
+    r"^([0-9]+(ms|s|m|h|d))*[0-9]*[1-9][0-9]*(ms|s|m|h|d)([0-9]+(ms|s|m|h|d))*$"
+)
+HTTP_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
+# KEY_NAME_PATTERN allows at most 63 characters; the CRD says so as maxLength too, which bounds the
+# cost the API server estimates for CEL rules comparing names.
+_NAME_SCHEMA: dict[str, Any] = {"maxLength": 63}
+_MAX_THRESHOLDS = 10
+
+
+def cel(*rules: tuple[str, str]) -> dict[str, Any]:
+    """CEL rules ``(expression, message)`` for the CRD schema of the model or field they sit on.
+
+    ``self`` is the object (or field value) at that place. Optional fields are tested with
+    ``has()`` so a rule never depends on API-server defaulting.
+    """
+    return {"x-kubernetes-validations": [{"rule": rule, "message": msg} for rule, msg in rules]}
+
+
+def _int_or_string(
+    pattern: str, minimum: int, maximum: int, text: str, max_length: int | None = None
+) -> dict[str, Any]:
+    """An int-or-string schema: ``pattern``/``maxLength`` apply to strings, the bounds to ints."""
+    return {
+        "x-kubernetes-int-or-string": True,
+        "anyOf": [{"type": "integer"}, {"type": "string"}],
+        "pattern": pattern,
+        **({"maxLength": max_length} if max_length else {}),
+        "minimum": minimum,
+        "maximum": maximum,
+        "description": text,
+    }
+
+
+def _nonzero_amount(field: str) -> str:
+    """CEL: an optional Amount field is present and not zero; CEL reads decimals with double()."""
+    return f"(has({field}) && (type({field}) == int ? {field} != 0 : double({field}) != 0.0))"
 
 
 class ManifestError(ValueError):
@@ -61,14 +120,52 @@ def _serialize_amount(micros: int) -> str:
     return format_amount(micros)
 
 
-Amount = Annotated[int, BeforeValidator(_amount), PlainSerializer(_serialize_amount, str)]
+_MAX_UNITS = MAX_MICROS // MICROS_PER_UNIT
+_MAX_SECONDS = 366 * 86_400
+_AMOUNT_TEXT = 'A decimal amount with at most 6 decimals, like "12.50", or whole units.'
+_DURATION_TEXT = 'A duration like "500ms", "30s", "5m", "72h" or "1h30m", or whole seconds.'
+
+Amount = Annotated[
+    int,
+    BeforeValidator(_amount),
+    PlainSerializer(_serialize_amount, str),
+    WithJsonSchema(_int_or_string(AMOUNT_PATTERN, 0, _MAX_UNITS, _AMOUNT_TEXT, 23)),
+]
 PositiveAmount = Annotated[
-    int, BeforeValidator(_positive_amount), PlainSerializer(_serialize_amount, str)
+    int,
+    BeforeValidator(_positive_amount),
+    PlainSerializer(_serialize_amount, str),
+    WithJsonSchema(
+        _int_or_string(AMOUNT_PATTERN, 1, _MAX_UNITS, _AMOUNT_TEXT + " Greater than zero.", 23)
+        | cel(("type(self) == int ? self > 0 : double(self) > 0.0", "must be greater than zero"))
+    ),
 ]
 DurationMs = Annotated[
-    int, BeforeValidator(parse_duration), PlainSerializer(format_duration, str)
+    int,
+    BeforeValidator(parse_duration),
+    PlainSerializer(format_duration, str),
+    WithJsonSchema(_int_or_string(DURATION_PATTERN, 0, _MAX_SECONDS, _DURATION_TEXT)),
 ]
-Currency = Annotated[str, BeforeValidator(validate_currency)]
+# Validated like DurationMs; the model validators refuse zero, the CRD schema says so too.
+PositiveDurationMs = Annotated[
+    int,
+    BeforeValidator(parse_duration),
+    PlainSerializer(format_duration, str),
+    WithJsonSchema(
+        _int_or_string(POSITIVE_DURATION_PATTERN, 1, _MAX_SECONDS, _DURATION_TEXT + " Not zero.")
+    ),
+]
+Currency = Annotated[
+    str,
+    BeforeValidator(validate_currency),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "pattern": CURRENCY_RE.pattern,
+            "description": 'An ISO 4217 code like "USD" or a lower-case unit like "credits".',
+        }
+    ),
+]
 
 
 class _Model(BaseModel):
@@ -95,13 +192,17 @@ class Per(StrEnum):
 
     @property
     def milliseconds(self) -> int:
-        return {"second": 1_000, "minute": 60_000, "hour": 3_600_000, "day": 86_400_000}[
-            self.value
-        ]
+        return {"second": 1_000, "minute": 60_000, "hour": 3_600_000, "day": 86_400_000}[self.value]
 
 
 class RateLimit(_Model):
     """``{requests: 10, per: minute}`` or ``{cost: "5.00", per: hour}``; GCRA with a burst."""
+
+    model_config = ConfigDict(
+        json_schema_extra=cel(
+            ("has(self.requests) != has(self.cost)", "give exactly one of requests or cost")
+        )
+    )
 
     requests: int | None = Field(default=None, gt=0, le=1_000_000_000)
     cost: PositiveAmount | None = None
@@ -137,7 +238,7 @@ class SecretKeyRef(_Model):
 class ApiKeyRef(_Model):
     """One API key of a customer, held in a Secret; only its SHA-256 hash reaches Redis."""
 
-    name: str = Field(pattern=KEY_NAME_PATTERN)
+    name: str = Field(pattern=KEY_NAME_PATTERN, json_schema_extra=_NAME_SCHEMA)
     secret_ref: SecretKeyRef
     rate_limits: list[RateLimit] = Field(default_factory=list, max_length=8)
     disabled: bool = False
@@ -164,8 +265,24 @@ class PaymentFailureAction(StrEnum):
 
 
 class OnPaymentFailure(_Model):
+    """What a failed payment (Stripe) does to the budget."""
+
+    model_config = ConfigDict(
+        json_schema_extra=cel(
+            (
+                "!has(self.action) || self.action != 'grace' || has(self.gracePeriod)",
+                "action 'grace' needs gracePeriod (for example \"72h\")",
+            ),
+            (
+                "!has(self.gracePeriod) || (has(self.action) && self.action == 'grace')",
+                "gracePeriod is only used with action 'grace'",
+            ),
+        )
+    )
+
     action: PaymentFailureAction = PaymentFailureAction.suspend
-    grace_period: DurationMs | None = None
+    # A zero gracePeriod is refused in every case, so the CRD schema refuses "0s" outright.
+    grace_period: PositiveDurationMs | None = None
 
     @model_validator(mode="after")
     def _grace_needs_period(self) -> Self:
@@ -178,7 +295,22 @@ class OnPaymentFailure(_Model):
 
 class BudgetPolicy(_Model):
     suspended: bool = False
-    alert_thresholds: list[int] = Field(default_factory=lambda: [50, 80, 100], max_length=10)
+    alert_thresholds: list[int] = Field(
+        default_factory=lambda: [50, 80, 100],
+        max_length=_MAX_THRESHOLDS,
+        description="Percentages of the limit (or of the funded balance) that raise an alert.",
+        json_schema_extra={
+            "items": {"type": "integer", "minimum": 1, "maximum": 100},
+            # CEL has no ranges: compare neighbours by index, up to max_length - 1 pairs.
+            **cel(
+                (
+                    f"{list(range(_MAX_THRESHOLDS - 1))}"
+                    ".all(i, i + 1 >= size(self) || self[i] < self[i + 1])",
+                    "thresholds must be increasing and unique",
+                )
+            ),
+        },
+    )
     max_request_cost: PositiveAmount | None = None
     on_payment_failure: OnPaymentFailure = Field(default_factory=OnPaymentFailure)
     suspend_on_dispute: bool = True
@@ -201,18 +333,48 @@ class StripeLink(_Model):
 
 
 class CustomerBudgetSpec(_Model):
-    customer_id: str = Field(pattern=CUSTOMER_ID_PATTERN)
+    # The rules of ``_cross_field``; negative balances are refused by the amount schema.
+    model_config = ConfigDict(
+        json_schema_extra=cel(
+            (
+                "!has(self.mode) || self.mode != 'capped' || (has(self.limit) && has(self.period))",
+                "mode 'capped' needs both limit and period",
+            ),
+            (
+                "!has(self.mode) || self.mode != 'capped' || !has(self.balance)",
+                "balance is for mode 'prepaid'; capped budgets spend up to limit",
+            ),
+            ("!has(self.limit) || has(self.period)", "a spend cap (limit) needs a period"),
+            (
+                "!has(self.period) || has(self.limit)",
+                "period is only meaningful together with limit",
+            ),
+        )
+    )
+
+    customer_id: str = Field(
+        pattern=CUSTOMER_ID_PATTERN, description="Unique across the cluster; names the customer."
+    )
     display_name: str | None = Field(default=None, max_length=200)
-    mode: Mode = Mode.prepaid
+    mode: Mode = Field(
+        default=Mode.prepaid,
+        description="prepaid spends a funded balance; capped spends up to limit per period.",
+    )
     currency: Currency
     balance: Amount | None = Field(
         default=None,
         description="Opening prepaid balance. Changing it later adds or removes the difference.",
     )
-    limit: PositiveAmount | None = None
-    period: Period | None = None
+    limit: PositiveAmount | None = Field(default=None, description="Spend cap per period.")
+    period: Period | None = Field(default=None, description="The period limit applies to.")
     rate_limits: list[RateLimit] = Field(default_factory=list, max_length=8)
-    api_keys: list[ApiKeyRef] = Field(default_factory=list, max_length=32)
+    api_keys: list[ApiKeyRef] = Field(
+        default_factory=list,
+        max_length=32,
+        json_schema_extra=cel(
+            ("self.all(k, self.exists_one(j, j.name == k.name))", "apiKeys names must be unique")
+        ),
+    )
     policy: BudgetPolicy = Field(default_factory=BudgetPolicy)
     stripe: StripeLink | None = None
 
@@ -239,12 +401,17 @@ class CustomerBudgetSpec(_Model):
 class Condition(_Model):
     """``metav1.Condition``."""
 
-    type: str
+    # json_schema_extra: bounds of metav1.Condition, declared in the CRD only (status is
+    # written by the operator, which fills these fields itself).
+    type: str = Field(json_schema_extra={"maxLength": 316})
     status: Literal["True", "False", "Unknown"]
-    reason: str = Field(pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
-    message: str = ""
-    last_transition_time: str
-    observed_generation: int | None = None
+    reason: str = Field(
+        pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$",
+        json_schema_extra={"minLength": 1, "maxLength": 1024},
+    )
+    message: str = Field(default="", json_schema_extra={"maxLength": 32768})
+    last_transition_time: str = Field(json_schema_extra={"format": "date-time"})
+    observed_generation: int | None = Field(default=None, json_schema_extra={"minimum": 0})
 
 
 class BudgetState(StrEnum):
@@ -266,7 +433,10 @@ class CustomerBudgetStatus(_Model):
     available: str | None = None
     spent_this_period: str | None = None
     period_start: str | None = None
-    conditions: list[Condition] = Field(default_factory=list)
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
     observed_generation: int | None = None
     last_stripe_sync: str | None = None
 
@@ -280,7 +450,21 @@ class UsageHeaders(_Model):
 
 
 class Match(_Model):
-    methods: list[str] = Field(default_factory=lambda: ["POST"], min_length=1)
+    model_config = ConfigDict(
+        json_schema_extra=cel(
+            (
+                "!(has(self.path) && has(self.pathPrefix))",
+                "give path or pathPrefix, not both",
+            )
+        )
+    )
+
+    # Lower-case methods are upper-cased here; the CRD schema only takes the upper-case ones.
+    methods: list[str] = Field(
+        default_factory=lambda: ["POST"],
+        min_length=1,
+        json_schema_extra={"items": {"type": "string", "enum": list(HTTP_METHODS)}},
+    )
     path: str | None = Field(default=None, pattern=r"^/")
     path_prefix: str | None = Field(default=None, pattern=r"^/")
     models: list[str] = Field(default_factory=list, description="Glob patterns on body.model")
@@ -288,11 +472,13 @@ class Match(_Model):
     @field_validator("methods")
     @classmethod
     def _methods(cls, value: list[str]) -> list[str]:
-        allowed = {"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"}
+        allowed = set(HTTP_METHODS)
         upper = [method.upper() for method in value]
         for index, method in enumerate(upper):
             if method not in allowed:
-                raise ValueError(f"[{index}] {method!r} must be one of {', '.join(sorted(allowed))}")
+                raise ValueError(
+                    f"[{index}] {method!r} must be one of {', '.join(sorted(allowed))}"
+                )
         return upper
 
     @model_validator(mode="after")
@@ -340,12 +526,29 @@ class FailureCharge(StrEnum):
 
 
 class PriceRule(_Model):
-    name: str = Field(pattern=KEY_NAME_PATTERN)
+    # "maximum must be at least the flat price" is not repeated in CEL: comparing decimal strings
+    # would mean comparing doubles. The operator validates it with this model and reports it.
+    # A zero timeout is refused by the schema (PositiveDurationMs).
+    model_config = ConfigDict(
+        json_schema_extra=cel(
+            (
+                "has(self.maximum) || !("
+                + " || ".join(
+                    _nonzero_amount(f"self.price.{name}")
+                    for name in ("perMillionInputTokens", "perMillionOutputTokens", "perSecond")
+                )
+                + ")",
+                "a rule with token or time prices needs a maximum",
+            )
+        )
+    )
+
+    name: str = Field(pattern=KEY_NAME_PATTERN, json_schema_extra=_NAME_SCHEMA)
     match: Match = Field(default_factory=Match)
     price: Price
     estimate: Estimate = Field(default_factory=Estimate)
     maximum: PositiveAmount | None = None
-    timeout: DurationMs = 300_000
+    timeout: PositiveDurationMs = 300_000
     on_upstream_error: FailureCharge = FailureCharge.free
     on_client_disconnect: FailureCharge = FailureCharge.metered
 
@@ -372,7 +575,14 @@ class Unmatched(StrEnum):
 
 class PriceBookSpec(_Model):
     currency: Currency
-    rules: list[PriceRule] = Field(min_length=1, max_length=200)
+    rules: list[PriceRule] = Field(
+        min_length=1,
+        max_length=200,
+        description="Tried in order; the first rule that matches a request prices it.",
+        json_schema_extra=cel(
+            ("self.all(r, self.exists_one(s, s.name == r.name))", "rule names must be unique")
+        ),
+    )
     unmatched: Unmatched = Unmatched.deny
     usage_headers: UsageHeaders = Field(default_factory=UsageHeaders)
 
@@ -406,6 +616,8 @@ class ObjectMeta(BaseModel):
 
 
 class CustomerBudget(_Model):
+    """One paying customer: API keys, a prepaid balance or a capped spend, rate limits, policy."""
+
     api_version: Literal["spendgate.dev/v1alpha1"] = API_VERSION
     kind: Literal["CustomerBudget"] = "CustomerBudget"
     metadata: ObjectMeta
@@ -418,6 +630,8 @@ class CustomerBudget(_Model):
 
 
 class PriceBook(_Model):
+    """How a model deployment charges: rules that match requests and price them."""
+
     api_version: Literal["spendgate.dev/v1alpha1"] = API_VERSION
     kind: Literal["PriceBook"] = "PriceBook"
     metadata: ObjectMeta
@@ -497,4 +711,3 @@ def parse_resource(manifest: dict[str, Any], source: str = "<manifest>") -> Reso
         return model.model_validate(manifest)
     except ValidationError as error:
         raise ManifestError(source, validation_problems(error)) from None
-

@@ -20,6 +20,7 @@ import re2  # google-re2, installed with cel-python: the regex dialect of the AP
 import yaml
 from celpy.evaluation import CELEvalError
 from jsonschema import Draft202012Validator
+from pydantic import BaseModel
 
 from spendgate import crd
 from spendgate.durations import parse_duration
@@ -354,6 +355,7 @@ def test_schema_is_structural(kind: str) -> None:
     assert structural_problems(schema) == []
     assert schema["type"] == "object"
     assert schema["properties"]["metadata"] == {"type": "object"}
+    assert schema["required"] == ["spec"]
     assert schema["properties"]["apiVersion"]["type"] == "string"
     Draft202012Validator.check_schema(schema)
 
@@ -384,6 +386,18 @@ def test_structural_checker_finds_problems() -> None:
     for name in names:
         assert f"properties[{name}]" in found, name
     assert "must be required or defaulted" in found
+
+
+def test_what_kubernetes_cannot_express_fails_the_generator() -> None:
+    class Union(BaseModel):
+        spec: int | str
+
+    class Tuple(BaseModel):
+        spec: tuple[int, str]
+
+    for model in (Union, Tuple):
+        with pytest.raises(ValueError, match=r"Kubernetes cannot express|no structural-schema"):
+            crd.openapi_schema(model)
 
 
 def test_amounts_are_int_or_string_with_a_pattern() -> None:
