@@ -44,6 +44,8 @@ import redis.asyncio.cluster
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from spendgate.script_channel import ScriptChannel
+
 HOST = "127.0.0.1"
 STARTUP_TIMEOUT_S = 10.0
 CLUSTER_TIMEOUT_S = 20.0
@@ -350,10 +352,17 @@ class RedisCluster:
 
 @dataclass(frozen=True)
 class RedisTarget:
-    """Where a parametrized test's Redis lives: a single server or a cluster."""
+    """Where a parametrized test's Redis lives: a single server or a cluster.
 
-    kind: Literal["single", "cluster"]
+    ``pipelined`` is a single server whose ledger scripts run over the sidecar's pipelined
+    ``ScriptChannel`` instead of redis-py.
+    """
+
+    kind: Literal["single", "pipelined", "cluster"]
     url: str
+
+    def script_channel(self) -> ScriptChannel | None:
+        return ScriptChannel(self.url) if self.kind == "pipelined" else None
 
     @property
     def cluster(self) -> bool:
@@ -422,12 +431,12 @@ async def redis_client(redis_url: str) -> AsyncIterator[redis.asyncio.Redis]:
     await client.aclose()
 
 
-@pytest.fixture(params=["single", pytest.param("cluster", marks=pytest.mark.cluster)])
+@pytest.fixture(params=["single", "pipelined", pytest.param("cluster", marks=pytest.mark.cluster)])
 def ledger_redis_target(request: pytest.FixtureRequest) -> RedisTarget:
     # Resolved lazily so that `-m "not cluster"` never starts the cluster.
     if request.param == "cluster":
         return RedisTarget("cluster", request.getfixturevalue("redis_cluster_url"))
-    return RedisTarget("single", request.getfixturevalue("redis_url"))
+    return RedisTarget(request.param, request.getfixturevalue("redis_url"))
 
 
 @pytest_asyncio.fixture

@@ -20,6 +20,7 @@ from redis.crc import key_slot
 from spendgate.keys import for_customer
 from spendgate.ledger import Ledger, LedgerError, Outcome, Usage
 from spendgate.models import CustomerBudgetSpec
+from tests.redis_servers import RedisTarget
 
 UNIT = 1_000_000  # micro-units per currency unit
 CUSTOMER = "acme"
@@ -64,10 +65,15 @@ def clock() -> Clock:
 
 
 @pytest_asyncio.fixture
-async def ledger(ledger_redis: Any, clock: Clock) -> AsyncIterator[Ledger]:
-    ledger = Ledger(ledger_redis, clock=clock)
+async def ledger(
+    ledger_redis: Any, ledger_redis_target: RedisTarget, clock: Clock
+) -> AsyncIterator[Ledger]:
+    channel = ledger_redis_target.script_channel()
+    ledger = Ledger(ledger_redis, clock=clock, channel=channel)
     await ledger.load_scripts()
     yield ledger
+    if channel is not None:
+        await channel.close()
 
 
 async def reserve(

@@ -41,9 +41,12 @@ async def big_pool_ledger(ledger_redis_target: RedisTarget) -> AsyncIterator[Led
         client = redis.asyncio.Redis.from_url(
             ledger_redis_target.url, max_connections=CONCURRENCY + 10
         )
-    ledger = Ledger(client, clock=lambda: T0)
+    channel = ledger_redis_target.script_channel()
+    ledger = Ledger(client, clock=lambda: T0, channel=channel)
     await ledger.load_scripts()
     yield ledger
+    if channel is not None:
+        await channel.close()
     await client.aclose()
 
 
