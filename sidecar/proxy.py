@@ -39,6 +39,8 @@ from .settings import FailMode, SidecarSettings
 
 log = logging.getLogger("spendgate.sidecar")
 
+SMALL_BODY = 64 * 1024  # bodies up to this size with a known length are sent in one write
+
 _FREE_RULE = PriceRule(name="unmatched", price=Price())
 
 
@@ -256,6 +258,8 @@ class Proxy:
         )
         if tap.sse:
             response.headers.pop("Content-Length", None)  # a cut-off stream changes the length
+        elif upstream.content_length is not None and upstream.content_length <= SMALL_BODY:
+            return await self._relay_small(upstream, metered, tap, response)
         try:
             await response.prepare(request)
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
@@ -287,6 +291,30 @@ class Proxy:
             raise
         if metered.cut_off:
             outcome = "cut_off"
+        self._finish(metered, upstream, tap, outcome=outcome)
+        return response
+
+    async def _relay_small(
+        self,
+        upstream: aiohttp.ClientResponse,
+        metered: Metered,
+        tap: ResponseTap,
+        stream: web.StreamResponse,
+    ) -> web.StreamResponse:
+        """A small body of known length goes out in one write, headers included."""
+        try:
+            body = await upstream.read()
+        except (TimeoutError, aiohttp.ClientError) as error:
+            log.warning("model response failed", extra={"error": repr(error)})
+            return self._upstream_failed(metered, 502, "upstream_unavailable", "disconnect")
+        except asyncio.CancelledError:
+            self._finish(metered, upstream, tap, outcome="client_disconnect")
+            raise
+        tap.feed(body)
+        tap.finish()
+        response = web.Response(status=stream.status, reason=stream.reason, body=body)
+        response.headers.update(stream.headers)
+        outcome = "ok" if upstream.status < 400 else "upstream_status"
         self._finish(metered, upstream, tap, outcome=outcome)
         return response
 

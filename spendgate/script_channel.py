@@ -31,6 +31,10 @@ class _Protocol(asyncio.Protocol):
         self.pending: deque[asyncio.Future[Any]] = deque()
         self.closed = asyncio.Event()
 
+    def send(self, command: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(command)
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
@@ -116,8 +120,7 @@ class ScriptChannel:
     async def _send(self, protocol: _Protocol, command: tuple[Any, ...]) -> Any:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         protocol.pending.append(future)
-        assert protocol.transport is not None
-        protocol.transport.write(hiredis.pack_command(command))
+        protocol.send(hiredis.pack_command(command))
         try:
             async with asyncio.timeout(self.timeout_s):
                 return await future
