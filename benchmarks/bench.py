@@ -26,31 +26,37 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import json
 import os
 import resource
-import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
+
+from spendgate.local_processes import (
+    CLK_TCK,
+    HOST,
+    Child,
+    Processes,
+    StartupFailure,
+    accepts,
+    free_port,
+    http_ok,
+    sigterm_as_interrupt,
+    start_redis,
+    wait_until,
+)
 
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
 SPENDGATE = str(BIN / "spendgate") if (BIN / "spendgate").exists() else "spendgate"
-HOST = "127.0.0.1"
 PATH = "/v1/chat/completions"
 BENCH_KEY = "sk-bench-0123456789abcdef0123"
 BUDGETS = 10_000
@@ -59,7 +65,6 @@ TARGETS = ("direct", "bare", "sidecar")
 ADDED_LATENCY_TARGET_MS = 0.5
 THROUGHPUT_RATIO_TARGET = 0.6
 RSS_TARGET_MB = 100.0
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 STARTUP_TIMEOUT_S = 30.0
 
 PRICEBOOK: dict[str, Any] = {
@@ -360,102 +365,8 @@ def upstream_main(ns: argparse.Namespace) -> int:
 # =========================================================================== processes
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _die_with_parent() -> Callable[[], None] | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    except OSError:
-        return None
-
-    def prctl() -> None:  # in the child between fork and exec
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the benchmark
-
-    return prctl
-
-
-_PRE_EXEC = _die_with_parent()
-
-
 class BenchFailure(Exception):
     pass
-
-
-@dataclass
-class Child:
-    name: str
-    proc: subprocess.Popen[bytes]
-    log: Path
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def cpu_seconds(self) -> float:
-        """utime + stime of the process so far (``/proc/PID/stat``)."""
-        stat = Path(f"/proc/{self.proc.pid}/stat").read_text()
-        fields = stat[stat.rindex(")") + 2 :].split()
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-    def memory_kb(self) -> dict[str, int]:
-        """VmRSS and VmHWM (peak RSS) in kB."""
-        found = {}
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            name, _, value = line.partition(":")
-            if name in ("VmRSS", "VmHWM"):
-                found[name] = int(value.split()[0])
-        return found
-
-    def tail(self, lines: int = 15) -> str:
-        try:
-            text = self.log.read_text(errors="replace").splitlines()
-        except OSError:
-            return "(no log)"
-        return "\n".join(text[-lines:]) or "(empty log)"
-
-
-@dataclass
-class Processes:
-    workdir: Path
-    children: list[Child] = field(default_factory=list)
-
-    def start(self, name: str, argv: list[str]) -> Child:
-        log_path = self.workdir / f"{name}.log"
-        with log_path.open("wb") as handle:
-            proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=handle,
-                stderr=subprocess.STDOUT,
-                cwd=self.workdir,
-                start_new_session=True,
-                preexec_fn=_PRE_EXEC,  # only prctl(2): safe between fork and exec
-            )
-        child = Child(name, proc, log_path)
-        self.children.append(child)
-        return child
-
-    def close(self) -> None:
-        for child in reversed(self.children):
-            if child.alive():
-                child.proc.terminate()
-        deadline = time.monotonic() + 5
-        for child in reversed(self.children):
-            try:
-                child.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                child.proc.kill()
-                child.proc.wait(timeout=5)
-        shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def tails(self) -> str:
-        return "\n".join(f"--- {c.name}\n{c.tail()}" for c in self.children)
 
 
 def machine_busy_seconds() -> float:
@@ -463,37 +374,6 @@ def machine_busy_seconds() -> float:
     fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
     user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
     return (user + nice + system + irq + softirq + steal) / CLK_TCK
-
-
-def wait_until(child: Child, what: str, probe: Callable[[], bool]) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if not child.alive():
-            raise BenchFailure(f"{child.name} exited ({child.proc.returncode}) before {what}")
-        with contextlib.suppress(OSError):
-            if probe():
-                return
-        time.sleep(0.05)
-    raise BenchFailure(f"{child.name} not {what} within {STARTUP_TIMEOUT_S:.0f} s")
-
-
-def accepts(port: int) -> Callable[[], bool]:
-    def probe() -> bool:
-        with socket.create_connection((HOST, port), timeout=0.5):
-            return True
-
-    return probe
-
-
-def http_ok(url: str) -> Callable[[], bool]:
-    def probe() -> bool:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                return bool(response.status == 200)
-        except urllib.error.HTTPError:
-            return False
-
-    return probe
 
 
 # =========================================================================== configuration
@@ -570,19 +450,7 @@ class Setup:
 
 
 def start_everything(procs: Processes, budgets: int) -> Setup:
-    redis_server = shutil.which("redis-server")
-    if redis_server is None:
-        raise BenchFailure("redis-server is not on PATH (Debian: apt-get install redis-server)")
-    redis_port = free_port()
-    redis_child = procs.start(
-        "redis",
-        [
-            redis_server, "--port", str(redis_port), "--bind", HOST, "--save", "",
-            "--appendonly", "no", "--dir", str(procs.workdir),
-        ],
-    )  # fmt: skip
-    wait_until(redis_child, "accepting connections", accepts(redis_port))
-    redis_url = f"redis://{HOST}:{redis_port}/0"
+    redis_child, redis_url = start_redis(procs, timeout=STARTUP_TIMEOUT_S)
 
     model_port, bare_port, sidecar_port = free_port(), free_port(), free_port()
     model = procs.start(
@@ -611,9 +479,11 @@ def start_everything(procs: Processes, budgets: int) -> Setup:
             "--redis", redis_url, "--pod", "bench", "--log-level", "WARNING",
         ],
     )  # fmt: skip
-    wait_until(model, "listening", accepts(model_port))
-    wait_until(bare, "listening", accepts(bare_port))
-    wait_until(sidecar, "ready", http_ok(f"http://{HOST}:{sidecar_port}/readyz"))
+    wait_until(model, "listening", accepts(model_port), timeout=STARTUP_TIMEOUT_S)
+    wait_until(bare, "listening", accepts(bare_port), timeout=STARTUP_TIMEOUT_S)
+    wait_until(
+        sidecar, "ready", http_ok(f"http://{HOST}:{sidecar_port}/readyz"), timeout=STARTUP_TIMEOUT_S
+    )
     return Setup(
         procs=procs,
         redis_url=redis_url,
@@ -761,18 +631,6 @@ def print_table(doc: dict[str, Any]) -> None:
     )
 
 
-@contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def bench_main(ns: argparse.Namespace) -> int:
     started = time.monotonic()
     procs = Processes(Path(tempfile.mkdtemp(prefix="spendgate-bench-")))
@@ -800,7 +658,7 @@ def bench_main(ns: argparse.Namespace) -> int:
             for child in procs.children:
                 if not child.alive():
                     raise BenchFailure(f"{child.name} died during the benchmark")
-    except BenchFailure as failure:
+    except (BenchFailure, StartupFailure) as failure:
         log(f"\nBENCHMARK FAILED: {failure}\n{procs.tails()}")
         return 1
     except KeyboardInterrupt:

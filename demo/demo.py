@@ -21,23 +21,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import json
 import os
-import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import aiohttp
@@ -45,12 +38,22 @@ import redis.asyncio
 
 from spendgate.keys import for_customer
 from spendgate.ledger import Ledger
+from spendgate.local_processes import (
+    HOST,
+    Processes,
+    StartupFailure,
+    accepts,
+    free_port,
+    http_ok,
+    sigterm_as_interrupt,
+    start_redis,
+    wait_until,
+)
 from spendgate.money import format_amount
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 SPENDGATE = str(BIN / "spendgate") if (BIN / "spendgate").exists() else "spendgate"
-HOST = "127.0.0.1"
 EXAMPLES = [ROOT / "examples" / "pricebook.yaml", ROOT / "examples" / "budgets.yaml"]
 
 # Keys from examples/budgets.yaml (demo keys, published on purpose).
@@ -110,129 +113,6 @@ out = Out()
 # --------------------------------------------------------------------------- processes
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _die_with_parent() -> Callable[[], None] | None:
-    """Linux: have children SIGKILLed if this process dies without cleaning up."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    except OSError:
-        return None
-
-    def prctl() -> None:  # runs in the child between fork and exec
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-    return prctl
-
-
-_PRE_EXEC = _die_with_parent()
-
-
-@dataclass
-class Child:
-    name: str
-    proc: subprocess.Popen[bytes]
-    log: Path
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def tail(self, lines: int = 15) -> str:
-        try:
-            text = self.log.read_text(errors="replace").splitlines()
-        except OSError:
-            return "(no log)"
-        return "\n".join(text[-lines:]) or "(empty log)"
-
-
-@dataclass
-class Processes:
-    """Subprocesses logging to files in one temp dir; ``close`` stops them all, then removes it."""
-
-    workdir: Path
-    children: list[Child] = field(default_factory=list)
-
-    def start(self, name: str, argv: list[str]) -> Child:
-        log = self.workdir / f"{name}.log"
-        with log.open("wb") as handle:
-            proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=handle,
-                stderr=subprocess.STDOUT,
-                cwd=self.workdir,
-                start_new_session=True,  # Ctrl-C reaches us only; we stop them in order
-                preexec_fn=_PRE_EXEC,  # only prctl(2): safe between fork and exec
-            )
-        child = Child(name, proc, log)
-        self.children.append(child)
-        return child
-
-    def close(self) -> None:
-        for child in reversed(self.children):
-            if child.alive():
-                child.proc.terminate()
-        deadline = time.monotonic() + 5
-        for child in reversed(self.children):
-            try:
-                child.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                child.proc.kill()
-                child.proc.wait(timeout=5)
-        shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def tails(self) -> str:
-        parts = [f"--- {c.name} ({c.log.name}, last lines)\n{c.tail()}" for c in self.children]
-        return "\n".join(parts)
-
-
-def wait_until(what: str, child: Child, probe: Callable[[], bool]) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if not child.alive():
-            raise DemoFailure(f"{child.name} exited with code {child.proc.returncode} ({what})")
-        with contextlib.suppress(OSError):
-            if probe():
-                return
-        time.sleep(0.05)
-    raise DemoFailure(f"{child.name} was not {what} within {STARTUP_TIMEOUT_S:.0f} s")
-
-
-def accepts(port: int) -> Callable[[], bool]:
-    def probe() -> bool:
-        with socket.create_connection((HOST, port), timeout=0.5):
-            return True
-
-    return probe
-
-
-def redis_pings(port: int) -> Callable[[], bool]:
-    def probe() -> bool:
-        with socket.create_connection((HOST, port), timeout=0.5) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(64).startswith(b"+PONG")
-
-    return probe
-
-
-def http_ready(url: str) -> Callable[[], bool]:
-    def probe() -> bool:
-        try:
-            with urllib.request.urlopen(url, timeout=1) as response:
-                return bool(response.status == 200)
-        except urllib.error.HTTPError:
-            return False  # 503 while not ready
-
-    return probe
-
-
 def run_cli(*args: str, redis_url: str) -> str:
     result = subprocess.run(
         [SPENDGATE, *args, "--redis", redis_url],
@@ -256,23 +136,8 @@ class Stack:
 
 
 def start_stack(procs: Processes) -> Stack:
-    redis_server = shutil.which("redis-server")
-    if redis_server is None:
-        raise DemoFailure(
-            "redis-server is not on PATH; `make demo` installs it (Debian: apt-get install"
-            " redis-server)"
-        )
-    redis_port = free_port()
-    redis_child = procs.start(
-        "redis",
-        [
-            redis_server, "--port", str(redis_port), "--bind", HOST, "--save", "",
-            "--appendonly", "no", "--dir", str(procs.workdir),
-        ],
-    )  # fmt: skip
-    wait_until("answering PING", redis_child, redis_pings(redis_port))
-    redis_url = f"redis://{HOST}:{redis_port}/0"
-    out.event("redis", "started", f"redis-server on {HOST}:{redis_port} (no persistence)")
+    _, redis_url = start_redis(procs, timeout=STARTUP_TIMEOUT_S)
+    out.event("redis", "started", f"redis-server at {redis_url} (no persistence)")
 
     model_port = free_port()
     model = procs.start(
@@ -284,7 +149,7 @@ def start_stack(procs: Processes) -> Stack:
             "--default-max-tokens", str(STANDIN_DEFAULT_MAX_TOKENS),
         ],
     )  # fmt: skip
-    wait_until("listening", model, accepts(model_port))
+    wait_until(model, "listening", accepts(model_port), timeout=STARTUP_TIMEOUT_S)
     out.event(
         "model",
         "started",
@@ -309,7 +174,7 @@ def start_stack(procs: Processes) -> Stack:
         ],
     )  # fmt: skip
     sidecar_url = f"http://{HOST}:{sidecar_port}"
-    wait_until("ready", sidecar, http_ready(f"{sidecar_url}/readyz"))
+    wait_until(sidecar, "ready", http_ok(f"{sidecar_url}/readyz"), timeout=STARTUP_TIMEOUT_S)
     out.event("sidecar", "ready", f"{sidecar_url} -> model, fail-mode closed")
     return Stack(redis_url, sidecar_url)
 
@@ -424,6 +289,20 @@ class Driver:
             tone="ok",
         )
 
+    @contextlib.asynccontextmanager
+    async def stream(
+        self, who: str, body: dict[str, Any], note: str = ""
+    ) -> AsyncIterator[tuple[aiohttp.ClientResponse, str]]:
+        """Open a streamed request of ``who``: the 200 response and its request id."""
+        headers = {"Authorization": f"Bearer {KEYS[who]}"}
+        async with self.session.post(self.url, json=body, headers=headers) as response:
+            self.tallies[who].count(response.status)
+            if response.status != 200:
+                raise DemoFailure(f"{who} stream refused: {response.status}")
+            out.event(who, "stream", note, tone="info")
+            out.raw("    ")
+            yield response, response.headers.get("X-Spendgate-Request-Id", "")
+
     # ------------------------------------------------------------------ scenes
 
     async def acme_served(self) -> None:
@@ -441,14 +320,7 @@ class Driver:
     async def acme_stream(self) -> None:
         out.section("acme: a streamed completion, tokens as they arrive")
         body = self.chat("Stream me a short story", max_tokens=40, stream=True)
-        headers = {"Authorization": f"Bearer {KEYS['acme']}"}
-        async with self.session.post(self.url, json=body, headers=headers) as response:
-            self.tallies["acme"].count(response.status)
-            if response.status != 200:
-                raise DemoFailure(f"acme stream refused: {response.status}")
-            request_id = response.headers.get("X-Spendgate-Request-Id", "")
-            out.event("acme", "stream", "", tone="info")
-            out.raw("    ")
+        async with self.stream("acme", body) as (response, request_id):
             tokens, usage, column = 0, None, 4
             async for data in sse_data(response):
                 event = json.loads(data)
@@ -515,15 +387,8 @@ class Driver:
         out.section("tinyco: $0.001 prepaid; a stream without max_tokens outruns its hold")
         out.event("tinyco", "balance", f"available {await self.balance('tinyco')}", tone="info")
         body = self.chat("Tell me everything you know", stream=True)
-        headers = {"Authorization": f"Bearer {KEYS['tinyco']}"}
         tokens, final_error = 0, None
-        async with self.session.post(self.url, json=body, headers=headers) as response:
-            self.tallies["tinyco"].count(response.status)
-            if response.status != 200:
-                raise DemoFailure(f"tinyco stream refused: {response.status}")
-            request_id = response.headers.get("X-Spendgate-Request-Id", "")
-            out.event("tinyco", "stream", "one '.' per 25 tokens", tone="info")
-            out.raw("    ")
+        async with self.stream("tinyco", body, "one '.' per 25 tokens") as (response, request_id):
             async for data in sse_data(response):
                 event = json.loads(data)
                 if "error" in event:
@@ -651,18 +516,6 @@ async def drive(stack: Stack) -> None:
 # --------------------------------------------------------------------------- main
 
 
-@contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def main() -> int:
     started = time.monotonic()
     procs = Processes(Path(tempfile.mkdtemp(prefix="spendgate-demo-")))
@@ -674,7 +527,7 @@ def main() -> int:
             for child in procs.children:
                 if not child.alive():
                     raise DemoFailure(f"{child.name} exited early ({child.proc.returncode})")
-    except DemoFailure as failure:
+    except (DemoFailure, StartupFailure) as failure:
         print(f"\nDEMO FAILED: {failure}\n", file=sys.stderr)
         print(procs.tails(), file=sys.stderr)
         return 1
