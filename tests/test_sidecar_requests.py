@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from dataclasses import replace
 
 import pytest
@@ -296,3 +297,23 @@ async def test_readiness_fails_without_pricebook(redis_url: str) -> None:
         assert (await ready.json())["pricebook"] == "missing"
         resp = await plane.post_chat()
         assert resp.status == 503
+
+
+async def test_logs_never_contain_api_keys(
+    redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    from spendgate.logs import JsonFormatter
+
+    caplog.set_level(logging.DEBUG)
+    async with data_plane(redis_url, acme_balance="0.02") as plane:
+        await plane.post_chat(max_tokens=1)
+        await plane.post_chat(max_tokens=50)  # 402
+        await plane.post_chat(f"{ACME_KEY}x")  # unknown
+        await plane.client.post("/echo", data=b"{}", headers={"X-API-Key": OTHER_KEY})
+        await plane.settled()
+    formatter = JsonFormatter()
+    text = "\n".join(formatter.format(record) for record in caplog.records)
+    assert caplog.records
+    assert ACME_KEY not in text
+    assert OTHER_KEY not in text
+    assert ACME_KEY[:12] not in text
