@@ -39,5 +39,17 @@ class OperatorSettings:
     webhook_cert_file: str | None = None
     webhook_key_file: str | None = None
     health_port: int = 8081  # /healthz, /readyz
+    health_host: str = "0.0.0.0"
     peering: str = "spendgate"  # kopf peering object name
+    # --- reconciliation (spendgate.operator.handlers)
+    retry_delay_s: float = 5.0  # before retrying a reconcile that met Redis/API trouble
+    reconcile_timeout_s: float = 30.0  # one reconcile attempt, all I/O included
+    kube_timeout_s: float = 10.0  # one request of the operator's own API client
+    alert_attempts: int = 4  # POSTs per alert at most (exponential backoff between)
+    alert_timeout_s: float = 5.0  # per POST
+    # --- HA: kopf peering. The replica with the highest priority works; the others wait.
+    peering_standalone: bool = False  # no peering at all: exactly one replica (dev, tests)
+    peering_priority: int | None = None  # None: random at each start (distinct replicas)
+    peering_lifetime_s: int = 30  # a silent peer counts as gone after this long
+    pod_name: str = ""  # peering identity and Event reportingInstance (downward API)
     injection: InjectionDefaults = field(default_factory=InjectionDefaults)

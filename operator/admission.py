@@ -1,0 +1,245 @@
+"""The mutating admission webhook: ``POST /mutate-pods`` injects the sidecar, over HTTPS.
+
+Served by every operator replica (it has no state of its own). The decision is
+:func:`spendgate.operator.injection.plan_injection`; this module speaks AdmissionReview v1,
+serves TLS from rotating files (:mod:`.webhook_tls`) and finds two facts in the cluster through
+injected callables: a namespace's labels and the API server's version (native sidecars need
+Kubernetes >= 1.29). In production both come from :class:`InClusterApi`; tests pass their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import os
+import ssl
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+from aiohttp import web
+
+from .injection import Refusal, plan_injection, pod_decides
+from .settings import OperatorSettings
+from .webhook_tls import ReloadingTLS
+
+log = logging.getLogger("spendgate.operator.admission")
+
+NamespaceLabels = Callable[[str], Awaitable[Mapping[str, str]]]
+ServerVersion = Callable[[], Awaitable[tuple[int, int]]]
+REVIEW_API = "admission.k8s.io/v1"
+NATIVE_SIDECARS_SINCE = (1, 29)
+SERVICE_ACCOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
+
+
+class MalformedReview(ValueError):
+    pass
+
+
+class NativeSidecars:
+    """Whether the cluster runs native sidecars: forced by settings, else from /version.
+
+    The answer is kept for ``ttl_s`` (a control-plane upgrade is noticed within it). When the
+    version cannot be read and nothing is known yet, pods get a regular container, which works
+    on every version, and a warning is logged.
+    """
+
+    def __init__(self, server_version: ServerVersion, forced: bool | None, ttl_s: float = 600):
+        self._server_version, self._forced, self._ttl_s = server_version, forced, ttl_s
+        self._known: bool | None = None
+        self._checked = float("-inf")
+
+    async def __call__(self) -> bool:
+        if self._forced is not None:
+            return self._forced
+        if time.monotonic() - self._checked >= self._ttl_s:
+            try:
+                self._known = tuple(await self._server_version()) >= NATIVE_SIDECARS_SINCE
+                self._checked = time.monotonic()
+            except Exception as error:
+                log.warning("cannot read the API server version", extra={"error": repr(error)})
+        return bool(self._known)
+
+
+def _parse_review(body: Any) -> dict[str, Any]:
+    if not isinstance(body, dict) or body.get("kind") != "AdmissionReview":
+        raise MalformedReview("expected an AdmissionReview object")
+    if body.get("apiVersion") != REVIEW_API:
+        raise MalformedReview(f"expected apiVersion {REVIEW_API}, got {body.get('apiVersion')!r}")
+    request = body.get("request")
+    if not isinstance(request, dict) or not isinstance(request.get("uid"), str):
+        raise MalformedReview("expected request.uid")
+    return request
+
+
+def _response(uid: str, patch: list[dict[str, Any]] | None = None, **extra: Any) -> web.Response:
+    response: dict[str, Any] = {"uid": uid, "allowed": True, **extra}
+    if patch:
+        response["patchType"] = "JSONPatch"
+        response["patch"] = base64.b64encode(json.dumps(patch).encode()).decode()
+    return web.json_response(
+        {"apiVersion": REVIEW_API, "kind": "AdmissionReview", "response": response}
+    )
+
+
+def _refuse(uid: str, code: int, message: str) -> web.Response:
+    return _response(uid, allowed=False, status={"code": code, "message": message})
+
+
+class PodMutator:
+    def __init__(
+        self, settings: OperatorSettings, namespace_labels: NamespaceLabels, native: NativeSidecars
+    ) -> None:
+        self.settings, self.namespace_labels, self.native = settings, namespace_labels, native
+
+    async def handle(self, request: web.Request) -> web.Response:
+        try:
+            review = _parse_review(await request.json())
+        except (ValueError, UnicodeDecodeError) as error:  # JSONDecodeError is a ValueError
+            raise web.HTTPBadRequest(text=f"malformed AdmissionReview: {error}") from None
+        uid = review["uid"]
+        kind = review.get("kind") or {}
+        if (kind.get("group"), kind.get("kind")) != ("", "Pod") or review.get("subResource"):
+            return _response(uid)  # the webhook is meant for pods; anything else passes as is
+        if review.get("operation") != "CREATE":
+            return _response(uid)  # a running pod's containers cannot change
+        pod, namespace = review.get("object"), review.get("namespace")
+        if not isinstance(pod, dict) or not isinstance(namespace, str) or not namespace:
+            raise web.HTTPBadRequest(text="malformed AdmissionReview: expected object, namespace")
+        labels: Mapping[str, str] | None = None
+        if not pod_decides(pod):
+            try:
+                labels = await self.namespace_labels(namespace)
+            except Exception as error:
+                log.warning(
+                    "namespace lookup failed", extra={"ns": namespace, "error": repr(error)}
+                )
+                return _refuse(uid, 500, f"spendgate: cannot read namespace {namespace}: {error}")
+        plan = plan_injection(
+            pod,
+            namespace,
+            labels,
+            self.settings.injection,
+            native_sidecars=await self.native(),
+            operator_namespace=self.settings.namespace,
+        )
+        meta = pod.get("metadata") or {}
+        where = {"ns": namespace, "pod": meta.get("name") or meta.get("generateName"), "uid": uid}
+        if isinstance(plan, Refusal):
+            log.info("pod refused", extra={**where, "reason": plan.message})
+            return _refuse(uid, 400, plan.message)
+        log.log(logging.INFO if plan.patch else logging.DEBUG, plan.reason, extra=where)
+        return _response(uid, plan.patch)
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+def create_app(
+    settings: OperatorSettings, namespace_labels: NamespaceLabels, server_version: ServerVersion
+) -> web.Application:
+    native = NativeSidecars(server_version, settings.injection.native_sidecars)
+    mutator = PodMutator(settings, namespace_labels, native)
+    app = web.Application(client_max_size=8 * 1024 * 1024)
+    app.router.add_post("/mutate-pods", mutator.handle)
+    app.router.add_get("/healthz", _healthz)
+    return app
+
+
+@dataclass
+class AdmissionServer:
+    runner: web.AppRunner
+    tls: ReloadingTLS
+    port: int  # the bound port (settings.webhook_port may be 0)
+
+
+@asynccontextmanager
+async def start_admission(
+    settings: OperatorSettings, namespace_labels: NamespaceLabels, server_version: ServerVersion
+) -> AsyncIterator[AdmissionServer]:
+    """Serve the webhook over HTTPS while the context is open."""
+    if not settings.webhook_cert_file or not settings.webhook_key_file:
+        raise ValueError("the admission webhook needs webhook_cert_file and webhook_key_file")
+    tls = ReloadingTLS(settings.webhook_cert_file, settings.webhook_key_file)
+    app = create_app(settings, namespace_labels, server_version)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5)
+    await runner.setup()
+    try:
+        site = web.TCPSite(
+            runner, settings.webhook_host, settings.webhook_port, ssl_context=tls.context
+        )
+        await site.start()
+        port = runner.addresses[0][1]
+        log.info("admission webhook listening", extra={"port": port})
+        yield AdmissionServer(runner, tls, port)
+    finally:
+        await runner.cleanup()
+
+
+async def serve_admission(settings: OperatorSettings, api: InClusterApi | None = None) -> None:
+    """Run the webhook until cancelled, next to ``kopf.operator()``; in-cluster by default."""
+    api = api or InClusterApi.from_environment()
+    try:
+        async with start_admission(settings, api.namespace_labels, api.server_version):
+            await asyncio.Event().wait()
+    finally:
+        await api.close()
+
+
+class InClusterApi:
+    """The two reads the webhook needs, with the pod's service account (RBAC: ``get``
+    namespaces; ``/version`` is open to every authenticated client). The token file is read
+    again for each request: the kubelet rotates bound tokens."""
+
+    def __init__(self, base_url: str, token_file: str, ca_file: str, cache_s: float = 5.0):
+        self.base_url, self.token_file, self.cache_s = base_url.rstrip("/"), token_file, cache_s
+        self._ssl = ssl.create_default_context(cafile=ca_file)
+        self._session: aiohttp.ClientSession | None = None
+        self._labels: dict[str, tuple[float, dict[str, str]]] = {}
+
+    @classmethod
+    def from_environment(
+        cls, environ: Mapping[str, str] = os.environ, directory: str = SERVICE_ACCOUNT
+    ) -> InClusterApi:
+        host, port = environ.get("KUBERNETES_SERVICE_HOST"), environ.get("KUBERNETES_SERVICE_PORT")
+        if not host or not port:
+            raise RuntimeError("not in a cluster: KUBERNETES_SERVICE_HOST/PORT are not set")
+        host = f"[{host}]" if ":" in host else host
+        return cls(f"https://{host}:{port}", f"{directory}/token", f"{directory}/ca.crt")
+
+    def _token(self) -> str:
+        with open(self.token_file, encoding="utf-8") as handle:
+            return handle.read().strip()
+
+    async def _get(self, path: str) -> Any:
+        if self._session is None:
+            timeout = aiohttp.ClientTimeout(total=5)
+            self._session = aiohttp.ClientSession(timeout=timeout, raise_for_status=True)
+        headers = {"Authorization": f"Bearer {self._token()}", "Accept": "application/json"}
+        async with self._session.get(self.base_url + path, headers=headers, ssl=self._ssl) as rsp:
+            return await rsp.json()
+
+    async def namespace_labels(self, name: str) -> dict[str, str]:
+        cached = self._labels.get(name)
+        if cached is not None and time.monotonic() - cached[0] < self.cache_s:
+            return cached[1]
+        body = await self._get(f"/api/v1/namespaces/{quote(name, safe='')}")
+        labels = dict((body.get("metadata") or {}).get("labels") or {})
+        self._labels[name] = (time.monotonic(), labels)
+        return labels
+
+    async def server_version(self) -> tuple[int, int]:
+        body = await self._get("/version")
+        major, minor = ("".join(filter(str.isdigit, body[k])) for k in ("major", "minor"))
+        return int(major), int(minor)  # GKE/EKS say "29+"
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
