@@ -1035,3 +1035,19 @@ async def test_customers_on_different_cluster_nodes(
             assert len(tags) == 1, stored
             (customer,) = (c for c in customers if f"sg:{{{c}" in tags)
             assert direct.exists(for_customer(customer).ledger)
+
+
+async def test_zero_cost_settle_and_zero_hold_release(ledger: Ledger) -> None:
+    """A free request (estimate 0) reserves, releases and settles like any other."""
+    await ledger.configure(
+        CustomerBudgetSpec.model_validate(
+            {"customerId": CUSTOMER, "currency": "USD", "balance": "1.00"}
+        )
+    )
+    assert (await reserve(ledger, "free-1", 0)).ok
+    assert await ledger.release(CUSTOMER, "free-1") == 0
+    assert (await reserve(ledger, "free-2", 0)).ok
+    settled = await ledger.settle(CUSTOMER, "free-2", 0)
+    assert not settled.duplicate
+    assert settled.balance == 1_000_000
+    assert settled.held == 0

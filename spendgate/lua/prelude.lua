@@ -67,7 +67,7 @@ local function encode_hold(amount, deadline, key, estimate)
 end
 
 local function drop_hold(rid, amount)
-  redis.call('HINCRBY', K_ACCT, 'held', -amount)
+  redis.call('HINCRBY', K_ACCT, 'held', 0 - amount)  -- never -0, which HINCRBY refuses
   redis.call('HDEL', K_HOLDS, rid)
   redis.call('ZREM', K_DEADLINES, rid)
 end

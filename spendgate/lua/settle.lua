@@ -18,7 +18,7 @@ end
 
 local cfg = redis.call('HMGET', K_CFG, 'period', 'rl', 'krl:' .. key_id)
 rollover(cfg[1], now)
-redis.call('HINCRBY', K_ACCT, 'balance', -cost)
+redis.call('HINCRBY', K_ACCT, 'balance', 0 - cost)  -- never -0
 redis.call('HINCRBY', K_ACCT, 'spent', cost)
 redis.call('HINCRBY', K_ACCT, 'charged', cost)
 

@@ -1,0 +1,1 @@
+"""Stripe: money in (funding), usage out (meter events), access from billing state."""

@@ -1,0 +1,607 @@
+"""Which budget a Stripe object belongs to, and what a Stripe event does to it.
+
+Redis (written by :func:`link_budget`, which the operator calls whenever it reconciles a
+CustomerBudget that has ``spec.stripe``; :func:`unlink_budget` when the link or the budget goes):
+
+- ``sg:stripe:customers`` (hash): Stripe customer id ``cus_...`` -> spendgate ``customerId``.
+- ``sg:{customerId}:stripe`` (hash, the customer's slot): the link (``customer``,
+  ``subscription``, ``currency``, ``mode``, ``limit``, the Stripe-relevant policy), and the
+  state of the state machine: ``ts:<source>`` (Stripe ``created`` of the last applied state
+  event per suspension source), ``grace:<source>`` (``deadline_ms|reason`` of a pending
+  suspension), ``refunded:<charge>`` (refund total already taken back).
+
+Everything else here is pure: :func:`actions_for_event` (an event, as a dict, and the budget's
+:class:`Link` -> a list of actions) and :func:`grant_actions` / :func:`subscription_actions` /
+:func:`invoice_actions`, which reconciliation reuses on objects it pulls. ``apply.py`` carries
+the actions out, idempotently.
+
+Suspension sources written here (independent fields of ``sg:{c}:susp``; any one refuses):
+``payment`` (failed invoice), ``subscription`` (subscription status), ``dispute``,
+``stripe-deleted`` (customer deleted in Stripe), ``payment-method`` (policy
+``requirePaymentMethod`` and no payment method on file -> state ``PendingPaymentMethod``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from spendgate.keys import for_customer
+from spendgate.models import CustomerBudgetSpec
+
+from .settings import StripeSettings
+
+STRIPE_CUSTOMERS = "sg:stripe:customers"
+
+SRC_PAYMENT = "payment"
+SRC_SUBSCRIPTION = "subscription"
+SRC_DISPUTE = "dispute"
+SRC_DELETED = "stripe-deleted"
+SRC_PAYMENT_METHOD = "payment-method"
+SOURCES = (SRC_PAYMENT, SRC_SUBSCRIPTION, SRC_DISPUTE, SRC_DELETED, SRC_PAYMENT_METHOD)
+
+# Every event type the receiver acts on (configure the Stripe webhook endpoint with these).
+HANDLED_EVENTS = (
+    "billing.credit_grant.created",
+    "billing.credit_grant.updated",
+    "checkout.session.completed",
+    "checkout.session.async_payment_succeeded",
+    "payment_intent.succeeded",
+    "charge.refunded",
+    "charge.dispute.created",
+    "charge.dispute.closed",
+    "invoice.payment_failed",
+    "invoice.paid",
+    "invoice.payment_succeeded",
+    "invoice.voided",
+    "invoice.marked_uncollectible",
+    "customer.subscription.created",
+    "customer.subscription.updated",
+    "customer.subscription.deleted",
+    "customer.subscription.paused",
+    "customer.subscription.resumed",
+    "customer.deleted",
+    "customer.updated",
+    "payment_method.attached",
+    "payment_method.detached",
+    "setup_intent.succeeded",
+)
+
+SUSPENDING_SUBSCRIPTION_STATUSES = frozenset({"unpaid", "canceled", "paused", "incomplete_expired"})
+ACTIVE_SUBSCRIPTION_STATUSES = frozenset({"active", "trialing"})
+
+# Stripe's currencies whose minor unit is not 1/100 of the unit.
+ZERO_DECIMAL = frozenset(
+    [
+        "bif",
+        "clp",
+        "djf",
+        "gnf",
+        "jpy",
+        "kmf",
+        "krw",
+        "mga",
+        "pyg",
+        "rwf",
+        "ugx",
+        "vnd",
+        "vuv",
+        "xaf",
+        "xof",
+        "xpf",
+    ]
+)
+THREE_DECIMAL = frozenset(["bhd", "jod", "kwd", "omr", "tnd"])
+
+
+class StripeLinkConflict(ValueError):
+    """Two budgets claim the same Stripe customer."""
+
+
+# --------------------------------------------------------------------------- link
+
+
+def stripe_key(customer_id: str) -> str:
+    """``sg:{customerId}:stripe``: the link and the state machine's state (same slot as susp)."""
+    return f"{for_customer(customer_id).tag}:stripe"
+
+
+@dataclass(frozen=True)
+class Link:
+    """What the Stripe code needs to know about a budget (stored by :func:`link_budget`)."""
+
+    customer_id: str
+    stripe_customer: str
+    currency: str
+    subscription: str | None = None
+    mode: str = "prepaid"
+    limit: int = 0
+    on_payment_failure: str = "suspend"  # suspend | grace | alert
+    grace_ms: int = 0
+    suspend_on_dispute: bool = True
+    require_payment_method: bool = False
+
+    @classmethod
+    def from_spec(cls, spec: CustomerBudgetSpec) -> Link:
+        if spec.stripe is None:
+            raise ValueError(f"budget {spec.customer_id} has no spec.stripe")
+        policy = spec.policy
+        return cls(
+            customer_id=spec.customer_id,
+            stripe_customer=spec.stripe.customer_id,
+            subscription=spec.stripe.subscription_id,
+            currency=spec.currency,
+            mode=spec.mode.value,
+            limit=spec.limit or 0,
+            on_payment_failure=policy.on_payment_failure.action.value,
+            grace_ms=policy.on_payment_failure.grace_period or 0,
+            suspend_on_dispute=policy.suspend_on_dispute,
+            require_payment_method=policy.require_payment_method,
+        )
+
+    def fields(self) -> dict[str, str]:
+        return {
+            "customer": self.stripe_customer,
+            "subscription": self.subscription or "",
+            "currency": self.currency,
+            "mode": self.mode,
+            "limit": str(self.limit),
+            "on_payment_failure": self.on_payment_failure,
+            "grace_ms": str(self.grace_ms),
+            "suspend_on_dispute": "1" if self.suspend_on_dispute else "0",
+            "require_payment_method": "1" if self.require_payment_method else "0",
+        }
+
+    @classmethod
+    def from_fields(cls, customer_id: str, raw: Mapping[Any, Any]) -> Link | None:
+        data = {_text(k): _text(v) for k, v in raw.items()}
+        if not data.get("customer"):
+            return None
+        return cls(
+            customer_id=customer_id,
+            stripe_customer=data["customer"],
+            subscription=data.get("subscription") or None,
+            currency=data.get("currency", ""),
+            mode=data.get("mode", "prepaid"),
+            limit=int(data.get("limit") or 0),
+            on_payment_failure=data.get("on_payment_failure", "suspend"),
+            grace_ms=int(data.get("grace_ms") or 0),
+            suspend_on_dispute=data.get("suspend_on_dispute", "1") == "1",
+            require_payment_method=data.get("require_payment_method") == "1",
+        )
+
+
+LINK_FIELDS = tuple(Link("x", "cus_x", "USD").fields())
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+async def link_budget(redis: Any, spec: CustomerBudgetSpec) -> Link | None:
+    """Record (or refresh) a budget's Stripe link; call on every reconcile of a CustomerBudget.
+
+    Raises :class:`StripeLinkConflict` when another customerId already holds the Stripe
+    customer. A budget without ``spec.stripe`` is unlinked. With ``requirePaymentMethod`` and
+    nothing known yet about the customer's payment methods, the budget is suspended (source
+    ``payment-method``, state ``PendingPaymentMethod``) until an event or a reconciliation
+    shows one.
+    """
+    if spec.stripe is None:
+        await unlink_budget(redis, spec.customer_id)
+        return None
+    link = Link.from_spec(spec)
+    holder = await redis.hget(STRIPE_CUSTOMERS, link.stripe_customer)
+    if holder is not None and _text(holder) != link.customer_id:
+        raise StripeLinkConflict(
+            f"Stripe customer {link.stripe_customer} is already linked to customerId"
+            f" {_text(holder)!r}; one Stripe customer pays for one budget"
+        )
+    key = stripe_key(link.customer_id)
+    previous = await redis.hget(key, "customer")
+    if previous is not None and _text(previous) != link.stripe_customer:
+        # Re-linked to another Stripe customer: the old one's deletion no longer applies.
+        await redis.hdel(STRIPE_CUSTOMERS, _text(previous))
+        await redis.hdel(for_customer(link.customer_id).suspensions, SRC_DELETED)
+        await redis.hdel(key, f"ts:{SRC_DELETED}")
+    await redis.hset(STRIPE_CUSTOMERS, link.stripe_customer, link.customer_id)
+    await redis.hset(key, mapping=link.fields())
+    susp = for_customer(link.customer_id).suspensions
+    if link.require_payment_method:
+        if not await redis.hexists(key, f"ts:{SRC_PAYMENT_METHOD}"):
+            await redis.hsetnx(susp, SRC_PAYMENT_METHOD, "no payment method on file in Stripe yet")
+    else:
+        await redis.hdel(susp, SRC_PAYMENT_METHOD)
+        await redis.hdel(key, f"ts:{SRC_PAYMENT_METHOD}")
+    return link
+
+
+async def unlink_budget(redis: Any, customer_id: str) -> None:
+    """Forget a budget's Stripe link (its state and suspensions stay, as does the ledger)."""
+    key = stripe_key(customer_id)
+    previous = await redis.hget(key, "customer")
+    if previous is not None:
+        holder = await redis.hget(STRIPE_CUSTOMERS, _text(previous))
+        if holder is not None and _text(holder) == customer_id:
+            await redis.hdel(STRIPE_CUSTOMERS, _text(previous))
+    await redis.hdel(key, *LINK_FIELDS)
+    await redis.hdel(for_customer(customer_id).suspensions, SRC_PAYMENT_METHOD)
+
+
+async def load_link(redis: Any, customer_id: str) -> Link | None:
+    return Link.from_fields(customer_id, await redis.hgetall(stripe_key(customer_id)))
+
+
+async def linked_customers(redis: Any) -> dict[str, str]:
+    """customerId -> Stripe customer id, for every linked budget."""
+    raw = await redis.hgetall(STRIPE_CUSTOMERS)
+    return {_text(cid): _text(cus) for cus, cid in raw.items()}
+
+
+async def resolve_link(
+    redis: Any,
+    stripe_customer: str | None,
+    metadata: Any,
+    settings: StripeSettings,
+) -> Link | None:
+    """The budget a Stripe object belongs to: by its customer id, else by metadata
+    (``settings.customer_metadata_key`` = customerId, for objects without a customer)."""
+    if stripe_customer:
+        cid = await redis.hget(STRIPE_CUSTOMERS, stripe_customer)
+        if cid is not None:
+            return await load_link(redis, _text(cid))
+    cid = metadata.get(settings.customer_metadata_key) if isinstance(metadata, Mapping) else None
+    if cid:
+        try:
+            link = await load_link(redis, str(cid))
+        except ValueError:  # not a valid customer id
+            return None
+        if link is not None and (not stripe_customer or link.stripe_customer == stripe_customer):
+            return link
+    return None
+
+
+# --------------------------------------------------------------------------- actions
+
+
+@dataclass(frozen=True)
+class Fund:
+    """Add money, once per ``funding_id`` (a Stripe object id)."""
+
+    funding_id: str
+    amount: int
+    note: str
+
+
+@dataclass(frozen=True)
+class Adjust:
+    """Take money out (or give back), once per ``adjustment_id``; only when the ledger already
+    holds the funding/adjustment ``only_if_applied`` (a refunded top-up, a won dispute)."""
+
+    adjustment_id: str
+    amount: int
+    note: str
+    only_if_applied: str | None = None
+
+
+@dataclass(frozen=True)
+class ReverseGrant:
+    """A voided or expired credit grant: take back what is left of it (see apply.py)."""
+
+    grant_id: str
+    granted: int
+    remaining: int | None  # None: unknown here; the applier asks Stripe or uses ``granted``
+    why: str = "voided"
+
+
+@dataclass(frozen=True)
+class RefundTopup:
+    """Refunds of a funded top-up's charge, as the cumulative total refunded."""
+
+    charge_id: str
+    payment_intent: str
+    total_refunded: int
+
+
+@dataclass(frozen=True)
+class SetAccess:
+    """Suspend or lift one source, unless a newer state event (``created``) was applied.
+
+    ``grace_ms`` > 0 defers the suspension to ``created + grace_ms`` (a timer applies it unless
+    a lift comes first)."""
+
+    source: str
+    suspend: bool
+    reason: str
+    created: int
+    grace_ms: int = 0
+
+
+@dataclass(frozen=True)
+class Notify:
+    """Something the operator should tell as a Kubernetes Event on the budget."""
+
+    reason: str
+    message: str
+    warning: bool = True
+
+
+@dataclass(frozen=True)
+class CheckPaymentMethods:
+    """Ask Stripe whether the customer still has a payment method (after a detach)."""
+
+    created: int
+
+
+Action = Fund | Adjust | ReverseGrant | RefundTopup | SetAccess | Notify | CheckPaymentMethods
+
+
+def minor_to_micros(amount: int, currency: str) -> int:
+    """Stripe amounts are in the currency's minor unit; spendgate's in micro-units."""
+    if isinstance(amount, bool) or not isinstance(amount, int):
+        raise ValueError(f"Stripe amount must be an integer, got {amount!r}")
+    code = currency.lower()
+    if code in ZERO_DECIMAL:
+        return amount * 1_000_000
+    if code in THREE_DECIMAL:
+        return amount * 1_000
+    return amount * 10_000
+
+
+def micros_to_minor_ceil(micros: int, currency: str) -> int:
+    """Micro-units to the currency's minor unit, rounded up (never under-bill)."""
+    per = minor_to_micros(1, currency)
+    return -((-micros) // per)
+
+
+def currency_matches(stripe_currency: str | None, budget_currency: str) -> bool:
+    """Stripe writes ISO codes lower-case; budgets upper-case. Custom units never match."""
+    return bool(stripe_currency) and str(stripe_currency).upper() == budget_currency
+
+
+def _id(value: Any) -> str | None:
+    """An expandable field: an id string or an expanded object."""
+    if isinstance(value, Mapping):
+        value = value.get("id")
+    return str(value) if value else None
+
+
+def stripe_customer_of(obj: Mapping[str, Any]) -> str | None:
+    if obj.get("object") == "customer":
+        return _id(obj.get("id"))
+    customer = _id(obj.get("customer"))
+    if customer:
+        return customer
+    return None
+
+
+def _money(link: Link, amount: Any, currency: Any, what: str) -> tuple[int | None, list[Action]]:
+    if not isinstance(amount, int) or isinstance(amount, bool) or amount < 0:
+        return None, [Notify("StripeAmountInvalid", f"{what}: amount {amount!r} is not usable")]
+    if not currency_matches(currency, link.currency):
+        return None, [
+            Notify(
+                "StripeCurrencyMismatch",
+                f"{what} is in {str(currency).upper()} but the budget counts {link.currency};"
+                " not applied",
+            )
+        ]
+    return minor_to_micros(amount, str(currency)), []
+
+
+def grant_actions(grant: Mapping[str, Any], link: Link, now_s: int) -> list[Action]:
+    """A credit grant's effect: fund it while live, reverse what is left once voided/expired."""
+    grant_id = str(grant.get("id") or "")
+    if not grant_id:
+        return []
+    amount = grant.get("amount") or {}
+    if amount.get("type") != "monetary" or not isinstance(amount.get("monetary"), Mapping):
+        return [
+            Notify(
+                "StripeGrantUnsupported",
+                f"credit grant {grant_id} is not a monetary amount; not applied",
+            )
+        ]
+    monetary = amount["monetary"]
+    micros, problems = _money(link, monetary.get("value"), monetary.get("currency"), grant_id)
+    if micros is None:
+        return problems
+    voided = grant.get("voided_at")
+    expires = grant.get("expires_at")
+    if voided or (expires and int(expires) <= now_s):
+        why = "voided" if voided else "expired"
+        remaining = _grant_remaining(grant)
+        return [ReverseGrant(grant_id, micros, remaining, why)]
+    effective = grant.get("effective_at")
+    if effective and int(effective) > now_s:
+        return []  # not usable yet: a later reconciliation funds it
+    if micros == 0:
+        return []
+    name = grant.get("name") or grant.get("category") or "credit grant"
+    return [Fund(grant_id, micros, f"stripe credit grant: {name}")]
+
+
+def _grant_remaining(grant: Mapping[str, Any]) -> int | None:
+    """Stripe's grant objects carry no balance; reconciliation attaches one it fetched from
+    the credit balance summary as ``_spendgate_remaining`` (micro-units)."""
+    value = grant.get("_spendgate_remaining")
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _payment_failure(link: Link, source: str, reason: str, created: int) -> list[Action]:
+    policy = link.on_payment_failure
+    if policy == "alert":
+        return [Notify("StripePaymentFailed", f"{reason} (policy: alert only)")]
+    if policy == "grace" and link.grace_ms > 0:
+        return [SetAccess(source, True, reason, created, grace_ms=link.grace_ms)]
+    return [SetAccess(source, True, reason, created)]
+
+
+def invoice_subscription(invoice: Mapping[str, Any]) -> str | None:
+    parent = invoice.get("parent") or {}
+    details = parent.get("subscription_details") if isinstance(parent, Mapping) else None
+    if isinstance(details, Mapping) and details.get("subscription"):
+        return _id(details["subscription"])
+    return _id(invoice.get("subscription"))
+
+
+def invoice_actions(
+    invoice: Mapping[str, Any], link: Link, created: int, *, failed: bool
+) -> list[Action]:
+    """A failed invoice suspends by policy; a paid (or voided/uncollectible) one lifts."""
+    number = invoice.get("number") or invoice.get("id")
+    if failed:
+        if invoice.get("status") == "paid" or invoice.get("paid") is True:
+            return []
+        amount = invoice.get("amount_remaining", invoice.get("amount_due"))
+        due = (
+            f" ({amount} {str(invoice.get('currency', '')).upper()} minor units)" if amount else ""
+        )
+        return _payment_failure(link, SRC_PAYMENT, f"invoice {number} payment failed{due}", created)
+    return [SetAccess(SRC_PAYMENT, False, f"invoice {number} settled", created)]
+
+
+def subscription_actions(sub: Mapping[str, Any], link: Link, created: int) -> list[Action]:
+    if link.subscription and sub.get("id") != link.subscription:
+        return []
+    status = str(sub.get("status") or "")
+    reason = f"subscription {sub.get('id')} is {status}"
+    if status in ACTIVE_SUBSCRIPTION_STATUSES:
+        return [SetAccess(SRC_SUBSCRIPTION, False, reason, created)]
+    if status == "past_due":
+        return _payment_failure(link, SRC_SUBSCRIPTION, reason, created)
+    if status in SUSPENDING_SUBSCRIPTION_STATUSES:
+        return [SetAccess(SRC_SUBSCRIPTION, True, reason, created)]
+    return []  # incomplete: the first invoice decides (payment source)
+
+
+def _is_topup(obj: Mapping[str, Any], settings: StripeSettings) -> bool:
+    metadata = obj.get("metadata") or {}
+    return (
+        isinstance(metadata, Mapping)
+        and str(metadata.get(settings.topup_metadata_key, "")).lower() == "true"
+    )
+
+
+def actions_for_event(
+    event: Mapping[str, Any], link: Link, settings: StripeSettings
+) -> list[Action]:
+    """The state machine: one Stripe event (a dict) -> what it does to the linked budget."""
+    kind = str(event.get("type") or "")
+    created = int(event.get("created") or 0)
+    data = event.get("data") or {}
+    obj: Mapping[str, Any] = data.get("object") or {}
+
+    if kind in ("billing.credit_grant.created", "billing.credit_grant.updated"):
+        return grant_actions(obj, link, created)
+
+    if kind in ("checkout.session.completed", "checkout.session.async_payment_succeeded"):
+        if obj.get("mode") != "payment" or obj.get("payment_status") != "paid":
+            return []
+        if not _is_topup(obj, settings):
+            return []
+        funding_id = _id(obj.get("payment_intent")) or str(obj.get("id"))
+        micros, problems = _money(link, obj.get("amount_total"), obj.get("currency"), funding_id)
+        if micros is None:
+            return problems
+        return (
+            [Fund(funding_id, micros, f"stripe top-up (checkout {obj.get('id')})")]
+            if micros
+            else []
+        )
+
+    if kind == "payment_intent.succeeded":
+        if not _is_topup(obj, settings):
+            return []  # invoice payments and other charges are not top-ups
+        pid = str(obj.get("id"))
+        amount = obj.get("amount_received", obj.get("amount"))
+        micros, problems = _money(link, amount, obj.get("currency"), pid)
+        if micros is None:
+            return problems
+        return [Fund(pid, micros, "stripe top-up (payment intent)")] if micros else []
+
+    if kind == "charge.refunded":
+        pi = _id(obj.get("payment_intent"))
+        total = obj.get("amount_refunded")
+        if not pi or not isinstance(total, int):
+            return []
+        micros, problems = _money(link, total, obj.get("currency"), str(obj.get("id")))
+        if micros is None:
+            return problems
+        return [RefundTopup(str(obj.get("id")), pi, micros)]
+
+    if kind == "charge.dispute.created":
+        dispute_id = str(obj.get("id"))
+        actions: list[Action] = []
+        pi = _id(obj.get("payment_intent"))
+        micros, problems = _money(link, obj.get("amount"), obj.get("currency"), dispute_id)
+        actions += problems
+        if micros and pi:
+            actions.append(Adjust(dispute_id, -micros, f"stripe dispute {dispute_id}", pi))
+        reason = f"payment disputed ({dispute_id}, {obj.get('reason') or 'no reason given'})"
+        if link.suspend_on_dispute:
+            actions.append(SetAccess(SRC_DISPUTE, True, reason, created))
+        else:
+            actions.append(Notify("StripeDispute", reason))
+        return actions
+
+    if kind == "charge.dispute.closed":
+        dispute_id = str(obj.get("id"))
+        if obj.get("status") != "won":
+            return [
+                Notify("StripeDisputeLost", f"dispute {dispute_id} closed: {obj.get('status')}")
+            ]
+        actions = []
+        micros, _ = _money(link, obj.get("amount"), obj.get("currency"), dispute_id)
+        if micros:
+            actions.append(Adjust(f"{dispute_id}.won", micros, "stripe dispute won", dispute_id))
+        actions.append(SetAccess(SRC_DISPUTE, False, f"dispute {dispute_id} won", created))
+        return actions
+
+    if kind == "invoice.payment_failed":
+        return invoice_actions(obj, link, created, failed=True)
+    if kind in (
+        "invoice.paid",
+        "invoice.payment_succeeded",
+        "invoice.voided",
+        "invoice.marked_uncollectible",
+    ):
+        if kind in ("invoice.paid", "invoice.payment_succeeded") and obj.get("status") not in (
+            None,
+            "paid",
+        ):
+            return []
+        return invoice_actions(obj, link, created, failed=False)
+
+    if kind.startswith("customer.subscription."):
+        return subscription_actions(obj, link, created)
+
+    if kind == "customer.deleted":
+        reason = f"Stripe customer {obj.get('id')} was deleted"
+        return [SetAccess(SRC_DELETED, True, reason, created)]
+
+    if not link.require_payment_method:
+        return []
+    if kind in ("payment_method.attached", "setup_intent.succeeded"):
+        return [SetAccess(SRC_PAYMENT_METHOD, False, "payment method on file", created)]
+    if kind == "customer.updated":
+        settings_ = obj.get("invoice_settings") or {}
+        if settings_.get("default_payment_method") or obj.get("default_source"):
+            return [SetAccess(SRC_PAYMENT_METHOD, False, "default payment method set", created)]
+        return []
+    if kind == "payment_method.detached":
+        return [CheckPaymentMethods(created)]
+    return []
+
+
+def event_stripe_customer(event: Mapping[str, Any]) -> str | None:
+    """The Stripe customer an event is about (a detached payment method names it only in
+    ``previous_attributes``)."""
+    data = event.get("data") or {}
+    obj = data.get("object") or {}
+    customer = stripe_customer_of(obj)
+    if customer:
+        return customer
+    previous = data.get("previous_attributes") or {}
+    return _id(previous.get("customer")) if isinstance(previous, Mapping) else None
