@@ -44,6 +44,8 @@ class OperatorSettings:
     # --- reconciliation (spendgate.operator.handlers)
     retry_delay_s: float = 5.0  # before retrying a reconcile that met Redis/API trouble
     reconcile_timeout_s: float = 30.0  # one reconcile attempt, all I/O included
+    resync_interval_s: float = 600.0  # a full reconcile (Secrets re-read) at least this often
+    max_workers: int = 100  # objects kopf handles at once, per resource (bounds startup bursts)
     kube_timeout_s: float = 10.0  # one request of the operator's own API client
     alert_attempts: int = 4  # POSTs per alert at most (exponential backoff between)
     alert_timeout_s: float = 5.0  # per POST

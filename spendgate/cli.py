@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
-from dataclasses import replace
+from dataclasses import fields, replace
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
@@ -296,6 +296,134 @@ def cmd_sidecar(ns: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- operator
+
+
+def _env_float(
+    ns_value: float | None, env: Mapping[str, str], name: str, flag: str
+) -> float | None:
+    if ns_value is not None:
+        return ns_value
+    text = env.get(name)
+    if text is None or text == "":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise UsageError(f"{flag} ({name}={text!r}): expected a number") from None
+
+
+def _env_int(ns_value: int | None, env: Mapping[str, str], name: str, flag: str) -> int | None:
+    if ns_value is not None:
+        return ns_value
+    text = env.get(name)
+    if text is None or text == "":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise UsageError(f"{flag} ({name}={text!r}): expected an integer") from None
+
+
+_FALSE = {"0", "false", "no", "off"}
+
+
+def injection_defaults_from_env(env: Mapping[str, str]) -> Any:
+    """``InjectionDefaults`` with ``SPENDGATE_SIDECAR_<FIELD>`` variables applied (the Helm
+    chart passes the sidecar defaults so). Booleans are true/false; ``native_sidecars`` also
+    takes ``auto`` (detect from the API server's version)."""
+    from spendgate.operator.settings import InjectionDefaults
+
+    defaults = InjectionDefaults()
+    values: dict[str, Any] = {}
+    for item in fields(InjectionDefaults):
+        name = f"SPENDGATE_SIDECAR_{item.name.upper()}"
+        text = env.get(name)
+        if text is None or text.strip() == "":
+            continue
+        text = text.strip()
+        kind = str(item.type)
+        if "bool" in kind:
+            lowered = text.lower()
+            if lowered in _TRUE or lowered in _FALSE:
+                values[item.name] = lowered in _TRUE
+            elif "None" in kind and lowered == "auto":
+                values[item.name] = None
+            else:
+                raise UsageError(f"{name}={text!r}: expected true or false")
+        elif kind == "int":
+            try:
+                values[item.name] = int(text)
+            except ValueError:
+                raise UsageError(f"{name}={text!r}: expected an integer") from None
+        else:
+            values[item.name] = text
+    return replace(defaults, **values)
+
+
+def operator_settings_from_args(
+    ns: argparse.Namespace, environ: Mapping[str, str] | None = None
+) -> Any:
+    """``OperatorSettings`` from flags, falling back to ``SPENDGATE_*`` variables, then defaults."""
+    from spendgate.operator.settings import OperatorSettings
+
+    env = os.environ if environ is None else environ
+    defaults = OperatorSettings()
+    redis_url, cluster = redis_settings(ns, env)
+    watched = list(ns.watch_namespace or [])
+    if not watched and env.get("SPENDGATE_WATCH_NAMESPACES"):
+        watched = [n.strip() for n in env["SPENDGATE_WATCH_NAMESPACES"].split(",") if n.strip()]
+    interval = _env_float(ns.status_interval, env, "SPENDGATE_STATUS_INTERVAL", "--status-interval")
+    if interval is not None and interval <= 0:
+        raise UsageError("--status-interval must be positive (seconds)")
+    health_port = _env_int(ns.health_port, env, "SPENDGATE_HEALTH_PORT", "--health-port")
+    webhook_port = _env_int(ns.webhook_port, env, "SPENDGATE_WEBHOOK_PORT", "--webhook-port")
+    for flag, port in (("--health-port", health_port), ("--webhook-port", webhook_port)):
+        if port is not None and not 0 <= port < 65536:
+            raise UsageError(f"{flag} {port}: expected a TCP port")
+    priority = _env_int(ns.priority, env, "SPENDGATE_PEERING_PRIORITY", "--priority")
+    standalone = ns.standalone or env.get("SPENDGATE_STANDALONE", "").lower() in _TRUE
+    alert_url = ns.alert_webhook_url or env.get("SPENDGATE_ALERT_WEBHOOK_URL") or None
+    if alert_url is not None and urlsplit(alert_url).scheme not in ("http", "https"):
+        raise UsageError("--alert-webhook-url: expected an http(s) URL")
+    return replace(
+        defaults,
+        redis_url=redis_url,
+        redis_cluster=cluster,
+        namespace=ns.operator_namespace
+        or env.get("SPENDGATE_OPERATOR_NAMESPACE")
+        or env.get("POD_NAMESPACE")
+        or defaults.namespace,
+        namespaces=tuple(watched),
+        status_interval_s=interval if interval is not None else defaults.status_interval_s,
+        alert_webhook_url=alert_url,
+        health_port=health_port if health_port is not None else defaults.health_port,
+        webhook_port=webhook_port if webhook_port is not None else defaults.webhook_port,
+        webhook_cert_file=ns.webhook_cert_file
+        or env.get("SPENDGATE_WEBHOOK_CERT_FILE")
+        or defaults.webhook_cert_file,
+        webhook_key_file=ns.webhook_key_file
+        or env.get("SPENDGATE_WEBHOOK_KEY_FILE")
+        or defaults.webhook_key_file,
+        peering=ns.peering or env.get("SPENDGATE_PEERING") or defaults.peering,
+        peering_standalone=standalone,
+        peering_priority=priority,
+        pod_name=ns.pod_name or env.get("POD_NAME") or env.get("SPENDGATE_POD") or "",
+        injection=injection_defaults_from_env(env),
+    )
+
+
+def cmd_operator(ns: argparse.Namespace) -> int:
+    settings = operator_settings_from_args(ns)
+    env = os.environ
+    level = ns.log_level or env.get("SPENDGATE_LOG_LEVEL") or "INFO"
+    setup_logging(level, json=(ns.log_format or env.get("SPENDGATE_LOG_FORMAT")) != "text")
+    from spendgate.operator.main import run  # kopf is imported only when the operator runs
+
+    run(settings)
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -367,6 +495,57 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-format", choices=["json", "text"], help="env SPENDGATE_LOG_FORMAT, default json"
     )
 
+    op = sub.add_parser("operator", parents=[common], help="run the Kubernetes operator (kopf)")
+    op.add_argument(
+        "--watch-namespace",
+        action="append",
+        metavar="NS",
+        help="watch only this namespace, repeatable (env SPENDGATE_WATCH_NAMESPACES=a,b;"
+        " default: cluster-wide)",
+    )
+    op.add_argument(
+        "--operator-namespace",
+        metavar="NS",
+        help="where the operator runs (env SPENDGATE_OPERATOR_NAMESPACE or POD_NAMESPACE)",
+    )
+    op.add_argument(
+        "--status-interval",
+        type=float,
+        metavar="SECONDS",
+        help="status refresh from Redis (env SPENDGATE_STATUS_INTERVAL, default 30)",
+    )
+    op.add_argument(
+        "--alert-webhook-url",
+        metavar="URL",
+        help="POST Slack-compatible JSON alerts here (env SPENDGATE_ALERT_WEBHOOK_URL)",
+    )
+    op.add_argument(
+        "--health-port", type=int, help="/healthz and /readyz (env SPENDGATE_HEALTH_PORT, 8081)"
+    )
+    op.add_argument(
+        "--webhook-port", type=int, help="admission webhook (env SPENDGATE_WEBHOOK_PORT, 8443)"
+    )
+    op.add_argument("--webhook-cert-file", help="env SPENDGATE_WEBHOOK_CERT_FILE")
+    op.add_argument("--webhook-key-file", help="env SPENDGATE_WEBHOOK_KEY_FILE")
+    op.add_argument(
+        "--peering", metavar="NAME", help="ClusterKopfPeering name (env SPENDGATE_PEERING)"
+    )
+    op.add_argument(
+        "--standalone",
+        action="store_true",
+        help="no peering: run exactly one replica (env SPENDGATE_STANDALONE=1)",
+    )
+    op.add_argument(
+        "--priority",
+        type=int,
+        help="peering priority (env SPENDGATE_PEERING_PRIORITY; default random per start)",
+    )
+    op.add_argument("--pod-name", help="peering identity (env POD_NAME)")
+    op.add_argument("--log-level", help="env SPENDGATE_LOG_LEVEL, default INFO")
+    op.add_argument(
+        "--log-format", choices=["json", "text"], help="env SPENDGATE_LOG_FORMAT, default json"
+    )
+
     sub.add_parser(
         "standin-model",
         add_help=False,
@@ -400,6 +579,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if ns.command == "sidecar":
             return cmd_sidecar(ns)
+        if ns.command == "operator":
+            return cmd_operator(ns)
         return asyncio.run(_ASYNC_COMMANDS[ns.command](ns))
     except ApplyError as error:
         print(f"spendgate {ns.command}: invalid input:", file=sys.stderr)

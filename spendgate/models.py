@@ -327,6 +327,9 @@ class BudgetPolicy(_Model):
         return value
 
 
+PriceBookName = Annotated[str, Field(pattern=DNS_SUBDOMAIN_PATTERN, max_length=253)]
+
+
 class StripeLink(_Model):
     customer_id: str = Field(pattern=r"^cus_[A-Za-z0-9]+$")
     subscription_id: str | None = Field(default=None, pattern=r"^sub_[A-Za-z0-9]+$")
@@ -377,6 +380,12 @@ class CustomerBudgetSpec(_Model):
     )
     policy: BudgetPolicy = Field(default_factory=BudgetPolicy)
     stripe: StripeLink | None = None
+    price_books: list[PriceBookName] = Field(
+        default_factory=list,
+        max_length=16,
+        description="PriceBooks (in the budget's namespace) this customer is charged by; the"
+        " operator reports a missing one or one in another currency.",
+    )
 
     @model_validator(mode="after")
     def _cross_field(self) -> Self:
@@ -422,11 +431,21 @@ class BudgetState(StrEnum):
     misconfigured = "Misconfigured"
 
 
+class AlertBaseline(_Model):
+    """Prepaid alerts count from the balance after the last top-up and the charges by then."""
+
+    balance: str
+    charged: str
+
+
 class CustomerBudgetStatus(_Model):
     model_config = ConfigDict(extra="allow")
 
     customer_id: str | None = None
     state: BudgetState | None = None
+    state_reasons: list[str] = Field(
+        default_factory=list, description="Why the budget is not Active (suspension sources)."
+    )
     currency: str | None = None
     balance: str | None = None
     held: str | None = None
@@ -439,6 +458,12 @@ class CustomerBudgetStatus(_Model):
     )
     observed_generation: int | None = None
     last_stripe_sync: str | None = None
+    active_keys: int | None = Field(default=None, description="API keys configured in Redis.")
+    alerted_threshold: int | None = Field(
+        default=None,
+        description="The highest alert threshold (percent) already alerted; 0 for none.",
+    )
+    alert_baseline: AlertBaseline | None = None
 
 
 # --------------------------------------------------------------------------- PriceBook

@@ -1,7 +1,11 @@
 """Shared pytest fixtures. The real-Redis fixtures live in tests/redis_servers.py."""
 
+import os
 import sys
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 # Make `tests.*` importable however pytest is started. Appended, never prepended: the project
 # root holds `operator/`, which must not shadow the standard library's `operator`.
@@ -20,8 +24,27 @@ from tests.redis_servers import (  # noqa: E402
     redis_url,
 )
 
+
+@pytest.fixture(scope="session")
+def kube_api_calls() -> list[Any]:
+    """Every Kubernetes API call the operator made in this session's end-to-end tests, as
+    ``tests.kube_emulator.ApiCall`` (``rbac_rules(...)`` turns them into RBAC triples)."""
+    from tests.kube_emulator import API_CALLS
+
+    return API_CALLS
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """With SPENDGATE_KUBE_CALLS_FILE set, write the recorded API calls there as JSON."""
+    path = os.environ.get("SPENDGATE_KUBE_CALLS_FILE")
+    emulator = sys.modules.get("tests.kube_emulator")
+    if path and emulator is not None:
+        emulator.write_calls(path)
+
+
 __all__ = [
     "fresh_redis_server",
+    "kube_api_calls",
     "ledger_redis",
     "ledger_redis_target",
     "redis_client",

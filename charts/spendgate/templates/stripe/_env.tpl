@@ -1,0 +1,30 @@
+{{/* The operator's Stripe settings: SPENDGATE_STRIPE_<field of StripeSettings>
+     (operator/stripe/settings.py). Secrets are passed as "name/key" references: the operator
+     reads them from the API in its own namespace, so their values never sit in the pod spec. */}}
+{{- define "spendgate.stripe.env" -}}
+{{- $st := .Values.stripe }}
+- name: SPENDGATE_STRIPE_ENABLED
+  value: "true"
+- name: SPENDGATE_STRIPE_API_KEY_SECRET
+  value: {{ printf "%s/%s" $st.apiKeySecret.name $st.apiKeySecret.key | quote }}
+- name: SPENDGATE_STRIPE_WEBHOOK_SECRET
+  value: {{ printf "%s/%s" $st.webhookSecret.name $st.webhookSecret.key | quote }}
+- name: SPENDGATE_STRIPE_WEBHOOK_SECRET_NEXT
+  value: {{ ternary (printf "%s/%s" $st.webhookSecret.name $st.webhookSecret.nextKey) "" (ne $st.webhookSecret.nextKey "") | quote }}
+- name: SPENDGATE_STRIPE_WEBHOOK_PORT
+  value: {{ $st.receiver.port | quote }}
+- name: SPENDGATE_STRIPE_WEBHOOK_PATH
+  value: {{ $st.receiver.path | quote }}
+- name: SPENDGATE_STRIPE_METER_EVENT_NAME
+  value: {{ $st.meter.eventName | quote }}
+- name: SPENDGATE_STRIPE_METER_CUSTOMER_KEY
+  value: {{ $st.meter.customerKey | quote }}
+- name: SPENDGATE_STRIPE_METER_VALUE_KEY
+  value: {{ $st.meter.valueKey | quote }}
+- name: SPENDGATE_STRIPE_METER_VALUE_UNIT
+  value: {{ $st.meter.valueUnit | quote }}
+{{- range $field, $value := $st.settings }}
+- name: {{ printf "SPENDGATE_STRIPE_%s" (upper $field) }}
+  value: {{ $value | toString | quote }}
+{{- end }}
+{{- end }}

@@ -1,0 +1,408 @@
+"""kopf handlers: thin wiring of :mod:`.budgets` and :mod:`.pricebooks` to the cluster.
+
+:func:`build_registry` returns a ``kopf.OperatorRegistry`` holding every handler, bound to one
+:class:`Runtime` (Redis, the API client, alerting). Nothing registers into kopf's global
+registry, so tests run operators side by side with other credentials.
+
+=======================  ===================================================================
+handler                  does
+=======================  ===================================================================
+login                    kopf's login (``kopf.login_via_client`` by default); the operator's
+                         own API client (Secrets, annotations) takes the same credentials
+startup ``configure``    production kopf settings (:func:`configure_kopf`)
+index ``budget_refs``    ``("Secret"|"PriceBook", namespace, name)`` → budgets using it
+CustomerBudget
+  create/update/resume   :func:`.budgets.reconcile_budget`; status patch, Events, alerts
+  timer ``status``       :func:`.budgets.refresh_budget` every ``status_interval_s``
+  delete (finalizer)     :func:`.budgets.finalize_budget`: keys revoked, account frozen
+PriceBook
+  create/update/resume   :func:`.pricebooks.reconcile_pricebook`
+  delete (finalizer)     :func:`.pricebooks.finalize_pricebook`
+v1 Secret event          budgets referencing the Secret are annotated, so kopf reconciles
+                         them at once (a rotated key takes effect in about a second)
+=======================  ===================================================================
+
+Temporary trouble (Redis, the API) raises ``kopf.TemporaryError``: kopf writes the status
+(``Ready=Unknown``, reason ``RedisUnavailable``) and retries after ``retry_delay_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import random
+import socket
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import kopf
+
+from spendgate.config_store import ConfigStore
+
+from . import budgets, pricebooks
+from . import conditions as cond
+from .alerts import AlertSender
+from .budgets import EventSpec, KeyedLocks, Reconciled, RetryableError
+from .kube import GROUP, VERSION, KubeClient
+from .settings import OperatorSettings
+
+log = logging.getLogger("spendgate.operator")
+
+BUDGETS = "customerbudgets"
+PRICEBOOKS = "pricebooks"
+PREFIX = "spendgate.dev"  # kopf's progress and diff-base annotations: spendgate.dev/...
+FINALIZER = "spendgate.dev/finalizer"
+# Outside kopf's prefix on purpose: kopf ignores its own annotations when diffing, and this
+# one must count as a change so that kopf calls the update handler.
+REFRESH_ANNOTATION = "refresh.spendgate.dev/trigger"
+BUDGET_REFS = "budget_refs"  # the index's id, and the kwarg name handlers receive it by
+
+LoginFn = Callable[..., Any]
+
+
+@dataclass
+class Runtime:
+    """What the handlers share: created once per operator by ``main.run``."""
+
+    settings: OperatorSettings
+    store: ConfigStore
+    kube: KubeClient
+    alerts: AlertSender | None = None
+    locks: KeyedLocks = field(default_factory=KeyedLocks)
+    # uid -> monotonic time of the last full reconcile (the timer re-reads Secrets sometimes)
+    last_full: dict[str, float] = field(default_factory=dict)
+    # uid -> (started, finished or None) of the latest reconcile handler run; the status timer
+    # stays out of its way, so an older status never overwrites a newer one
+    reconciling: dict[str, tuple[float, float | None]] = field(default_factory=dict)
+    stopping: bool = False  # set when kopf runs its cleanup: no more work is started
+
+
+def default_priority() -> int:
+    """A random peering priority: replicas differ, so exactly one of them is active."""
+    return random.SystemRandom().randint(1, 2**30)
+
+
+def configure_kopf(kopf_settings: kopf.OperatorSettings, settings: OperatorSettings) -> None:
+    """kopf settings for production (documented in docs/operator.md, "kopf settings")."""
+    ks = kopf_settings
+    ks.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX, v1=False)
+    ks.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=PREFIX, key="last-handled-configuration", v1=False
+    )
+    ks.persistence.finalizer = FINALIZER
+    ks.posting.enabled = True
+    ks.posting.loggers = False  # only the Events the handlers post on purpose
+    ks.posting.level = logging.INFO  # Normal and Warning Events
+    ks.posting.reporting_component = "spendgate-operator"
+    ks.posting.reporting_instance = settings.pod_name or socket.gethostname()
+    ks.posting.event_name_prefix = "spendgate-"
+    ks.networking.connect_timeout = 10
+    ks.networking.request_timeout = 60
+    ks.watching.connect_timeout = 10
+    ks.watching.server_timeout = 300  # the API server ends each watch after 5 minutes
+    ks.watching.client_timeout = 330
+    ks.process.ultimate_exiting_timeout = 60
+    ks.queueing.worker_limit = settings.max_workers
+    ks.peering.name = settings.peering
+    ks.peering.clusterwide = True  # one ClusterKopfPeering, also for namespaced operators
+    ks.peering.standalone = settings.peering_standalone
+    ks.peering.mandatory = not settings.peering_standalone
+    ks.peering.priority = (
+        settings.peering_priority if settings.peering_priority is not None else default_priority()
+    )
+    ks.peering.lifetime = settings.peering_lifetime_s
+    ks.peering.stealth = True  # keep-alives are not logged
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _post(body: Mapping[str, Any], events: Iterable[EventSpec]) -> None:
+    for event in events:
+        kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+
+
+def _write_status(patch: kopf.Patch, changes: Mapping[str, Any]) -> None:
+    for key, value in changes.items():
+        patch.status[key] = value
+
+
+async def _bounded(settings: OperatorSettings, work: Awaitable[Any], what: str) -> Any:
+    try:
+        async with asyncio.timeout(settings.reconcile_timeout_s):
+            return await work
+    except TimeoutError:
+        raise kopf.TemporaryError(
+            f"{what} did not finish in {settings.reconcile_timeout_s:g}s",
+            delay=settings.retry_delay_s,
+        ) from None
+
+
+def _retry(settings: OperatorSettings, error: RetryableError) -> kopf.TemporaryError:
+    delay = error.delay_s if error.delay_s is not None else settings.retry_delay_s
+    return kopf.TemporaryError(error.message, delay=delay)
+
+
+async def touch_budgets(runtime: Runtime, namespace: str, names: Iterable[str], cause: str) -> None:
+    """Annotate budgets so kopf reconciles them now; bounded retries, then logged."""
+    for name in sorted(set(names)):
+        for attempt in range(3):
+            try:
+                await runtime.kube.annotate(BUDGETS, namespace, name, {REFRESH_ANNOTATION: cause})
+                break
+            except RetryableError as error:
+                if attempt == 2:
+                    log.warning(
+                        "could not trigger a reconcile; the periodic resync will catch up",
+                        extra={
+                            "budget": f"{namespace}/{name}",
+                            "cause": cause,
+                            "error": error.message,
+                        },
+                    )
+                else:
+                    await asyncio.sleep(0.2 * (attempt + 1))
+
+
+def _refs(index: kopf.Index[Any, Any] | None, key: tuple[str, str, str]) -> list[str]:
+    if index is None:
+        return []
+    return [str(name) for name in index.get(key, [])]
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def build_registry(runtime: Runtime, *, login: LoginFn | None = None) -> kopf.OperatorRegistry:
+    """All handlers of the operator in a fresh registry. ``login`` replaces kopf's default
+    (``kopf.login_via_client``: in-cluster service account or kubeconfig)."""
+    registry = kopf.OperatorRegistry()
+    settings = runtime.settings
+    login_fn = login or kopf.login_via_client
+
+    @kopf.on.login(registry=registry)
+    async def login_handler(**kwargs: Any) -> Any:
+        info = login_fn(**kwargs)
+        if inspect.isawaitable(info):
+            info = await info
+        if info is not None:
+            runtime.kube.configure(info)
+        return info
+
+    @kopf.on.startup(registry=registry)
+    async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+        configure_kopf(settings, runtime.settings)
+        log.info(
+            "operator configured",
+            extra={
+                "peering": "standalone"
+                if runtime.settings.peering_standalone
+                else settings.peering.name,
+                "priority": settings.peering.priority,
+            },
+        )
+
+    @kopf.on.cleanup(registry=registry)
+    async def cleanup(**_: Any) -> None:
+        # kopf may still run a handler or two after this (workers draining their queues):
+        # ``stopping`` makes them give up before they start any work.
+        runtime.stopping = True
+        if runtime.alerts is not None:
+            await runtime.alerts.aclose()
+        await runtime.kube.aclose()
+
+    def not_stopping() -> None:
+        if runtime.stopping:
+            raise kopf.TemporaryError("the operator is stopping", delay=settings.retry_delay_s)
+
+    # ------------------------------------------------------------------ index
+
+    @kopf.index(GROUP, VERSION, BUDGETS, id=BUDGET_REFS, registry=registry)
+    def budget_refs(
+        namespace: str, name: str, body: kopf.Body, **_: Any
+    ) -> dict[tuple[str, str, str], str]:
+        refs = {("Secret", namespace, s): name for s in budgets.secret_names(body)}
+        refs |= {("PriceBook", namespace, p): name for p in budgets.pricebook_names(body)}
+        return refs
+
+    # ------------------------------------------------------------------ CustomerBudgets
+
+    def publish(result: Reconciled, body: kopf.Body, patch: kopf.Patch) -> None:
+        _write_status(patch, result.patch(body.get("status")))
+        _post(body, result.events)
+        if runtime.alerts is not None:
+            for alert in result.alerts:
+                runtime.alerts.dispatch(alert)
+        if result.error is not None:
+            raise _retry(settings, result.error)
+
+    @kopf.on.resume(GROUP, VERSION, BUDGETS, id="reconcile", registry=registry)
+    @kopf.on.create(GROUP, VERSION, BUDGETS, id="reconcile", registry=registry)
+    @kopf.on.update(GROUP, VERSION, BUDGETS, id="reconcile", registry=registry)
+    async def reconcile_budget(body: kopf.Body, patch: kopf.Patch, uid: str, **_: Any) -> None:
+        not_stopping()
+        started = time.monotonic()
+        runtime.reconciling[uid] = (started, None)
+        try:
+            result = await _bounded(
+                settings,
+                budgets.reconcile_budget(
+                    body,
+                    store=runtime.store,
+                    read_secret=runtime.kube.read_secret,
+                    locks=runtime.locks,
+                ),
+                "reconciling the budget",
+            )
+        finally:
+            runtime.reconciling[uid] = (started, time.monotonic())
+        if result.error is None:
+            runtime.last_full[uid] = started
+        publish(result, body, patch)
+
+    def reconcile_overlaps(uid: str, since: float) -> bool:
+        """A reconcile ran recently, runs now, or started after ``since``: its status wins."""
+        started, finished = runtime.reconciling.get(uid, (0.0, 0.0))
+        quiet = min(2.0, settings.status_interval_s / 2)
+        return finished is None or started >= since or time.monotonic() - finished < quiet
+
+    @kopf.timer(
+        GROUP,
+        VERSION,
+        BUDGETS,
+        id="status",
+        registry=registry,
+        interval=settings.status_interval_s,
+        initial_delay=settings.status_interval_s,
+    )
+    async def refresh_status(body: kopf.Body, patch: kopf.Patch, uid: str, **_: Any) -> None:
+        if runtime.stopping:
+            # kopf can (re)spawn a timer while it shuts down, after it stopped the others; it
+            # would run until kopf cancels leftover tasks 5 s later. End it now, doing nothing.
+            raise asyncio.CancelledError()
+        started = time.monotonic()
+        if reconcile_overlaps(uid, started):
+            return  # its status is fresher than ours would be
+        last = runtime.last_full.get(uid)
+        due = last is None or started - last >= settings.resync_interval_s
+        if due:
+            work = budgets.reconcile_budget(
+                body,
+                store=runtime.store,
+                read_secret=runtime.kube.read_secret,
+                locks=runtime.locks,
+            )
+        else:
+            work = budgets.refresh_budget(
+                body,
+                store=runtime.store,
+                read_secret=runtime.kube.read_secret,
+                locks=runtime.locks,
+            )
+        result = await _bounded(settings, work, "refreshing the budget status")
+        if due and result.error is None:
+            runtime.last_full[uid] = started
+        if reconcile_overlaps(uid, started):
+            return  # a reconcile started meanwhile; what it writes is newer
+        publish(result, body, patch)
+
+    @kopf.on.delete(GROUP, VERSION, BUDGETS, id="finalize", registry=registry)
+    async def finalize_budget(body: kopf.Body, uid: str, **_: Any) -> None:
+        not_stopping()
+        try:
+            events = await _bounded(
+                settings,
+                budgets.finalize_budget(body, store=runtime.store),
+                "revoking the budget",
+            )
+        except RetryableError as error:
+            kopf.event(
+                body,
+                type="Warning",
+                reason=error.reason,
+                message=f"cannot revoke yet, retrying: {error.message}",
+            )
+            raise _retry(settings, error) from None
+        _post(body, events)
+        runtime.last_full.pop(uid, None)
+        runtime.reconciling.pop(uid, None)
+        customer = budgets.raw_customer_id(body)
+        if customer is not None:
+            runtime.locks.forget(customer)
+
+    # ------------------------------------------------------------------ Secrets
+
+    @kopf.on.event("", "v1", "secrets", id="secret_changed", registry=registry)
+    async def secret_changed(
+        event: Mapping[str, Any], namespace: str, name: str, body: kopf.Body, **kwargs: Any
+    ) -> None:
+        if event.get("type") is None or runtime.stopping:
+            return  # the initial listing: budgets are reconciled on resume anyway
+        names = _refs(kwargs.get(BUDGET_REFS), ("Secret", namespace, name))
+        if names:
+            version = body.get("metadata", {}).get("resourceVersion", "")
+            await touch_budgets(
+                runtime, namespace, names, f"Secret/{name}@{version}:{event['type']}"
+            )
+
+    # ------------------------------------------------------------------ PriceBooks
+
+    @kopf.on.resume(GROUP, VERSION, PRICEBOOKS, id="reconcile", registry=registry)
+    @kopf.on.create(GROUP, VERSION, PRICEBOOKS, id="reconcile", registry=registry)
+    @kopf.on.update(GROUP, VERSION, PRICEBOOKS, id="reconcile", registry=registry)
+    async def reconcile_pricebook(
+        body: kopf.Body, patch: kopf.Patch, namespace: str, name: str, **kwargs: Any
+    ) -> None:
+        not_stopping()
+        result = await _bounded(
+            settings,
+            pricebooks.reconcile_pricebook(body, store=runtime.store),
+            "reconciling the PriceBook",
+        )
+        old = body.get("status") or {}
+        _write_status(patch, result.patch(old))
+        _post(body, result.events)
+        if result.error is not None:
+            raise _retry(settings, result.error)
+        ready_changed = cond.status_of(old.get("conditions"), budgets.READY) != cond.status_of(
+            result.status.get("conditions"), budgets.READY
+        )
+        currency_changed = result.currency is not None and old.get("currency") != result.currency
+        if ready_changed or currency_changed:
+            names = _refs(kwargs.get(BUDGET_REFS), ("PriceBook", namespace, name))
+            version = body.get("metadata", {}).get("resourceVersion", "")
+            await touch_budgets(runtime, namespace, names, f"PriceBook/{name}@{version}")
+
+    @kopf.on.delete(GROUP, VERSION, PRICEBOOKS, id="finalize", registry=registry)
+    async def finalize_pricebook(body: kopf.Body, namespace: str, name: str, **kwargs: Any) -> None:
+        not_stopping()
+        try:
+            events = await _bounded(
+                settings,
+                pricebooks.finalize_pricebook(body, store=runtime.store),
+                "removing the PriceBook",
+            )
+        except RetryableError as error:
+            raise _retry(settings, error) from None
+        _post(body, events)
+        names = _refs(kwargs.get(BUDGET_REFS), ("PriceBook", namespace, name))
+        await touch_budgets(runtime, namespace, names, f"PriceBook/{name}:deleted")
+
+    return registry
+
+
+__all__ = [
+    "BUDGETS",
+    "FINALIZER",
+    "PREFIX",
+    "PRICEBOOKS",
+    "REFRESH_ANNOTATION",
+    "Runtime",
+    "build_registry",
+    "configure_kopf",
+    "default_priority",
+    "touch_budgets",
+]

@@ -1,0 +1,117 @@
+"""Reconciling PriceBooks: a valid spec is written to Redis for the sidecars, an invalid one is
+reported (``Ready=False``, ``InvalidSpec``) and the last valid version stays in effect."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from spendgate.config_store import ConfigStore
+from spendgate.models import ManifestError, PriceBook, parse_resource
+
+from . import conditions as cond
+from .budgets import (
+    INVALID_SPEC,
+    READY,
+    EventSpec,
+    RetryableError,
+    generation_of,
+    object_ref,
+    plain,
+    redis_call,
+    status_patch,
+)
+
+
+@dataclass
+class PriceBookReconciled:
+    status: dict[str, Any]
+    events: list[EventSpec] = field(default_factory=list)
+    error: RetryableError | None = None
+    currency: str | None = None
+
+    def patch(self, old_status: Mapping[str, Any] | None) -> dict[str, Any]:
+        return status_patch(old_status, self.status)
+
+
+def parse_pricebook(body: Mapping[str, Any]) -> PriceBook:
+    manifest = {key: plain(body[key]) for key in ("apiVersion", "kind", "spec") if key in body}
+    meta = body.get("metadata") or {}
+    manifest["metadata"] = {k: meta[k] for k in ("name", "namespace", "generation") if k in meta}
+    resource = parse_resource(manifest, f"PriceBook {object_ref(body)}")
+    if not isinstance(resource, PriceBook):
+        raise ManifestError(object_ref(body), [f"kind: {resource.kind} is not a PriceBook"])
+    return resource
+
+
+def _events(
+    old_status: Mapping[str, Any], status: Mapping[str, Any], changed: bool
+) -> list[EventSpec]:
+    ready = cond.find(status.get("conditions"), READY)
+    if ready is None:
+        return []
+    if cond.transitioned(old_status.get("conditions"), dict(ready)):
+        if ready["status"] == "True":
+            return [EventSpec("Normal", "Configured", ready["message"])]
+        return [EventSpec("Warning", ready["reason"], ready["message"])]
+    if changed and ready["status"] == "True":
+        return [EventSpec("Normal", "Configured", ready["message"])]
+    return []
+
+
+async def reconcile_pricebook(
+    body: Mapping[str, Any], *, store: ConfigStore, now: datetime | None = None
+) -> PriceBookReconciled:
+    now = now or datetime.now(UTC)
+    old_status: dict[str, Any] = plain(body.get("status") or {})
+    generation = generation_of(body)
+    status: dict[str, Any] = {"conditions": old_status.get("conditions") or []}
+    try:
+        pricebook = parse_pricebook(body)
+    except ManifestError as error:
+        message = "; ".join(error.problems) + " (the last valid version, if any, stays in effect)"
+        status["conditions"] = cond.set_condition(
+            status["conditions"],
+            cond.make_condition(
+                READY, "False", INVALID_SPEC, message, generation=generation, now=now
+            ),
+        )
+        status["observedGeneration"] = generation
+        return PriceBookReconciled(status, _events(old_status, status, changed=False))
+    try:
+        await redis_call(store.apply_pricebook(pricebook))
+    except RetryableError as error:
+        status["conditions"] = cond.set_condition(
+            status["conditions"],
+            cond.make_condition(
+                READY, "Unknown", error.reason, error.message, generation=generation, now=now
+            ),
+        )
+        return PriceBookReconciled(status, _events(old_status, status, False), error=error)
+    spec = pricebook.spec
+    rules = len(spec.rules)
+    message = (
+        f"{rules} rule{'' if rules == 1 else 's'} in {spec.currency}; unmatched requests:"
+        f" {spec.unmatched.value}"
+    )
+    status["conditions"] = cond.set_condition(
+        status["conditions"],
+        cond.make_condition(READY, "True", "Configured", message, generation=generation, now=now),
+    )
+    status["observedGeneration"] = generation
+    status["currency"] = spec.currency
+    status["rules"] = rules
+    changed = old_status.get("observedGeneration") != generation
+    return PriceBookReconciled(status, _events(old_status, status, changed), currency=spec.currency)
+
+
+async def finalize_pricebook(body: Mapping[str, Any], *, store: ConfigStore) -> list[EventSpec]:
+    """Remove a deleted PriceBook from Redis; raises RedisUnavailable to be retried."""
+    ref = object_ref(body)
+    await redis_call(store.delete_pricebook(ref))
+    return [EventSpec("Normal", "Deleted", f"PriceBook {ref} removed from the sidecars' config")]
+
+
+__all__ = ["PriceBookReconciled", "finalize_pricebook", "parse_pricebook", "reconcile_pricebook"]
