@@ -26,10 +26,10 @@ def parse_duration(value: Any) -> int:
             pos = part.end()
         if pos != len(text) or pos == 0:
             raise ValueError(
-                f"{value!r} is not a duration (use forms like \"500ms\", \"30s\", \"5m\", \"72h\")"
+                f'{value!r} is not a duration (use forms like "500ms", "30s", "5m", "72h")'
             )
     else:
-        raise ValueError(f"{value!r} is not a duration (use forms like \"30s\" or \"5m\")")
+        raise ValueError(f'{value!r} is not a duration (use forms like "30s" or "5m")')
     if milliseconds < 0 or milliseconds > _MAX_MS:
         raise ValueError(f"{value!r} is out of range (0 to 366 days)")
     return milliseconds
