@@ -7,6 +7,7 @@ written, in a task the app drains on shutdown.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -206,9 +207,10 @@ class Proxy:
 
     async def _forward(self, request: web.Request, metered: Metered) -> web.StreamResponse:
         url = self.upstream + request.raw_path
-        timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=5, sock_read=metered.rule.timeout / 1000
-        )
+        # The rule's timeout bounds the whole exchange, streams included: the hold lives that
+        # long (plus a grace period), so no stream can outlive its reservation.
+        limit_s = metered.rule.timeout / 1000
+        timeout = aiohttp.ClientTimeout(total=limit_s, sock_connect=min(5, limit_s))
         metered.upstream_started = time.monotonic()
         try:
             upstream_cm = self.session.request(
@@ -285,6 +287,7 @@ class Proxy:
             log.warning("model stream failed", extra={"error": repr(error)})
             self.metrics.upstream_errors.labels("stream").inc()
             outcome = "upstream_stream"
+            await self._end_failed_stream(response, tap, error)
         except asyncio.CancelledError:  # handler cancelled (client gone, shutdown timeout)
             cancelled = "cut_off" if metered.cut_off else "client_disconnect"
             self._finish(metered, upstream, tap, outcome=cancelled)
@@ -293,6 +296,18 @@ class Proxy:
             outcome = "cut_off"
         self._finish(metered, upstream, tap, outcome=outcome)
         return response
+
+    async def _end_failed_stream(
+        self, response: web.StreamResponse, tap: ResponseTap, error: Exception
+    ) -> None:
+        """Tell an SSE client why its stream stops here, then end the response cleanly."""
+        code = "upstream_timeout" if isinstance(error, TimeoutError) else "upstream_failed"
+        with contextlib.suppress(ConnectionResetError, aiohttp.ClientConnectionResetError):
+            if tap.sse:
+                await response.write(
+                    sse_error_event("server_error", code, "The model stream ended early.")
+                )
+            await response.write_eof()
 
     async def _relay_small(
         self,
