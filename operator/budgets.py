@@ -11,6 +11,10 @@ are tested without Kubernetes; ``spendgate.operator.handlers`` wires them to kop
   the budget is not Ready or Redis lost its configuration.
 - :func:`finalize_budget` runs when a budget is deleted: keys revoked, account frozen.
 
+With Stripe enabled, a :class:`StripeHooks` (operator/stripe_wiring.py) links each applied
+budget to its Stripe customer (``StripeCustomerConflict`` when another budget holds it), fills
+``status.lastStripeSync`` and ``status.exportLagSeconds``, and releases the link on deletion.
+
 Every problem becomes a ``Ready=False`` condition with a reason and a message naming the field
 (and a Warning Event); nothing is skipped silently. Redis being unreachable is different: it is
 temporary, so it shows as ``Ready=Unknown`` (``RedisUnavailable``) and the caller retries.
@@ -69,6 +73,7 @@ SUSPENSION_REASONS = {
 INVALID_SPEC = "InvalidSpec"
 CUSTOMER_ID_CONFLICT = "CustomerIdConflict"
 API_KEY_CONFLICT = "ApiKeyConflict"
+STRIPE_CUSTOMER_CONFLICT = "StripeCustomerConflict"
 SECRET_MISSING = "SecretMissing"
 SECRET_INVALID = "SecretInvalid"
 PRICEBOOK_MISSING = "PriceBookMissing"
@@ -83,6 +88,7 @@ PROBLEM_ORDER = (
     SECRET_INVALID,
     PRICEBOOK_MISSING,
     CURRENCY_MISMATCH,
+    STRIPE_CUSTOMER_CONFLICT,
 )
 
 READY, FUNDED, SUSPENDED = "Ready", "Funded", "Suspended"
@@ -108,6 +114,23 @@ class SecretReader(Protocol):
     """
 
     def __call__(self, namespace: str, name: str) -> Awaitable[dict[str, Any] | None]: ...
+
+
+class StripeHooks(Protocol):
+    """Stripe's part of reconciling a budget; Redis errors propagate (retried)."""
+
+    async def link(self, spec: Any) -> str | None:
+        """Record the budget's Stripe link (or drop it: no ``spec.stripe``); a message when
+        another budget holds the Stripe customer (nothing is linked then)."""
+        ...
+
+    async def status(self, spec: Any) -> dict[str, Any]:
+        """``lastStripeSync`` and ``exportLagSeconds`` (None when not linked)."""
+        ...
+
+    async def unlink(self, customer_id: str) -> None:
+        """The budget is deleted: release its link once its usage is exported."""
+        ...
 
 
 class RetryableError(Exception):
@@ -734,6 +757,7 @@ async def reconcile_budget(
     read_secret: SecretReader,
     locks: KeyedLocks | None = None,
     now: datetime | None = None,
+    stripe: StripeHooks | None = None,
 ) -> Reconciled:
     """Apply a CustomerBudget to Redis and compute its status. Never raises for bad input.
 
@@ -777,8 +801,10 @@ async def reconcile_budget(
     try:
         if lock is not None:
             async with lock:
-                return await _reconcile_parsed(budget, old_status, status, store, read_secret, now)
-        return await _reconcile_parsed(budget, old_status, status, store, read_secret, now)
+                return await _reconcile_parsed(
+                    budget, old_status, status, store, read_secret, now, stripe
+                )
+        return await _reconcile_parsed(budget, old_status, status, store, read_secret, now, stripe)
     except RetryableError as error:
         status["conditions"] = cond.set_condition(
             status.get("conditions"),
@@ -797,6 +823,7 @@ async def _reconcile_parsed(
     store: ConfigStore,
     read_secret: SecretReader,
     now: datetime,
+    stripe: StripeHooks | None = None,
 ) -> Reconciled:
     spec = budget.spec
     generation = budget.metadata.generation
@@ -840,6 +867,13 @@ async def _reconcile_parsed(
         return _unapplied(budget, old_status, status, problems, now)
     if not spec.policy.require_payment_method:
         await redis_call(store.ledger.unsuspend(spec.customer_id, PAYMENT_METHOD_SOURCE))
+    if stripe is not None:
+        conflict = await redis_call(stripe.link(spec))
+        if conflict is not None:
+            problems.append(
+                Problem(STRIPE_CUSTOMER_CONFLICT, f"spec.stripe.customerId: {conflict}")
+            )
+        status.update(await redis_call(stripe.status(spec)))
     account = await redis_call(store.ledger.account(spec.customer_id))
 
     summary = _summary(budget, applied.keys_added)
@@ -889,6 +923,7 @@ async def refresh_budget(
     read_secret: SecretReader,
     locks: KeyedLocks | None = None,
     now: datetime | None = None,
+    stripe: StripeHooks | None = None,
 ) -> Reconciled:
     """The periodic status refresh from Redis (balances, state, thresholds).
 
@@ -908,11 +943,12 @@ async def refresh_budget(
             full = True
     if full or budget is None:
         return await reconcile_budget(
-            body, store=store, read_secret=read_secret, locks=locks, now=now
+            body, store=store, read_secret=read_secret, locks=locks, now=now, stripe=stripe
         )
     try:
         owner = await redis_call(store.owner_of(budget.spec.customer_id))
         account = await redis_call(store.ledger.account(budget.spec.customer_id))
+        linked = await redis_call(stripe.status(budget.spec)) if stripe is not None else {}
     except RetryableError as error:
         status = dict(old_status)
         status["conditions"] = cond.set_condition(
@@ -934,15 +970,18 @@ async def refresh_budget(
         )
     if owner != budget.ref or not account.configured:
         return await reconcile_budget(
-            body, store=store, read_secret=read_secret, locks=locks, now=now
+            body, store=store, read_secret=read_secret, locks=locks, now=now, stripe=stripe
         )
-    status = {key: old_status[key] for key in old_status if key != "lastStripeSync"}
+    status = dict(old_status)
+    status.update(linked)
     events, alerts = _with_account(budget, account, old_status, status, now)
     events = _transition_events(old_status, status, configured_message=None) + events
     return Reconciled(status, events, alerts, customer_id=budget.spec.customer_id)
 
 
-async def finalize_budget(body: Mapping[str, Any], *, store: ConfigStore) -> list[EventSpec]:
+async def finalize_budget(
+    body: Mapping[str, Any], *, store: ConfigStore, stripe: StripeHooks | None = None
+) -> list[EventSpec]:
     """The budget is being deleted: revoke its keys and freeze its account, at once.
 
     The account and its ledger stream stay in Redis: requests in flight still settle (and are
@@ -965,6 +1004,8 @@ async def finalize_budget(body: Mapping[str, Any], *, store: ConfigStore) -> lis
             )
         ]
     removed = await redis_call(store.revoke_customer(customer, f"CustomerBudget {ref} was deleted"))
+    if stripe is not None:
+        await redis_call(stripe.unlink(customer))
     return [
         EventSpec(
             "Normal",
@@ -1005,6 +1046,7 @@ __all__ = [
     "RedisUnavailable",
     "RetryableError",
     "SecretReader",
+    "StripeHooks",
     "Thresholds",
     "budget_state",
     "check_pricebooks",

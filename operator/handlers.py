@@ -1,8 +1,9 @@
 """kopf handlers: thin wiring of :mod:`.budgets` and :mod:`.pricebooks` to the cluster.
 
 :func:`build_registry` returns a ``kopf.OperatorRegistry`` holding every handler, bound to one
-:class:`Runtime` (Redis, the API client, alerting). Nothing registers into kopf's global
-registry, so tests run operators side by side with other credentials.
+:class:`Runtime` (Redis, the API client, alerting, the Stripe hooks when Stripe is enabled).
+Nothing registers into kopf's global registry, so tests run operators side by side with other
+credentials. Reconciliations are counted and timed (:func:`.metrics.counted`).
 
 =======================  ===================================================================
 handler                  does
@@ -10,6 +11,7 @@ handler                  does
 login                    kopf's login (``kopf.login_via_client`` by default); the operator's
                          own API client (Secrets, annotations) takes the same credentials
 startup ``configure``    production kopf settings (:func:`configure_kopf`)
+cleanup                  ``Runtime.cleanups`` (main: the leader's work stops, Lease released)
 index ``budget_refs``    ``("Secret"|"PriceBook", namespace, name)`` → budgets using it
 CustomerBudget
   create/update/resume   :func:`.budgets.reconcile_budget`; status patch, Events, alerts
@@ -42,10 +44,10 @@ import kopf
 
 from spendgate.config_store import ConfigStore
 
-from . import budgets, pricebooks
+from . import budgets, metrics, pricebooks
 from . import conditions as cond
 from .alerts import AlertSender
-from .budgets import EventSpec, KeyedLocks, Reconciled, RetryableError
+from .budgets import EventSpec, KeyedLocks, Reconciled, RetryableError, StripeHooks
 from .kube import GROUP, VERSION, KubeClient
 from .settings import OperatorSettings
 
@@ -71,6 +73,7 @@ class Runtime:
     store: ConfigStore
     kube: KubeClient
     alerts: AlertSender | None = None
+    stripe: StripeHooks | None = None  # with Stripe enabled (operator/stripe_wiring.py)
     locks: KeyedLocks = field(default_factory=KeyedLocks)
     # uid -> monotonic time of the last full reconcile (the timer re-reads Secrets sometimes)
     last_full: dict[str, float] = field(default_factory=dict)
@@ -78,6 +81,8 @@ class Runtime:
     # stays out of its way, so an older status never overwrites a newer one
     reconciling: dict[str, tuple[float, float | None]] = field(default_factory=dict)
     stopping: bool = False  # set when kopf runs its cleanup: no more work is started
+    # awaited by kopf's cleanup, e.g. main's leader election (its Lease released)
+    cleanups: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
 
 def default_priority() -> int:
@@ -208,8 +213,12 @@ def build_registry(runtime: Runtime, *, login: LoginFn | None = None) -> kopf.Op
     @kopf.on.cleanup(registry=registry)
     async def cleanup(**_: Any) -> None:
         # kopf may still run a handler or two after this (workers draining their queues):
-        # ``stopping`` makes them give up before they start any work.
+        # ``stopping`` makes them give up before they start any work. First the work beside
+        # kopf stops (the leader releases its Lease with the API client), then the clients
+        # close: their idle connections would hold kopf's exit for 5 s.
         runtime.stopping = True
+        for stop in runtime.cleanups:
+            await stop()
         if runtime.alerts is not None:
             await runtime.alerts.aclose()
         await runtime.kube.aclose()
@@ -231,6 +240,9 @@ def build_registry(runtime: Runtime, *, login: LoginFn | None = None) -> kopf.Op
     # ------------------------------------------------------------------ CustomerBudgets
 
     def publish(result: Reconciled, body: kopf.Body, patch: kopf.Patch) -> None:
+        lag = result.status.get("exportLagSeconds")
+        if isinstance(lag, int):
+            metrics.BUDGET_EXPORT_LAG.observe(lag)
         _write_status(patch, result.patch(body.get("status")))
         _post(body, result.events)
         if runtime.alerts is not None:
@@ -247,16 +259,19 @@ def build_registry(runtime: Runtime, *, login: LoginFn | None = None) -> kopf.Op
         started = time.monotonic()
         runtime.reconciling[uid] = (started, None)
         try:
-            result = await _bounded(
-                settings,
-                budgets.reconcile_budget(
-                    body,
-                    store=runtime.store,
-                    read_secret=runtime.kube.read_secret,
-                    locks=runtime.locks,
-                ),
-                "reconciling the budget",
-            )
+            with metrics.counted("CustomerBudget") as outcome:
+                result = await _bounded(
+                    settings,
+                    budgets.reconcile_budget(
+                        body,
+                        store=runtime.store,
+                        read_secret=runtime.kube.read_secret,
+                        locks=runtime.locks,
+                        stripe=runtime.stripe,
+                    ),
+                    "reconciling the budget",
+                )
+                outcome.append(metrics.outcome_of(result.status, result.error))
         finally:
             runtime.reconciling[uid] = (started, time.monotonic())
         if result.error is None:
@@ -294,6 +309,7 @@ def build_registry(runtime: Runtime, *, login: LoginFn | None = None) -> kopf.Op
                 store=runtime.store,
                 read_secret=runtime.kube.read_secret,
                 locks=runtime.locks,
+                stripe=runtime.stripe,
             )
         else:
             work = budgets.refresh_budget(
@@ -301,6 +317,7 @@ def build_registry(runtime: Runtime, *, login: LoginFn | None = None) -> kopf.Op
                 store=runtime.store,
                 read_secret=runtime.kube.read_secret,
                 locks=runtime.locks,
+                stripe=runtime.stripe,
             )
         result = await _bounded(settings, work, "refreshing the budget status")
         if due and result.error is None:
@@ -315,7 +332,7 @@ def build_registry(runtime: Runtime, *, login: LoginFn | None = None) -> kopf.Op
         try:
             events = await _bounded(
                 settings,
-                budgets.finalize_budget(body, store=runtime.store),
+                budgets.finalize_budget(body, store=runtime.store, stripe=runtime.stripe),
                 "revoking the budget",
             )
         except RetryableError as error:
@@ -357,11 +374,13 @@ def build_registry(runtime: Runtime, *, login: LoginFn | None = None) -> kopf.Op
         body: kopf.Body, patch: kopf.Patch, namespace: str, name: str, **kwargs: Any
     ) -> None:
         not_stopping()
-        result = await _bounded(
-            settings,
-            pricebooks.reconcile_pricebook(body, store=runtime.store),
-            "reconciling the PriceBook",
-        )
+        with metrics.counted("PriceBook") as outcome:
+            result = await _bounded(
+                settings,
+                pricebooks.reconcile_pricebook(body, store=runtime.store),
+                "reconciling the PriceBook",
+            )
+            outcome.append(metrics.outcome_of(result.status, result.error))
         old = body.get("status") or {}
         _write_status(patch, result.patch(old))
         _post(body, result.events)

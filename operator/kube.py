@@ -1,23 +1,33 @@
 """A minimal async Kubernetes API client for what kopf does not do for us.
 
-kopf watches and patches the objects it handles; the operator additionally *reads Secrets*
-(API keys, on demand: they are not cached in memory) and *annotates CustomerBudgets* to have
-kopf reconcile them again when a Secret or PriceBook they use changes. This client uses the
-same credentials kopf logged in with (:meth:`KubeClient.configure` is called from the login
-handler), so there is one source of cluster credentials.
+kopf watches and patches the objects it handles; the operator additionally
 
-Every request is bounded by ``timeout_s``. 404 is "absent"; other failures raise
-:class:`~spendgate.operator.budgets.KubernetesUnavailable`, which the handlers retry. Secret
-contents are never logged.
+- *reads Secrets* (API keys, on demand: they are not cached in memory; the Stripe keys in its
+  own namespace),
+- *annotates CustomerBudgets* to have kopf reconcile them again when a Secret or PriceBook
+  they use changes (or Stripe changed the account),
+- *holds a Lease* (coordination.k8s.io/v1) for leader election (operator/leader.py),
+- *lists Services and Pods* for the meter bypass check and *posts Events* from outside kopf's
+  handlers (Stripe events on budgets, bypass warnings on Services).
+
+This client uses the same credentials kopf logged in with (:meth:`KubeClient.configure` is
+called from the login handler), so there is one source of cluster credentials; code that runs
+beside kopf waits for that with :meth:`KubeClient.wait_configured`.
+
+Every request is bounded by ``timeout_s``. 404 is "absent"; 409 raises :class:`Conflict`;
+other failures raise :class:`~spendgate.operator.budgets.KubernetesUnavailable`, which the
+handlers retry. Secret contents are never logged.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import aiohttp
 
@@ -27,6 +37,12 @@ log = logging.getLogger("spendgate.operator.kube")
 
 GROUP = "spendgate.dev"
 VERSION = "v1alpha1"
+LEASES = "/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases"
+PAGE = 500
+
+
+class Conflict(KubernetesUnavailable):
+    """HTTP 409: the object exists already, or changed since it was read."""
 
 
 class KubeClient:
@@ -37,6 +53,7 @@ class KubeClient:
         self._session: aiohttp.ClientSession | None = None
         self._retired: list[aiohttp.ClientSession] = []
         self._closed = False
+        self._logged_in = asyncio.Event()
 
     @property
     def configured(self) -> bool:
@@ -57,6 +74,11 @@ class KubeClient:
             trust_env=bool(getattr(info, "trust_env", False)),
         )
         self._server = str(info.server).rstrip("/")
+        self._logged_in.set()
+
+    async def wait_configured(self) -> None:
+        """Until kopf has logged in (and so this client has credentials)."""
+        await self._logged_in.wait()
 
     async def aclose(self) -> None:
         self._closed = True
@@ -67,7 +89,13 @@ class KubeClient:
         self._session = None
 
     async def _request(
-        self, method: str, path: str, *, body: Any = None, content_type: str | None = None
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        content_type: str | None = None,
+        params: Mapping[str, str] | None = None,
     ) -> dict[str, Any] | None:
         if self._closed:
             raise KubernetesUnavailable("the operator is stopping")
@@ -75,17 +103,15 @@ class KubeClient:
             raise KubernetesUnavailable("not logged in to the Kubernetes API yet")
         headers = {"Content-Type": content_type} if content_type else {}
         data = json.dumps(body) if body is not None else None
+        url = self._server + path + (f"?{urlencode(params)}" if params else "")
         try:
-            async with self._session.request(
-                method, self._server + path, data=data, headers=headers
-            ) as response:
+            async with self._session.request(method, url, data=data, headers=headers) as response:
                 if response.status == 404:
                     return None
                 if response.status >= 400:
                     detail = await _status_message(response)
-                    raise KubernetesUnavailable(
-                        f"{method} {path}: HTTP {response.status} {detail}".rstrip()
-                    )
+                    error = Conflict if response.status == 409 else KubernetesUnavailable
+                    raise error(f"{method} {path}: HTTP {response.status} {detail}".rstrip())
                 result: dict[str, Any] = await response.json()
                 return result
         except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as error:
@@ -99,16 +125,99 @@ class KubeClient:
 
     async def annotate(
         self, plural: str, namespace: str, name: str, annotations: Mapping[str, str | None]
-    ) -> bool:
-        """Merge-patch annotations of a spendgate object; False if it does not exist."""
+    ) -> dict[str, Any] | None:
+        """Merge-patch annotations of a spendgate object: the object, None if it is absent."""
         path = f"/apis/{GROUP}/{VERSION}/namespaces/{_q(namespace)}/{plural}/{_q(name)}"
-        result = await self._request(
+        return await self._request(
             "PATCH",
             path,
             body={"metadata": {"annotations": dict(annotations)}},
             content_type="application/merge-patch+json",
         )
-        return result is not None
+
+    # ------------------------------------------------------------------ leases
+
+    async def get_lease(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return await self._request("GET", f"{LEASES.format(namespace=_q(namespace))}/{_q(name)}")
+
+    async def create_lease(self, namespace: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        """POST a Lease; :class:`Conflict` if another replica created it first."""
+        path = LEASES.format(namespace=_q(namespace))
+        result = await self._request("POST", path, body=dict(body), content_type=_JSON)
+        if result is None:
+            raise KubernetesUnavailable(f"POST {path}: HTTP 404 (namespace {namespace}?)")
+        return result
+
+    async def patch_lease(
+        self, namespace: str, name: str, patch: Mapping[str, Any]
+    ) -> dict[str, Any] | None:
+        """Merge-patch a Lease. With ``metadata.resourceVersion`` in the patch the API server
+        applies it only to that version, else :class:`Conflict` (optimistic concurrency)."""
+        path = f"{LEASES.format(namespace=_q(namespace))}/{_q(name)}"
+        return await self._request(
+            "PATCH", path, body=dict(patch), content_type="application/merge-patch+json"
+        )
+
+    # ------------------------------------------------------------------ lists, Events
+
+    async def list_objects(self, path: str) -> list[dict[str, Any]]:
+        """Every item of a list (``/api/v1/services``, ...), in pages of ``PAGE``."""
+        items: list[dict[str, Any]] = []
+        params = {"limit": str(PAGE)}
+        while True:
+            page = await self._request("GET", path, params=params)
+            if page is None:
+                return items
+            items += page.get("items") or []
+            token = (page.get("metadata") or {}).get("continue")
+            if not token:
+                return items
+            params = {"limit": str(PAGE), "continue": token}
+
+    async def list_services(self, namespace: str | None) -> list[dict[str, Any]]:
+        """Services of a namespace, or of the cluster (None)."""
+        where = f"/namespaces/{_q(namespace)}" if namespace else ""
+        return await self.list_objects(f"/api/v1{where}/services")
+
+    async def list_pods(self, namespace: str) -> list[dict[str, Any]]:
+        return await self.list_objects(f"/api/v1/namespaces/{_q(namespace)}/pods")
+
+    async def create_event(
+        self,
+        involved: Mapping[str, Any],
+        *,
+        type: str,
+        reason: str,
+        message: str,
+        component: str = "spendgate-operator",
+        instance: str = "",
+    ) -> None:
+        """Post a core v1 Event on ``involved`` (an ObjectReference: apiVersion, kind, name,
+        namespace, uid), shaped like the ones kopf posts from handlers."""
+        namespace = str(involved.get("namespace") or "default")
+        now = datetime.now(UTC).isoformat()
+        body = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"namespace": namespace, "generateName": "spendgate-"},
+            "type": type,
+            "reason": reason,
+            "message": message[:1024],
+            "action": "Observed",
+            "reportingComponent": component,
+            "reportingInstance": instance,
+            "source": {"component": component},
+            "involvedObject": dict(involved),
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "eventTime": now,
+        }
+        await self._request(
+            "POST", f"/api/v1/namespaces/{_q(namespace)}/events", body=body, content_type=_JSON
+        )
+
+
+_JSON = "application/json"
 
 
 def _q(segment: str) -> str:
@@ -126,4 +235,4 @@ async def _status_message(response: aiohttp.ClientResponse) -> str:
     return ""
 
 
-__all__ = ["KubeClient"]
+__all__ = ["Conflict", "KubeClient"]

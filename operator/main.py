@@ -5,13 +5,25 @@ handler registry and runs, in one event loop:
 
 - ``kopf.operator(...)`` -- cluster-wide, or the namespaces in ``settings.namespaces``; with
   kopf peering (``ClusterKopfPeering`` named ``settings.peering``) so that of several replicas
-  exactly one reconciles, unless ``peering_standalone``;
-- a health server on ``health_port``: ``/healthz`` (the process and kopf are alive) and
-  ``/readyz`` (kopf has started and Redis answers PING) -- ready on every replica, the
-  paused ones included, since all of them serve admission;
-- ``services``: more long-running coroutines, each started with the settings. **This is the
-  hook for the admission webhook server** (served by every replica, not only the active one):
-  see :func:`default_services`.
+  exactly one runs the handlers, unless ``peering_standalone``;
+- ``services`` on **every replica**: more long-running coroutines, each started with the
+  settings -- by default (:func:`default_services`) the admission webhook, when its certificate
+  and key files are configured;
+- with ``settings.stripe``, the Stripe webhook receiver on every replica
+  (:mod:`.stripe_wiring`);
+- **leader election** on a Lease (:mod:`.leader`): the holder runs the singleton work --
+  Stripe's processor, reconciliation, usage export and grace timer, and the Service bypass
+  check (:mod:`.services`);
+- a health server on ``health_port``:
+
+  ``/healthz``      liveness: the process and kopf are alive;
+  ``/readyz``       readiness, the probe behind the webhook's Service: kopf has started and the
+                    admission webhook listens. **Redis is not part of it**: admission needs no
+                    Redis, and a Redis outage must not take the webhook (failurePolicy Fail)
+                    and with it every opted-in pod creation down;
+  ``/readyz/full``  for people and monitors: the above, plus Redis answering PING (503 if
+                    not) and the Stripe integration's state;
+  ``/metrics``      Prometheus (:mod:`.metrics`).
 
 When any of them ends, the others are stopped; SIGTERM/SIGINT stop kopf gracefully.
 """
@@ -21,24 +33,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 import kopf
-import redis.asyncio
-import redis.asyncio.cluster
 from aiohttp import web
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisClusterException, RedisError
 from redis.retry import Retry
 
+from spendgate import redis_connect
 from spendgate.config_store import ConfigStore
 from spendgate.logs import redact
 
+from . import metrics
 from .alerts import AlertSender
 from .handlers import LoginFn, Runtime, build_registry
 from .kube import KubeClient
+from .leader import LeaderElector, LeaderTask, LeaseConfig
+from .services import AdmissionService, BypassCheck
 from .settings import OperatorSettings
+from .stripe_wiring import StripeService
 
 log = logging.getLogger("spendgate.operator")
 
@@ -46,28 +62,31 @@ Service = Callable[[OperatorSettings], Coroutine[Any, Any, None]]
 
 
 def default_services(settings: OperatorSettings) -> list[Service]:
-    """Services every replica runs next to kopf.
-
-    ADMISSION HOOK: the mutating webhook (issue 3, operator/admission.py) plugs in here, e.g.
-    ``if settings.webhook_cert_file: services.append(serve_admission)`` with a coroutine
-    ``serve_admission(settings) -> None`` that serves until cancelled.
-    """
+    """Services every replica runs next to kopf: the admission webhook, when its certificate
+    and key files are configured (the chart always mounts them)."""
     services: list[Service] = []
+    if settings.webhook_cert_file and settings.webhook_key_file:
+        services.append(AdmissionService())
+    else:
+        log.warning(
+            "the admission webhook is disabled: no webhook certificate and key files"
+            " (--webhook-cert-file, --webhook-key-file); no sidecar will be injected"
+        )
     return services
 
 
 def make_redis(settings: OperatorSettings) -> Any:
-    """A client that fails fast: an unreachable Redis shows as RedisUnavailable within seconds."""
-    options: dict[str, Any] = {
-        "socket_connect_timeout": 3,
-        "socket_timeout": 5,
-        "retry": Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
-        "health_check_interval": 15,
-    }
-    if settings.redis_cluster:
-        options.pop("health_check_interval")
-        return redis.asyncio.cluster.RedisCluster.from_url(settings.redis_url, **options)
-    return redis.asyncio.Redis.from_url(settings.redis_url, **options)
+    """A client that fails fast: an unreachable Redis shows as RedisUnavailable within seconds.
+    Any URL ``spendgate.redis_connect`` takes: single, Sentinel (``redis+sentinel://``) or
+    Cluster (``redis_cluster``)."""
+    return redis_connect.connect(
+        settings.redis_url,
+        cluster=settings.redis_cluster,
+        timeout_s=5,
+        connect_timeout_s=3,
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
+        health_check_interval=15,
+    )
 
 
 def make_runtime(settings: OperatorSettings, redis_client: Any) -> Runtime:
@@ -86,36 +105,67 @@ def make_runtime(settings: OperatorSettings, redis_client: Any) -> Runtime:
     )
 
 
-class Health:
-    """``/healthz`` and ``/readyz``; ``ready`` is kopf's ready flag."""
+Check = Callable[[], "str | None"]  # None: fine; else what is wrong
 
-    def __init__(self, redis_client: Any, ready: asyncio.Event, alive: Callable[[], bool]) -> None:
+
+def _checks(parts: Sequence[Any]) -> list[Check]:
+    return [part.readiness for part in parts if callable(getattr(part, "readiness", None))]
+
+
+class Health:
+    """``/healthz``, ``/readyz``, ``/readyz/full`` and ``/metrics``; ``ready`` is kopf's ready
+    flag, ``checks`` the services' own readiness (the admission webhook listens), ``info``
+    what ``/readyz/full`` reports besides (Stripe)."""
+
+    def __init__(
+        self,
+        redis_client: Any,
+        ready: asyncio.Event,
+        alive: Callable[[], bool],
+        *,
+        checks: Sequence[Check] = (),
+        info: Sequence[Check] = (),
+    ) -> None:
         self.redis = redis_client
         self.ready = ready
         self.alive = alive
+        self.checks = list(checks)
+        self.info = list(info)
 
     async def healthz(self, _request: web.Request) -> web.Response:
         if not self.alive():
             return web.json_response({"status": "stopped"}, status=503)
         return web.json_response({"status": "ok"})
 
+    def _problems(self) -> list[str]:
+        problems = [] if self.ready.is_set() else ["kopf has not started"]
+        return problems + [p for check in self.checks if (p := check()) is not None]
+
     async def readyz(self, _request: web.Request) -> web.Response:
-        problems = []
-        if not self.ready.is_set():
-            problems.append("kopf has not started")
-        try:
-            async with asyncio.timeout(1.0):
-                await self.redis.ping()
-        except (RedisError, RedisClusterException, OSError, TimeoutError) as error:
-            problems.append(f"Redis: {type(error).__name__}: {redact(str(error))}")
+        problems = self._problems()
         if problems:
             return web.json_response({"status": "unready", "problems": problems}, status=503)
         return web.json_response({"status": "ready"})
+
+    async def readyz_full(self, _request: web.Request) -> web.Response:
+        problems = self._problems()
+        try:
+            async with asyncio.timeout(1.0):
+                await self.redis.ping()
+            metrics.REDIS_UP.set(1)
+        except (RedisError, RedisClusterException, OSError, TimeoutError) as error:
+            metrics.REDIS_UP.set(0)
+            problems.append(f"Redis: {type(error).__name__}: {redact(str(error))}")
+        notes = [n for check in self.info if (n := check()) is not None]
+        body = {"status": "unready" if problems else "ready", "problems": problems, "notes": notes}
+        return web.json_response(body, status=503 if problems else 200)
 
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
+        app.router.add_get("/readyz/full", self.readyz_full)
+        app.router.add_get("/metrics", metrics.serve_metrics)
         return app
 
 
@@ -129,6 +179,42 @@ async def serve_health(health: Health, host: str, port: int) -> Any:
         yield runner
     finally:
         await runner.cleanup()
+
+
+def leader_tasks(
+    settings: OperatorSettings, runtime: Runtime, stripe: StripeService | None
+) -> list[LeaderTask]:
+    """The singleton work: Stripe's (when enabled) and the Service bypass check."""
+    tasks: list[LeaderTask] = []
+    if stripe is not None:
+        tasks.append(stripe.run_leader)
+    if settings.bypass_check_interval_s > 0:
+        tasks.append(BypassCheck(settings, runtime.kube).run)
+    return tasks
+
+
+async def campaign(
+    settings: OperatorSettings, kube: KubeClient, tasks: Sequence[LeaderTask], stop: asyncio.Event
+) -> None:
+    """Leader election (once kopf has logged in), running ``tasks`` while leading."""
+    config = LeaseConfig(
+        name=settings.lease_name,
+        namespace=settings.lease_ns,
+        identity=identity_of(settings),
+        duration_s=settings.lease_duration_s,
+        renew_deadline_s=settings.lease_renew_deadline_s,
+        retry_s=settings.lease_retry_s,
+    )
+    elector = LeaderElector(kube, config, on_change=metrics.leader_changed)
+    await kube.wait_configured()
+    log.info(
+        "campaigning for the leader lease", extra={"lease": f"{config.namespace}/{config.name}"}
+    )
+    await elector.run(tasks, stop)
+
+
+def identity_of(settings: OperatorSettings) -> str:
+    return settings.pod_name or socket.gethostname()
 
 
 async def run_operator(
@@ -145,6 +231,18 @@ async def run_operator(
     own_redis = redis_client is None
     redis_client = redis_client if redis_client is not None else make_redis(settings)
     runtime = make_runtime(settings, redis_client)
+    stripe: StripeService | None = None
+    if settings.stripe is not None and settings.stripe.enabled:
+        stripe = StripeService(
+            settings.stripe,
+            store=runtime.store,
+            kube=runtime.kube,
+            namespace=settings.namespace,
+            identity=identity_of(settings),
+        )
+        runtime.stripe = stripe.links
+    else:
+        log.info("Stripe is disabled")
     registry = build_registry(runtime, login=login)
     ready = ready_flag or asyncio.Event()
     namespaces = list(settings.namespaces)
@@ -160,38 +258,103 @@ async def run_operator(
         ),
         name="kopf operator",
     )
+    services = default_services(settings) if services is None else list(services)
     extra = [
         asyncio.create_task(service(settings), name=f"service {getattr(service, '__name__', '?')}")
-        for service in (default_services(settings) if services is None else services)
+        for service in services
     ]
+    if stripe is not None:
+        extra.append(asyncio.create_task(stripe.run(), name="service stripe"))
+    tasks = leader_tasks(settings, runtime, stripe)
+    companions = Companions(extra, settings.lease_duration_s, settings.shutdown_drain_s)
+    if settings.leader_election and tasks:
+        companions.elector = asyncio.create_task(
+            campaign(settings, runtime.kube, tasks, companions.leader_stop), name="leader election"
+        )
+    # kopf's cleanup stops them (the Lease released), before kopf reaps leftover tasks.
+    runtime.cleanups.append(companions.stop)
     try:
         async with contextlib.AsyncExitStack() as stack:
             if health:
-                checker = Health(redis_client, ready, lambda: not operator.done())
+                checker = Health(
+                    redis_client,
+                    ready,
+                    lambda: not operator.done(),
+                    checks=[*_checks(services), companions.readiness],
+                    info=_checks([stripe]),
+                )
                 await stack.enter_async_context(
                     serve_health(checker, settings.health_host, settings.health_port)
                 )
                 log.info("health endpoints listening", extra={"port": settings.health_port})
-            done, _ = await asyncio.wait([operator, *extra], return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(
+                [operator, *companions.tasks()], return_when=asyncio.FIRST_COMPLETED
+            )
+            if companions.stopping:
+                await asyncio.wait([operator])  # kopf is shutting down: let it finish
             for task in done:
-                if task is not operator and task.exception() is None:
+                if companions.stopping or task is operator or task.cancelled():
+                    continue
+                if task.exception() is None:
                     log.warning(
                         "a service ended; stopping the operator", extra={"service": task.get_name()}
                     )
     finally:
         runtime.stopping = True
-        for task in [*extra, operator]:
-            task.cancel()
-        await asyncio.gather(*extra, operator, return_exceptions=True)
+        await companions.stop()
+        operator.cancel()
+        await asyncio.gather(operator, return_exceptions=True)
         if runtime.alerts is not None:
             await runtime.alerts.aclose()
         await runtime.kube.aclose()
         if own_redis:
             with contextlib.suppress(RedisError, RedisClusterException, OSError):
                 await redis_client.aclose()
-    for task in [operator, *extra]:
+    for task in [operator, *companions.tasks()]:
         if task.done() and not task.cancelled() and task.exception() is not None:
             raise task.exception()  # type: ignore[misc]
+
+
+class Companions:
+    """The tasks beside kopf: services and the leader election. :meth:`stop` (idempotent)
+    first ends the leader's work and releases the Lease, then -- after ``drain_s``, for the
+    requests the API server or Stripe still route to a terminating pod -- stops the services."""
+
+    def __init__(
+        self, services: list[asyncio.Task[None]], timeout_s: float, drain_s: float = 0.0
+    ) -> None:
+        self.services = services
+        self.timeout_s = timeout_s
+        self.drain_s = drain_s
+        self.elector: asyncio.Task[None] | None = None
+        self.leader_stop = asyncio.Event()
+        self.stopping = False
+        self._stopped: asyncio.Future[None] | None = None
+
+    def readiness(self) -> str | None:
+        return "the operator is stopping" if self.stopping else None
+
+    def tasks(self) -> list[asyncio.Task[None]]:
+        return [*self.services, *([self.elector] if self.elector is not None else [])]
+
+    async def stop(self) -> None:
+        self.stopping = True
+        if self._stopped is not None:
+            await asyncio.shield(self._stopped)
+            return
+        self._stopped = asyncio.get_running_loop().create_future()
+        try:
+            if self.elector is not None:
+                self.leader_stop.set()
+                await asyncio.wait([self.elector], timeout=self.timeout_s)
+                self.elector.cancel()
+            if self.services and self.drain_s > 0:
+                await asyncio.wait(self.services, timeout=self.drain_s)
+            for task in self.services:
+                task.cancel()
+            await asyncio.gather(*self.tasks(), return_exceptions=True)
+        finally:
+            self._stopped.set_result(None)
 
 
 def run(settings: OperatorSettings, *, services: Sequence[Service] | None = None) -> None:
@@ -200,9 +363,11 @@ def run(settings: OperatorSettings, *, services: Sequence[Service] | None = None
 
 
 __all__ = [
+    "AdmissionService",
     "Health",
     "Service",
     "default_services",
+    "leader_tasks",
     "make_redis",
     "make_runtime",
     "run",

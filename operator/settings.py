@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .stripe.settings import StripeSettings
+
 
 @dataclass(frozen=True)
 class InjectionDefaults:
@@ -38,6 +40,9 @@ class OperatorSettings:
     webhook_port: int = 8443  # admission (HTTPS)
     webhook_cert_file: str | None = None
     webhook_key_file: str | None = None
+    # On shutdown, the webhook servers (admission, Stripe) keep answering this long after the
+    # leader's work stopped: the endpoints of a terminating pod take a moment to disappear.
+    shutdown_drain_s: float = 3.0
     health_port: int = 8081  # /healthz, /readyz
     health_host: str = "0.0.0.0"
     peering: str = "spendgate"  # kopf peering object name
@@ -55,3 +60,21 @@ class OperatorSettings:
     peering_lifetime_s: int = 30  # a silent peer counts as gone after this long
     pod_name: str = ""  # peering identity and Event reportingInstance (downward API)
     injection: InjectionDefaults = field(default_factory=InjectionDefaults)
+    # --- HA: singleton work outside kopf's handlers (Stripe processing, reconciliation, usage
+    # export, grace timer; the Service bypass check) runs on the holder of a Lease
+    # (coordination.k8s.io/v1, operator/leader.py) in ``lease_namespace`` (default: namespace).
+    leader_election: bool = True
+    lease_name: str = "spendgate-leader"
+    lease_namespace: str | None = None
+    lease_duration_s: float = 15.0  # others take over this long after the last renewal
+    lease_renew_deadline_s: float = 10.0  # the leader steps down when it could not renew so long
+    lease_retry_s: float = 2.0  # renew period of the leader; retry period of the others
+    # --- Services that bypass the sidecar (a Warning Event on the Service; leader only)
+    bypass_check_interval_s: float = 120.0  # 0: no check
+    bypass_rewarn_s: float = 3600.0  # the same finding is warned about again after this long
+    # --- Stripe (operator/stripe/): None = disabled, nothing of Stripe starts
+    stripe: StripeSettings | None = None
+
+    @property
+    def lease_ns(self) -> str:
+        return self.lease_namespace or self.namespace

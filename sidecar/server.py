@@ -11,11 +11,10 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from redis.asyncio import Redis
-from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from spendgate import redis_connect
 from spendgate.config_store import ConfigStore
 from spendgate.ledger import Ledger
 from spendgate.script_channel import ScriptChannel
@@ -32,15 +31,24 @@ log = logging.getLogger("spendgate.sidecar")
 def connect_redis(settings: SidecarSettings) -> Any:
     # One quick retry at most: on the hot path a slow failure is worse than a fast one, and
     # every ledger script is idempotent, so a retried call cannot double-charge.
-    options: dict[str, Any] = {
-        "socket_timeout": settings.redis_timeout_s,
-        "socket_connect_timeout": settings.redis_timeout_s,
-        "retry": Retry(NoBackoff(), 1),
-    }
-    if settings.cluster:
-        return RedisCluster.from_url(settings.redis_url, **options)
-    return Redis.from_url(
-        settings.redis_url, health_check_interval=10, max_connections=256, **options
+    return redis_connect.connect(
+        settings.redis_url,
+        cluster=settings.cluster,
+        timeout_s=settings.redis_timeout_s,
+        connect_timeout_s=settings.redis_timeout_s,
+        retry=Retry(NoBackoff(), 1),
+        health_check_interval=10,
+        max_connections=256,
+    )
+
+
+def pipelined(settings: SidecarSettings) -> bool:
+    """The hot-path scripts go over the pipelined channel only to a plain single Redis; with
+    Sentinel (the primary moves) or Cluster (many nodes) they stay on redis-py."""
+    return (
+        settings.pipelined_scripts
+        and not settings.cluster
+        and redis_connect.is_plain_url(settings.redis_url)
     )
 
 
@@ -53,7 +61,7 @@ class Sidecar:
         self.metrics = SidecarMetrics()
         self.channel = (
             ScriptChannel(settings.redis_url, timeout_s=settings.redis_timeout_s)
-            if settings.pipelined_scripts and not settings.cluster
+            if pipelined(settings)
             else None
         )
         self.ledger = Ledger(self.redis, channel=self.channel)

@@ -18,14 +18,13 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
-import redis.asyncio
-import redis.asyncio.cluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from spendgate.sidecar.settings import FailMode, SidecarSettings
 
+from . import redis_connect
 from .config_store import ConfigStore
 from .keys import check_customer_id
 from .ledger import Account, Ledger, LedgerError, check_request_id
@@ -60,12 +59,8 @@ def redis_settings(ns: argparse.Namespace, environ: Mapping[str, str]) -> tuple[
 async def connect(ns: argparse.Namespace) -> AsyncIterator[Any]:
     """A pinged client on ``--redis``; any connection failure becomes a one-line Failure."""
     url, cluster = redis_settings(ns, os.environ)
-    options: dict[str, Any] = {"socket_connect_timeout": 3, "socket_timeout": 10}
     try:
-        if cluster:
-            client: Any = redis.asyncio.cluster.RedisCluster.from_url(url, **options)
-        else:
-            client = redis.asyncio.Redis.from_url(url, **options)
+        client = redis_connect.connect(url, cluster=cluster, timeout_s=10, connect_timeout_s=3)
     except ValueError as error:
         raise UsageError(f"invalid Redis URL {redact(url)}: {error}") from None
     try:
@@ -386,6 +381,21 @@ def operator_settings_from_args(
     alert_url = ns.alert_webhook_url or env.get("SPENDGATE_ALERT_WEBHOOK_URL") or None
     if alert_url is not None and urlsplit(alert_url).scheme not in ("http", "https"):
         raise UsageError("--alert-webhook-url: expected an http(s) URL")
+    try:
+        redis_connect.parse_redis_url(redis_url, cluster=cluster)
+    except ValueError as error:
+        raise UsageError(f"invalid Redis URL {redact(redis_url)}: {error}") from None
+    bypass = _env_float(
+        ns.bypass_check_interval,
+        env,
+        "SPENDGATE_BYPASS_CHECK_INTERVAL",
+        "--bypass-check-interval",
+    )
+    if bypass is not None and bypass < 0:
+        raise UsageError("--bypass-check-interval must be 0 (off) or positive (seconds)")
+    election = (env.get("SPENDGATE_LEADER_ELECTION") or "true").strip().lower()
+    if election not in _TRUE | _FALSE:
+        raise UsageError(f"SPENDGATE_LEADER_ELECTION={election!r}: expected true or false")
     return replace(
         defaults,
         redis_url=redis_url,
@@ -410,7 +420,24 @@ def operator_settings_from_args(
         peering_priority=priority,
         pod_name=ns.pod_name or env.get("POD_NAME") or env.get("SPENDGATE_POD") or "",
         injection=injection_defaults_from_env(env),
+        leader_election=not ns.no_leader_election and election in _TRUE,
+        lease_name=ns.lease_name or env.get("SPENDGATE_LEASE_NAME") or defaults.lease_name,
+        bypass_check_interval_s=bypass if bypass is not None else defaults.bypass_check_interval_s,
+        stripe=stripe_settings_from_env(env),
     )
+
+
+def stripe_settings_from_env(env: Mapping[str, str]) -> Any:
+    """``StripeSettings`` from ``SPENDGATE_STRIPE_*`` when ``SPENDGATE_STRIPE_ENABLED`` is
+    true (the chart sets it with ``stripe.enabled``); else None: Stripe stays off."""
+    if env.get("SPENDGATE_STRIPE_ENABLED", "").strip().lower() not in _TRUE:
+        return None
+    from spendgate.operator.stripe.settings import StripeSettings
+
+    try:
+        return StripeSettings.from_env(env)
+    except ValueError as error:  # int("x") included
+        raise UsageError(f"SPENDGATE_STRIPE_*: {error}") from None
 
 
 def cmd_operator(ns: argparse.Namespace) -> int:
@@ -540,7 +567,26 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="peering priority (env SPENDGATE_PEERING_PRIORITY; default random per start)",
     )
-    op.add_argument("--pod-name", help="peering identity (env POD_NAME)")
+    op.add_argument("--pod-name", help="peering and leader identity (env POD_NAME)")
+    op.add_argument(
+        "--lease-name",
+        metavar="NAME",
+        help="Lease of the leader election, in the operator's namespace (env"
+        " SPENDGATE_LEASE_NAME, default spendgate-leader)",
+    )
+    op.add_argument(
+        "--no-leader-election",
+        action="store_true",
+        help="run no singleton work: no Stripe processing or export, no bypass check"
+        " (env SPENDGATE_LEADER_ELECTION=false)",
+    )
+    op.add_argument(
+        "--bypass-check-interval",
+        type=float,
+        metavar="SECONDS",
+        help="check Services bypassing the sidecar this often, 0 = never"
+        " (env SPENDGATE_BYPASS_CHECK_INTERVAL, default 120)",
+    )
     op.add_argument("--log-level", help="env SPENDGATE_LOG_LEVEL, default INFO")
     op.add_argument(
         "--log-format", choices=["json", "text"], help="env SPENDGATE_LOG_FORMAT, default json"

@@ -457,7 +457,18 @@ class CustomerBudgetStatus(_Model):
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
     )
     observed_generation: int | None = None
-    last_stripe_sync: str | None = None
+    last_stripe_sync: str | None = Field(
+        default=None,
+        description="When the operator last pulled this customer's state from Stripe (RFC 3339).",
+    )
+    export_lag_seconds: int | None = Field(
+        default=None,
+        ge=0,
+        description=(
+            "Age of the oldest usage not yet exported to Stripe, in steps of 30 seconds"
+            " (0: all exported). Only for budgets linked to Stripe."
+        ),
+    )
     active_keys: int | None = Field(default=None, description="API keys configured in Redis.")
     alerted_threshold: int | None = Field(
         default=None,

@@ -10,6 +10,8 @@ delete over real HTTP). :class:`KubeEmulator` adds what kopf relies on and kmock
 - the ``status`` subresource: a PATCH of ``.../status`` changes only ``status``, a PATCH of the
   object never changes ``status``; a no-op patch changes nothing and emits no watch event;
 - JSON patches (``application/json-patch+json``) with ``test`` ops; a failed test is HTTP 422;
+- a merge patch carrying ``metadata.resourceVersion`` applies only to that version, else HTTP
+  409 Conflict, as on a real API server (leader election relies on it);
 - finalizers: DELETE only sets ``deletionTimestamp`` while finalizers remain, and the object
   goes when the last one is removed;
 - ``/api/v1/namespaces[/NAME]`` (kmock cannot parse these paths; patched here).
@@ -184,6 +186,9 @@ CORE_KINDS = (
     Kind("v1/namespaces", "Namespace", namespaced=False, status=True),
     Kind("v1/events", "Event"),
     Kind("v1/secrets", "Secret"),
+    Kind("v1/services", "Service", status=True),
+    Kind("v1/pods", "Pod", status=True),
+    Kind("coordination.k8s.io/v1/leases", "Lease"),
     Kind(
         "apiextensions.k8s.io/v1/customresourcedefinitions",
         "CustomResourceDefinition",
@@ -331,6 +336,15 @@ class KubeEmulator(kmock.KubernetesEmulator):
             return
 
         # PATCH: merge patch (a dict) or JSON patch (a list of operations).
+        if isinstance(request.data, dict):
+            wanted = (request.data.get("metadata") or {}).get("resourceVersion")
+            have = current["metadata"].get("resourceVersion")
+            if wanted is not None and str(wanted) != str(have):
+                raise _error(
+                    409,
+                    "Conflict",
+                    f"the object has been modified (resourceVersion {have}, not {wanted})",
+                )
         try:
             if isinstance(request.data, list):
                 patched = jsonpatch.apply_patch(current, request.data, in_place=False)

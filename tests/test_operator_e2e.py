@@ -131,22 +131,31 @@ async def alert_inbox() -> AsyncIterator[AlertInbox]:
 
 
 @contextlib.asynccontextmanager
-async def running_operator(redis_url: str) -> AsyncIterator[Env]:
+async def running_operator(
+    redis_url: str, *, before: Any = None, **overrides: Any
+) -> AsyncIterator[Env]:
+    """The operator on the emulator; ``overrides`` of its settings, ``before(kubectl)`` runs
+    before it starts (objects it must find at startup, like the Stripe Secret)."""
     client = redis.asyncio.Redis.from_url(
         redis_url, socket_connect_timeout=1, socket_timeout=2, retry=Retry(NoBackoff(), 0)
     )
     async with started_emulator() as (emulator, url), alert_inbox() as inbox:
         kubectl = Kubectl(emulator)
         await kubectl.create("v1/namespaces", {"metadata": {"name": NS}})
+        if before is not None:
+            await before(kubectl)
         settings = OperatorSettings(
-            redis_url=redis_url,
-            status_interval_s=0.5,
-            retry_delay_s=0.3,
-            reconcile_timeout_s=5.0,
-            kube_timeout_s=3.0,
-            peering_standalone=True,
-            alert_webhook_url=inbox.url,
-            pod_name="operator-test-0",
+            **{
+                "redis_url": redis_url,
+                "status_interval_s": 0.5,
+                "retry_delay_s": 0.3,
+                "reconcile_timeout_s": 5.0,
+                "kube_timeout_s": 3.0,
+                "peering_standalone": True,
+                "alert_webhook_url": inbox.url,
+                "pod_name": "operator-test-0",
+                **overrides,
+            }
         )
         stop, ready = asyncio.Event(), asyncio.Event()
         task = asyncio.create_task(

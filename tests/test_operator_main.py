@@ -7,6 +7,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
 import kopf
 import pytest
 import pytest_asyncio
@@ -91,20 +92,46 @@ async def quick_redis(fresh_redis_server: RedisServer) -> AsyncIterator[Any]:
 
 
 async def test_health_endpoints(quick_redis: Any, fresh_redis_server: RedisServer) -> None:
+    """/readyz (the webhook Service's probe) never depends on Redis; /readyz/full does."""
     ready = asyncio.Event()
     alive = {"value": True}
-    health = Health(quick_redis, ready, lambda: alive["value"])
+    admission: dict[str, str | None] = {"problem": "the admission webhook is not listening yet"}
+    health = Health(
+        quick_redis,
+        ready,
+        lambda: alive["value"],
+        checks=[lambda: admission["problem"]],
+        info=[lambda: "Stripe: no API key"],
+    )
     async with TestClient(TestServer(health.app())) as client:
         assert (await client.get("/healthz")).status == 200
         response = await client.get("/readyz")
         assert response.status == 503
-        assert "kopf has not started" in (await response.json())["problems"]
+        problems = (await response.json())["problems"]
+        assert "kopf has not started" in problems
+        assert "the admission webhook is not listening yet" in problems
         ready.set()
+        admission["problem"] = None
         assert (await client.get("/readyz")).status == 200
+        full = await client.get("/readyz/full")
+        assert full.status == 200
+        assert (await full.json())["notes"] == ["Stripe: no API key"]
         fresh_redis_server.stop()
-        response = await client.get("/readyz")
+        assert (await client.get("/readyz")).status == 200  # admission keeps being served
+        response = await client.get("/readyz/full")
         assert response.status == 503
         assert any("Redis" in p for p in (await response.json())["problems"])
+        metrics = await client.get("/metrics")
+        assert metrics.status == 200 and metrics.content_type == "text/plain"
+        text = await metrics.text()
+        for name in (
+            "spendgate_operator_redis_up 0.0",
+            "spendgate_operator_leader ",
+            "spendgate_operator_reconciles_total",
+            "spendgate_stripe_export_lag_seconds ",
+            "spendgate_stripe_webhook_requests_total",
+        ):
+            assert name in text, name
         alive["value"] = False
         assert (await client.get("/healthz")).status == 503
 
@@ -197,9 +224,36 @@ def test_operator_settings_from_flags_and_env() -> None:
     assert defaults == OperatorSettings()
 
 
+def test_leader_election_bypass_check_and_stripe_settings() -> None:
+    env = {
+        "SPENDGATE_LEASE_NAME": "sg-spendgate-operator-leader",
+        "SPENDGATE_BYPASS_CHECK_INTERVAL": "0",
+        "SPENDGATE_STRIPE_ENABLED": "true",
+        "SPENDGATE_STRIPE_WEBHOOK_PORT": "9444",
+        "SPENDGATE_OPERATOR_NAMESPACE": "billing",
+    }
+    settings = cli.operator_settings_from_args(_parse(), env)
+    assert settings.leader_election and settings.lease_name == "sg-spendgate-operator-leader"
+    assert settings.lease_ns == "billing" and settings.bypass_check_interval_s == 0
+    assert settings.stripe is not None and settings.stripe.webhook_port == 9444
+    off = cli.operator_settings_from_args(
+        _parse("--no-leader-election", "--lease-name", "x", "--bypass-check-interval", "5"),
+        {"SPENDGATE_STRIPE_ENABLED": "false", "SPENDGATE_STRIPE_WEBHOOK_PORT": "x"},
+    )
+    assert not off.leader_election and off.lease_name == "x"
+    assert off.bypass_check_interval_s == 5 and off.stripe is None
+    assert not cli.operator_settings_from_args(
+        _parse(), {"SPENDGATE_LEADER_ELECTION": "false"}
+    ).leader_election
+
+
 @pytest.mark.parametrize(
     ("argv", "env", "message"),
     [
+        ([], {"SPENDGATE_LEADER_ELECTION": "maybe"}, "true or false"),
+        (["--bypass-check-interval", "-1"], {}, "0 \\(off\\)"),
+        ([], {"SPENDGATE_STRIPE_ENABLED": "1", "SPENDGATE_STRIPE_WEBHOOK_PORT": "x"}, "STRIPE"),
+        ([], {"SPENDGATE_STRIPE_ENABLED": "1", "SPENDGATE_STRIPE_METER_VALUE_UNIT": "$"}, "STRIPE"),
         (["--status-interval", "0"], {}, "positive"),
         ([], {"SPENDGATE_STATUS_INTERVAL": "soon"}, "expected a number"),
         (["--health-port", "70000"], {}, "TCP port"),
@@ -274,3 +328,112 @@ def test_sidecar_injection_defaults_from_env() -> None:
         cli.injection_defaults_from_env({"SPENDGATE_SIDECAR_PORT": "eighty"})
     with pytest.raises(cli.UsageError, match="true or false"):
         cli.injection_defaults_from_env({"SPENDGATE_SIDECAR_REDIS_CLUSTER": "auto"})
+
+
+# --------------------------------------------------------------------------- admission wired
+
+
+def test_admission_runs_when_its_certificate_is_configured(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from spendgate.operator.main import AdmissionService, default_services
+
+    assert default_services(OperatorSettings()) == []
+    assert "the admission webhook is disabled" in caplog.text
+    [service] = default_services(
+        OperatorSettings(webhook_cert_file="/tls/tls.crt", webhook_key_file="/tls/tls.key")
+    )
+    assert isinstance(service, AdmissionService)
+    assert service.readiness() == "the admission webhook is not listening yet"
+
+
+async def test_admission_is_served_beside_kopf_and_gates_readiness(
+    quick_redis: Any, fresh_redis_server: RedisServer, tmp_path: Any
+) -> None:
+    """Every replica serves admission; /readyz (the webhook Service's probe) waits for it and
+    stays ready when Redis is gone."""
+    import ssl
+
+    from spendgate.operator.main import AdmissionService
+    from tests.redis_servers import _free_ports
+    from tests.webhook_certs import WebhookCA
+
+    ca = WebhookCA.create(tmp_path)
+    ca.issue()
+
+    class Api:
+        closed = False
+
+        async def namespace_labels(self, name: str) -> dict[str, str]:
+            return {}
+
+        async def server_version(self) -> tuple[int, int]:
+            return (1, 30)
+
+        async def close(self) -> None:
+            Api.closed = True
+
+    webhook_port, health_port = _free_ports(2)
+    settings = OperatorSettings(
+        redis_url=fresh_redis_server.url,
+        peering_standalone=True,
+        leader_election=False,
+        webhook_host="127.0.0.1",
+        webhook_port=webhook_port,
+        webhook_cert_file=str(ca.cert_file),
+        webhook_key_file=str(ca.key_file),
+        health_host="127.0.0.1",
+        health_port=health_port,
+        shutdown_drain_s=0.2,
+    )
+    admission = AdmissionService(api_factory=Api)
+    stop = asyncio.Event()
+    async with started_emulator() as (_emulator, url):
+        task = asyncio.create_task(
+            run_operator(
+                settings,
+                redis_client=quick_redis,
+                login=lambda **_: kopf.ConnectionInfo(server=url),
+                services=[admission],
+                stop_flag=stop,
+            )
+        )
+        try:
+            context = ssl.create_default_context(cafile=str(ca.ca_file))
+            async with aiohttp.ClientSession() as session:
+
+                async def status(path: str) -> int:
+                    try:
+                        async with session.get(f"http://127.0.0.1:{health_port}{path}") as r:
+                            return r.status
+                    except aiohttp.ClientConnectionError:
+                        return 0
+
+                for _ in range(200):
+                    if await status("/readyz") == 200:
+                        break
+                    await asyncio.sleep(0.05)
+                assert await status("/readyz") == 200 and admission.port == webhook_port
+                review = {
+                    "apiVersion": "admission.k8s.io/v1",
+                    "kind": "AdmissionReview",
+                    "request": {
+                        "uid": "u1",
+                        "kind": {"group": "", "version": "v1", "kind": "Pod"},
+                        "operation": "CREATE",
+                        "namespace": "default",
+                        "object": {"metadata": {"name": "p"}, "spec": {"containers": []}},
+                    },
+                }
+                async with session.post(
+                    f"https://localhost:{webhook_port}/mutate-pods", json=review, ssl=context
+                ) as response:
+                    assert response.status == 200
+                    assert (await response.json())["response"]["allowed"] is True
+                fresh_redis_server.stop()
+                assert await status("/readyz") == 200
+                assert await status("/readyz/full") == 503
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 15)
+    assert Api.closed and admission.readiness() is not None

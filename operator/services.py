@@ -1,0 +1,145 @@
+"""What runs beside kopf: the admission webhook (every replica) and the meter bypass check
+(leader only). ``main.run_operator`` starts them; both are plain classes, tested alone.
+
+- :class:`AdmissionService`: :func:`~spendgate.operator.admission.start_admission` (HTTPS, with
+  certificate reload) with the in-cluster reads it needs; ``readiness()`` says whether it
+  listens, so a replica joins the webhook's Service only once it can answer.
+- :class:`BypassCheck`: every ``bypass_check_interval_s`` it lists the Services (of the watched
+  namespaces, or of the cluster) and, in each namespace where a Service selects pods, the
+  pods; every Service port that targets the model's port of a spendgate-injected pod
+  (:func:`~spendgate.operator.service_check.bypassing_services`) gets a Warning Event
+  ``SpendgateMeterBypassed`` on the Service, again after ``bypass_rewarn_s`` if it persists.
+  It needs ``list`` on services and pods, nothing else (no watch: a periodic check is enough
+  for a warning, and watching every pod of a cluster would cost far more).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from . import metrics
+from .admission import InClusterApi, start_admission
+from .injection import SKIPPED_NAMESPACES
+from .kube import KubeClient
+from .service_check import bypassing_services
+from .settings import OperatorSettings
+
+log = logging.getLogger("spendgate.operator")
+
+
+class AdmissionService:
+    """The mutating webhook server, as a service of ``run_operator``."""
+
+    __name__ = "admission"
+
+    def __init__(self, api_factory: Callable[[], Any] = InClusterApi.from_environment) -> None:
+        self.api_factory = api_factory
+        self.port: int | None = None
+
+    async def __call__(self, settings: OperatorSettings) -> None:
+        api = self.api_factory()
+        try:
+            async with start_admission(settings, api.namespace_labels, api.server_version) as srv:
+                self.port = srv.port
+                await asyncio.Event().wait()
+        finally:
+            self.port = None
+            await api.close()
+
+    def readiness(self) -> str | None:
+        return None if self.port is not None else "the admission webhook is not listening yet"
+
+
+class BypassCheck:
+    """Warn about Services that reach injected pods' model port directly (leader task)."""
+
+    def __init__(
+        self,
+        settings: OperatorSettings,
+        kube: KubeClient,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self.kube = kube
+        self.clock = clock
+        self.warned: dict[tuple[str, str, int], float] = {}  # (service uid, port, target)
+
+    def _watched(self, namespace: str | None) -> bool:
+        return bool(namespace) and namespace not in SKIPPED_NAMESPACES | {self.settings.namespace}
+
+    async def check(self) -> int:
+        """One pass; returns the number of Events posted."""
+        if self.settings.namespaces:
+            services = []
+            for namespace in filter(self._watched, self.settings.namespaces):
+                services += await self.kube.list_services(namespace)
+        else:
+            services = await self.kube.list_services(None)
+        by_namespace: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
+        for service in services:
+            namespace = (service.get("metadata") or {}).get("namespace")
+            spec = service.get("spec") or {}
+            if (
+                self._watched(namespace)
+                and spec.get("selector")
+                and spec.get("type") != ("ExternalName")
+            ):
+                by_namespace[namespace].append(service)
+        posted, found, seen = 0, 0, set()
+        now = self.clock()
+        for namespace, selecting in sorted(by_namespace.items()):
+            pods = await self.kube.list_pods(namespace)
+            uids = {
+                (s.get("metadata") or {}).get("name"): (s.get("metadata") or {}).get("uid", "")
+                for s in selecting
+            }
+            for warning in bypassing_services(selecting, pods):
+                found += 1
+                key = (str(uids.get(warning.service, "")), warning.port, warning.target)
+                seen.add(key)
+                last = self.warned.get(key)
+                if last is not None and now - last < self.settings.bypass_rewarn_s:
+                    continue
+                involved = {
+                    "apiVersion": "v1",
+                    "kind": "Service",
+                    "namespace": namespace,
+                    "name": warning.service,
+                    "uid": key[0],
+                }
+                await self.kube.create_event(
+                    involved,
+                    type="Warning",
+                    reason=warning.reason,
+                    message=warning.message,
+                    instance=self.settings.pod_name,
+                )
+                self.warned[key] = now
+                posted += 1
+                log.warning(
+                    "a Service bypasses the meter",
+                    extra={"service": f"{namespace}/{warning.service}", "port": warning.port},
+                )
+        self.warned = {k: v for k, v in self.warned.items() if k in seen}  # fixed ones forgotten
+        metrics.METER_BYPASSES.set(found)
+        return posted
+
+    async def run(self, stop: asyncio.Event) -> None:
+        interval = self.settings.bypass_check_interval_s
+        while not stop.is_set():
+            try:
+                await self.check()
+            except Exception as error:
+                log.warning("the Service bypass check failed", extra={"error": repr(error)})
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=interval)
+
+
+__all__ = ["AdmissionService", "BypassCheck"]
