@@ -44,11 +44,12 @@ import kopf
 
 from spendgate.config_store import ConfigStore
 
-from . import budgets, metrics, pricebooks
+from . import budget_checks, budgets, metrics, pricebooks
 from . import conditions as cond
 from .alerts import AlertSender
-from .budgets import EventSpec, KeyedLocks, Reconciled, RetryableError, StripeHooks
+from .budgets import KeyedLocks, Reconciled, StripeHooks
 from .kube import GROUP, VERSION, KubeClient
+from .reconciling import READY, EventSpec, RetryableError
 from .settings import OperatorSettings
 
 log = logging.getLogger("spendgate.operator")
@@ -233,8 +234,8 @@ def build_registry(runtime: Runtime, *, login: LoginFn | None = None) -> kopf.Op
     def budget_refs(
         namespace: str, name: str, body: kopf.Body, **_: Any
     ) -> dict[tuple[str, str, str], str]:
-        refs = {("Secret", namespace, s): name for s in budgets.secret_names(body)}
-        refs |= {("PriceBook", namespace, p): name for p in budgets.pricebook_names(body)}
+        refs = {("Secret", namespace, s): name for s in budget_checks.secret_names(body)}
+        refs |= {("PriceBook", namespace, p): name for p in budget_checks.pricebook_names(body)}
         return refs
 
     # ------------------------------------------------------------------ CustomerBudgets
@@ -303,22 +304,14 @@ def build_registry(runtime: Runtime, *, login: LoginFn | None = None) -> kopf.Op
             return  # its status is fresher than ours would be
         last = runtime.last_full.get(uid)
         due = last is None or started - last >= settings.resync_interval_s
-        if due:
-            work = budgets.reconcile_budget(
-                body,
-                store=runtime.store,
-                read_secret=runtime.kube.read_secret,
-                locks=runtime.locks,
-                stripe=runtime.stripe,
-            )
-        else:
-            work = budgets.refresh_budget(
-                body,
-                store=runtime.store,
-                read_secret=runtime.kube.read_secret,
-                locks=runtime.locks,
-                stripe=runtime.stripe,
-            )
+        reconcile = budgets.reconcile_budget if due else budgets.refresh_budget
+        work = reconcile(
+            body,
+            store=runtime.store,
+            read_secret=runtime.kube.read_secret,
+            locks=runtime.locks,
+            stripe=runtime.stripe,
+        )
         result = await _bounded(settings, work, "refreshing the budget status")
         if due and result.error is None:
             runtime.last_full[uid] = started
@@ -346,7 +339,7 @@ def build_registry(runtime: Runtime, *, login: LoginFn | None = None) -> kopf.Op
         _post(body, events)
         runtime.last_full.pop(uid, None)
         runtime.reconciling.pop(uid, None)
-        customer = budgets.raw_customer_id(body)
+        customer = budget_checks.raw_customer_id(body)
         if customer is not None:
             runtime.locks.forget(customer)
 
@@ -386,8 +379,8 @@ def build_registry(runtime: Runtime, *, login: LoginFn | None = None) -> kopf.Op
         _post(body, result.events)
         if result.error is not None:
             raise _retry(settings, result.error)
-        ready_changed = cond.status_of(old.get("conditions"), budgets.READY) != cond.status_of(
-            result.status.get("conditions"), budgets.READY
+        ready_changed = cond.status_of(old.get("conditions"), READY) != cond.status_of(
+            result.status.get("conditions"), READY
         )
         currency_changed = result.currency is not None and old.get("currency") != result.currency
         if ready_changed or currency_changed:

@@ -15,7 +15,7 @@ called from the login handler), so there is one source of cluster credentials; c
 beside kopf waits for that with :meth:`KubeClient.wait_configured`.
 
 Every request is bounded by ``timeout_s``. 404 is "absent"; 409 raises :class:`Conflict`;
-other failures raise :class:`~spendgate.operator.budgets.KubernetesUnavailable`, which the
+other failures raise :class:`~spendgate.operator.reconciling.KubernetesUnavailable`, which the
 handlers retry. Secret contents are never logged.
 """
 
@@ -31,7 +31,7 @@ from urllib.parse import quote, urlencode
 
 import aiohttp
 
-from .budgets import KubernetesUnavailable
+from .reconciling import KubernetesUnavailable
 
 log = logging.getLogger("spendgate.operator.kube")
 

@@ -12,7 +12,7 @@ from spendgate.config_store import ConfigStore
 from spendgate.models import ManifestError, PriceBook, parse_resource
 
 from . import conditions as cond
-from .budgets import (
+from .reconciling import (
     INVALID_SPEC,
     READY,
     EventSpec,
@@ -20,6 +20,7 @@ from .budgets import (
     generation_of,
     object_ref,
     plain,
+    ready_events,
     redis_call,
     status_patch,
 )
@@ -46,21 +47,6 @@ def parse_pricebook(body: Mapping[str, Any]) -> PriceBook:
     return resource
 
 
-def _events(
-    old_status: Mapping[str, Any], status: Mapping[str, Any], changed: bool
-) -> list[EventSpec]:
-    ready = cond.find(status.get("conditions"), READY)
-    if ready is None:
-        return []
-    if cond.transitioned(old_status.get("conditions"), dict(ready)):
-        if ready["status"] == "True":
-            return [EventSpec("Normal", "Configured", ready["message"])]
-        return [EventSpec("Warning", ready["reason"], ready["message"])]
-    if changed and ready["status"] == "True":
-        return [EventSpec("Normal", "Configured", ready["message"])]
-    return []
-
-
 async def reconcile_pricebook(
     body: Mapping[str, Any], *, store: ConfigStore, now: datetime | None = None
 ) -> PriceBookReconciled:
@@ -79,17 +65,16 @@ async def reconcile_pricebook(
             ),
         )
         status["observedGeneration"] = generation
-        return PriceBookReconciled(status, _events(old_status, status, changed=False))
+        events = ready_events(old_status, status, configured_message=None)
+        return PriceBookReconciled(status, events)
     try:
         await redis_call(store.apply_pricebook(pricebook))
     except RetryableError as error:
         status["conditions"] = cond.set_condition(
-            status["conditions"],
-            cond.make_condition(
-                READY, "Unknown", error.reason, error.message, generation=generation, now=now
-            ),
+            status["conditions"], error.ready_condition(generation, now)
         )
-        return PriceBookReconciled(status, _events(old_status, status, False), error=error)
+        events = ready_events(old_status, status, configured_message=None)
+        return PriceBookReconciled(status, events, error=error)
     spec = pricebook.spec
     rules = len(spec.rules)
     message = (
@@ -104,7 +89,8 @@ async def reconcile_pricebook(
     status["currency"] = spec.currency
     status["rules"] = rules
     changed = old_status.get("observedGeneration") != generation
-    return PriceBookReconciled(status, _events(old_status, status, changed), currency=spec.currency)
+    events = ready_events(old_status, status, configured_message=message if changed else None)
+    return PriceBookReconciled(status, events, currency=spec.currency)
 
 
 async def finalize_pricebook(body: Mapping[str, Any], *, store: ConfigStore) -> list[EventSpec]:

@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import defaultdict
@@ -27,6 +26,7 @@ from . import metrics
 from .admission import InClusterApi, start_admission
 from .injection import SKIPPED_NAMESPACES
 from .kube import KubeClient
+from .loops import run_every
 from .service_check import bypassing_services
 from .settings import OperatorSettings
 
@@ -132,14 +132,14 @@ class BypassCheck:
         return posted
 
     async def run(self, stop: asyncio.Event) -> None:
-        interval = self.settings.bypass_check_interval_s
-        while not stop.is_set():
-            try:
-                await self.check()
-            except Exception as error:
-                log.warning("the Service bypass check failed", extra={"error": repr(error)})
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=interval)
+        await run_every(
+            stop,
+            self.settings.bypass_check_interval_s,
+            self.check,
+            log=log,
+            failed="the Service bypass check failed",
+            traceback=False,
+        )
 
 
 __all__ = ["AdmissionService", "BypassCheck"]

@@ -33,9 +33,10 @@ from spendgate.config_store import ConfigStore
 from spendgate.models import CustomerBudgetSpec
 
 from . import metrics
-from .budgets import RetryableError
 from .handlers import BUDGETS, REFRESH_ANNOTATION
 from .kube import GROUP, VERSION, KubeClient
+from .loops import run_every
+from .reconciling import RetryableError
 from .stripe.client import StripeNotConfigured, load_webhook_secrets
 from .stripe.exporter import export_lag_seconds
 from .stripe.mapping import STRIPE_CUSTOMERS, StripeLinkConflict, link_budget, unlink_budget
@@ -290,13 +291,13 @@ class StripeService:
                 await sweeper
 
     async def _sweep(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            try:
-                await self.links.sweep(self.store)
-            except Exception:
-                log.exception("releasing Stripe links of deleted budgets failed")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=self.settings.export_interval_s)
+        await run_every(
+            stop,
+            self.settings.export_interval_s,
+            lambda: self.links.sweep(self.store),
+            log=log,
+            failed="releasing Stripe links of deleted budgets failed",
+        )
 
 
 __all__ = ["PENDING_UNLINKS", "BudgetEvents", "BudgetLinks", "StripeService"]

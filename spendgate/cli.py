@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
-from dataclasses import fields, replace
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
@@ -32,10 +32,11 @@ from .logs import redact, setup_logging
 from .manifests import ApplyError, apply_resources, dry_run_results, load_resources
 from .models import BudgetState, Mode
 from .money import AmountError, format_amount, parse_amount
+from .periods import current_period
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_LISTEN = "0.0.0.0:8080"
-_TRUE = {"1", "true", "yes", "on"}
+TRUE_WORDS = {"1", "true", "yes", "on"}
 
 
 class UsageError(Exception):
@@ -51,7 +52,7 @@ class Failure(Exception):
 
 def redis_settings(ns: argparse.Namespace, environ: Mapping[str, str]) -> tuple[str, bool]:
     url = ns.redis or environ.get("SPENDGATE_REDIS_URL") or DEFAULT_REDIS_URL
-    cluster = ns.redis_cluster or environ.get("SPENDGATE_REDIS_CLUSTER", "").lower() in _TRUE
+    cluster = ns.redis_cluster or environ.get("SPENDGATE_REDIS_CLUSTER", "").lower() in TRUE_WORDS
     return url, cluster
 
 
@@ -160,26 +161,10 @@ async def cmd_credit(ns: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- balance
 
-_DAY_MS = 86_400_000
-
-
-def period_start_ms(period: str | None, now_ms: int) -> int:
-    """Start (UTC) of the day, ISO week or month containing ``now_ms``; as the Lua prelude."""
-    day = now_ms // _DAY_MS
-    if period == "day":
-        return day * _DAY_MS
-    if period == "week":
-        return (day - (day + 3) % 7) * _DAY_MS
-    if period == "month":
-        now = datetime.fromtimestamp(now_ms / 1000, UTC)
-        return int(datetime(now.year, now.month, 1, tzinfo=UTC).timestamp()) * 1000
-    return 0
-
 
 def balance_report(account: Account, now_ms: int) -> dict[str, Any]:
     """What ``spendgate balance`` shows; amounts as decimal strings."""
-    if account.period and account.period_start_ms != period_start_ms(account.period, now_ms):
-        account = replace(account, spent=0)  # a new period began; Redis resets it lazily
+    account = current_period(account, now_ms)
     reasons = [f"{source}: {reason}" for source, reason in sorted(account.suspensions.items())]
     if reasons:
         state = BudgetState.suspended
@@ -280,11 +265,16 @@ def sidecar_settings_from_args(
     return settings if max_body is None else replace(settings, max_body_bytes=int(max_body))
 
 
-def cmd_sidecar(ns: argparse.Namespace) -> int:
-    settings = sidecar_settings_from_args(ns)
+def _setup_logging(ns: argparse.Namespace) -> None:
+    """``--log-level``/``--log-format``, else ``SPENDGATE_LOG_LEVEL``/``_FORMAT``: INFO, json."""
     env = os.environ
     level = ns.log_level or env.get("SPENDGATE_LOG_LEVEL") or "INFO"
     setup_logging(level, json=(ns.log_format or env.get("SPENDGATE_LOG_FORMAT")) != "text")
+
+
+def cmd_sidecar(ns: argparse.Namespace) -> int:
+    settings = sidecar_settings_from_args(ns)
+    _setup_logging(ns)
     from spendgate.sidecar.server import serve  # written separately; imported only when used
 
     serve(settings)
@@ -294,157 +284,12 @@ def cmd_sidecar(ns: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- operator
 
 
-def _env_float(
-    ns_value: float | None, env: Mapping[str, str], name: str, flag: str
-) -> float | None:
-    if ns_value is not None:
-        return ns_value
-    text = env.get(name)
-    if text is None or text == "":
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        raise UsageError(f"{flag} ({name}={text!r}): expected a number") from None
-
-
-def _env_int(ns_value: int | None, env: Mapping[str, str], name: str, flag: str) -> int | None:
-    if ns_value is not None:
-        return ns_value
-    text = env.get(name)
-    if text is None or text == "":
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        raise UsageError(f"{flag} ({name}={text!r}): expected an integer") from None
-
-
-_FALSE = {"0", "false", "no", "off"}
-
-
-def injection_defaults_from_env(env: Mapping[str, str]) -> Any:
-    """``InjectionDefaults`` with ``SPENDGATE_SIDECAR_<FIELD>`` variables applied (the Helm
-    chart passes the sidecar defaults so). Booleans are true/false; ``native_sidecars`` also
-    takes ``auto`` (detect from the API server's version)."""
-    from spendgate.operator.settings import InjectionDefaults
-
-    defaults = InjectionDefaults()
-    values: dict[str, Any] = {}
-    for item in fields(InjectionDefaults):
-        name = f"SPENDGATE_SIDECAR_{item.name.upper()}"
-        text = env.get(name)
-        if text is None or text.strip() == "":
-            continue
-        text = text.strip()
-        kind = str(item.type)
-        if "bool" in kind:
-            lowered = text.lower()
-            if lowered in _TRUE or lowered in _FALSE:
-                values[item.name] = lowered in _TRUE
-            elif "None" in kind and lowered == "auto":
-                values[item.name] = None
-            else:
-                raise UsageError(f"{name}={text!r}: expected true or false")
-        elif kind == "int":
-            try:
-                values[item.name] = int(text)
-            except ValueError:
-                raise UsageError(f"{name}={text!r}: expected an integer") from None
-        else:
-            values[item.name] = text
-    return replace(defaults, **values)
-
-
-def operator_settings_from_args(
-    ns: argparse.Namespace, environ: Mapping[str, str] | None = None
-) -> Any:
-    """``OperatorSettings`` from flags, falling back to ``SPENDGATE_*`` variables, then defaults."""
-    from spendgate.operator.settings import OperatorSettings
-
-    env = os.environ if environ is None else environ
-    defaults = OperatorSettings()
-    redis_url, cluster = redis_settings(ns, env)
-    watched = list(ns.watch_namespace or [])
-    if not watched and env.get("SPENDGATE_WATCH_NAMESPACES"):
-        watched = [n.strip() for n in env["SPENDGATE_WATCH_NAMESPACES"].split(",") if n.strip()]
-    interval = _env_float(ns.status_interval, env, "SPENDGATE_STATUS_INTERVAL", "--status-interval")
-    if interval is not None and interval <= 0:
-        raise UsageError("--status-interval must be positive (seconds)")
-    health_port = _env_int(ns.health_port, env, "SPENDGATE_HEALTH_PORT", "--health-port")
-    webhook_port = _env_int(ns.webhook_port, env, "SPENDGATE_WEBHOOK_PORT", "--webhook-port")
-    for flag, port in (("--health-port", health_port), ("--webhook-port", webhook_port)):
-        if port is not None and not 0 <= port < 65536:
-            raise UsageError(f"{flag} {port}: expected a TCP port")
-    priority = _env_int(ns.priority, env, "SPENDGATE_PEERING_PRIORITY", "--priority")
-    standalone = ns.standalone or env.get("SPENDGATE_STANDALONE", "").lower() in _TRUE
-    alert_url = ns.alert_webhook_url or env.get("SPENDGATE_ALERT_WEBHOOK_URL") or None
-    if alert_url is not None and urlsplit(alert_url).scheme not in ("http", "https"):
-        raise UsageError("--alert-webhook-url: expected an http(s) URL")
-    try:
-        redis_connect.parse_redis_url(redis_url, cluster=cluster)
-    except ValueError as error:
-        raise UsageError(f"invalid Redis URL {redact(redis_url)}: {error}") from None
-    bypass = _env_float(
-        ns.bypass_check_interval,
-        env,
-        "SPENDGATE_BYPASS_CHECK_INTERVAL",
-        "--bypass-check-interval",
-    )
-    if bypass is not None and bypass < 0:
-        raise UsageError("--bypass-check-interval must be 0 (off) or positive (seconds)")
-    election = (env.get("SPENDGATE_LEADER_ELECTION") or "true").strip().lower()
-    if election not in _TRUE | _FALSE:
-        raise UsageError(f"SPENDGATE_LEADER_ELECTION={election!r}: expected true or false")
-    return replace(
-        defaults,
-        redis_url=redis_url,
-        redis_cluster=cluster,
-        namespace=ns.operator_namespace
-        or env.get("SPENDGATE_OPERATOR_NAMESPACE")
-        or env.get("POD_NAMESPACE")
-        or defaults.namespace,
-        namespaces=tuple(watched),
-        status_interval_s=interval if interval is not None else defaults.status_interval_s,
-        alert_webhook_url=alert_url,
-        health_port=health_port if health_port is not None else defaults.health_port,
-        webhook_port=webhook_port if webhook_port is not None else defaults.webhook_port,
-        webhook_cert_file=ns.webhook_cert_file
-        or env.get("SPENDGATE_WEBHOOK_CERT_FILE")
-        or defaults.webhook_cert_file,
-        webhook_key_file=ns.webhook_key_file
-        or env.get("SPENDGATE_WEBHOOK_KEY_FILE")
-        or defaults.webhook_key_file,
-        peering=ns.peering or env.get("SPENDGATE_PEERING") or defaults.peering,
-        peering_standalone=standalone,
-        peering_priority=priority,
-        pod_name=ns.pod_name or env.get("POD_NAME") or env.get("SPENDGATE_POD") or "",
-        injection=injection_defaults_from_env(env),
-        leader_election=not ns.no_leader_election and election in _TRUE,
-        lease_name=ns.lease_name or env.get("SPENDGATE_LEASE_NAME") or defaults.lease_name,
-        bypass_check_interval_s=bypass if bypass is not None else defaults.bypass_check_interval_s,
-        stripe=stripe_settings_from_env(env),
-    )
-
-
-def stripe_settings_from_env(env: Mapping[str, str]) -> Any:
-    """``StripeSettings`` from ``SPENDGATE_STRIPE_*`` when ``SPENDGATE_STRIPE_ENABLED`` is
-    true (the chart sets it with ``stripe.enabled``); else None: Stripe stays off."""
-    if env.get("SPENDGATE_STRIPE_ENABLED", "").strip().lower() not in _TRUE:
-        return None
-    from spendgate.operator.stripe.settings import StripeSettings
-
-    try:
-        return StripeSettings.from_env(env)
-    except ValueError as error:  # int("x") included
-        raise UsageError(f"SPENDGATE_STRIPE_*: {error}") from None
-
-
 def cmd_operator(ns: argparse.Namespace) -> int:
+    # The operator package (never kopf: that is main's) is imported only for this command.
+    from spendgate.operator.cli_args import operator_settings_from_args
+
     settings = operator_settings_from_args(ns)
-    env = os.environ
-    level = ns.log_level or env.get("SPENDGATE_LOG_LEVEL") or "INFO"
-    setup_logging(level, json=(ns.log_format or env.get("SPENDGATE_LOG_FORMAT")) != "text")
+    _setup_logging(ns)
     from spendgate.operator.main import run  # kopf is imported only when the operator runs
 
     run(settings)
@@ -517,10 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="largest request body (env SPENDGATE_MAX_BODY_BYTES)",
     )
-    side.add_argument("--log-level", help="env SPENDGATE_LOG_LEVEL, default INFO")
-    side.add_argument(
-        "--log-format", choices=["json", "text"], help="env SPENDGATE_LOG_FORMAT, default json"
-    )
+    _add_logging_flags(side)
 
     op = sub.add_parser("operator", parents=[common], help="run the Kubernetes operator (kopf)")
     op.add_argument(
@@ -587,10 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="check Services bypassing the sidecar this often, 0 = never"
         " (env SPENDGATE_BYPASS_CHECK_INTERVAL, default 120)",
     )
-    op.add_argument("--log-level", help="env SPENDGATE_LOG_LEVEL, default INFO")
-    op.add_argument(
-        "--log-format", choices=["json", "text"], help="env SPENDGATE_LOG_FORMAT, default json"
-    )
+    _add_logging_flags(op)
 
     sub.add_parser(
         "standin-model",
@@ -598,6 +437,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the stand-in OpenAI-compatible model server (see --help)",
     )
     return parser
+
+
+def _add_logging_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--log-level", help="env SPENDGATE_LOG_LEVEL, default INFO")
+    parser.add_argument(
+        "--log-format", choices=["json", "text"], help="env SPENDGATE_LOG_FORMAT, default json"
+    )
 
 
 _ASYNC_COMMANDS = {

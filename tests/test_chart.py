@@ -558,7 +558,8 @@ def _resolve_env(objects: list[dict[str, Any]], container: dict[str, Any]) -> di
 
 
 def _operator_settings(objects: list[dict[str, Any]]) -> Any:
-    from spendgate.cli import build_parser, operator_settings_from_args
+    from spendgate.cli import build_parser
+    from spendgate.operator.cli_args import operator_settings_from_args
 
     env = _resolve_env(objects, operator_container(objects))
     return operator_settings_from_args(build_parser().parse_args(["operator"]), env)
@@ -568,7 +569,8 @@ def _env_names_read_by_the_cli() -> set[str]:
     return set(
         re.findall(
             r'"(SPENDGATE_[A-Z_]+|POD_NAME|POD_NAMESPACE)"',
-            (ROOT / "spendgate" / "cli.py").read_text(),
+            (ROOT / "spendgate" / "cli.py").read_text()
+            + (ROOT / "operator" / "cli_args.py").read_text(),
         )
     )
 

@@ -21,6 +21,19 @@ from spendgate.models import BudgetState, CustomerBudget
 from spendgate.money import parse_amount
 from spendgate.operator import budgets as b
 from spendgate.operator import conditions as cond
+from spendgate.operator.budget_checks import parse_budget, pricebook_names, secret_names
+from spendgate.operator.budget_status import (
+    Thresholds,
+    account_conditions,
+    budget_state,
+    evaluate_thresholds,
+)
+from spendgate.operator.reconciling import (
+    EventSpec,
+    KubernetesUnavailable,
+    RedisUnavailable,
+    status_patch,
+)
 from tests.redis_servers import RedisServer
 
 KEY = "sk-test-acme-0123456789"
@@ -103,7 +116,7 @@ def ready(status: dict[str, Any]) -> dict[str, Any]:
     return dict(condition)
 
 
-def reasons(events: list[b.EventSpec]) -> list[str]:
+def reasons(events: list[EventSpec]) -> list[str]:
     return [e.reason for e in events]
 
 
@@ -351,10 +364,10 @@ async def test_problems_order_the_reason_and_all_are_listed(store: ConfigStore) 
 
 async def test_kubernetes_api_trouble_is_retryable(store: ConfigStore) -> None:
     async def broken(namespace: str, name: str) -> dict[str, Any] | None:
-        raise b.KubernetesUnavailable("GET secrets: HTTP 503")
+        raise KubernetesUnavailable("GET secrets: HTTP 503")
 
     result = await b.reconcile_budget(budget_body(), store=store, read_secret=broken)
-    assert isinstance(result.error, b.KubernetesUnavailable)
+    assert isinstance(result.error, KubernetesUnavailable)
     condition = ready(result.status)
     assert (condition["status"], condition["reason"]) == ("Unknown", "KubernetesApiUnavailable")
     assert await store.owner_of("acme") is None  # nothing half-applied
@@ -378,7 +391,7 @@ async def test_redis_unavailable(dying_store: ConfigStore, fresh_redis_server: R
     body = next_body(body, await b.reconcile_budget(body, store=dying_store, read_secret=secrets))
     fresh_redis_server.stop()
     result = await b.reconcile_budget(body, store=dying_store, read_secret=secrets)
-    assert isinstance(result.error, b.RedisUnavailable)
+    assert isinstance(result.error, RedisUnavailable)
     condition = ready(result.status)
     assert (condition["status"], condition["reason"]) == ("Unknown", "RedisUnavailable")
     assert ("Warning", "RedisUnavailable") in [(e.type, e.reason) for e in result.events]
@@ -386,8 +399,8 @@ async def test_redis_unavailable(dying_store: ConfigStore, fresh_redis_server: R
     patch = result.patch(body["status"])
     assert set(patch) == {"conditions"}
     refreshed = await b.refresh_budget(body, store=dying_store, read_secret=secrets)
-    assert isinstance(refreshed.error, b.RedisUnavailable)
-    with pytest.raises(b.RedisUnavailable):
+    assert isinstance(refreshed.error, RedisUnavailable)
+    with pytest.raises(RedisUnavailable):
         await b.finalize_budget(body, store=dying_store)
 
     fresh_redis_server.start()  # back, and empty: the config is applied again
@@ -529,7 +542,7 @@ FEB_MS = int(datetime(2025, 2, 1, tzinfo=UTC).timestamp() * 1000)
     ],
 )
 def test_budget_state(acct: Account, state: BudgetState, why: str) -> None:
-    found, reasons_ = b.budget_state(acct, NOW_MS)
+    found, reasons_ = budget_state(acct, NOW_MS)
     assert found is state
     assert why in "; ".join(reasons_)
     if not why:
@@ -567,8 +580,8 @@ def test_condition_reasons_for_the_account() -> None:
         ),
     ]
     for acct, funded, suspended in cases:
-        state, why = b.budget_state(acct, NOW_MS)
-        found = b.account_conditions(acct, state, why, 4, now)
+        state, why = budget_state(acct, NOW_MS)
+        found = account_conditions(acct, state, why, 4, now)
         assert [(c["status"], c["reason"]) for c in found] == [funded, suspended]
         assert all(c["observedGeneration"] == 4 for c in found)
 
@@ -595,21 +608,21 @@ async def test_suspension_in_spec_and_payment_method(store: ConfigStore) -> None
 
 
 def prepaid(**policy: Any) -> CustomerBudget:
-    return b.parse_budget(budget_body(policy=policy))
+    return parse_budget(budget_body(policy=policy))
 
 
 def capped() -> CustomerBudget:
     body = budget_body(mode="capped", limit="200.00", period="month")
     del body["spec"]["balance"]
-    return b.parse_budget(body)
+    return parse_budget(body)
 
 
 def test_prepaid_thresholds_count_from_the_last_top_up() -> None:
     budget = prepaid()
     status: dict[str, Any] = {}
 
-    def observe(acct: Account) -> b.Thresholds:
-        t = b.evaluate_thresholds(budget, acct, status, NOW_MS)
+    def observe(acct: Account) -> Thresholds:
+        t = evaluate_thresholds(budget, acct, status, NOW_MS)
         status["alertedThreshold"] = t.alerted
         status["alertBaseline"] = t.baseline
         return t
@@ -631,7 +644,7 @@ def test_prepaid_thresholds_count_from_the_last_top_up() -> None:
 
 
 def test_an_unfunded_prepaid_budget_does_not_alert() -> None:
-    t = b.evaluate_thresholds(prepaid(), account(balance=0), {}, NOW_MS)
+    t = evaluate_thresholds(prepaid(), account(balance=0), {}, NOW_MS)
     assert (t.crossed, t.alerted) == (None, 0)
 
 
@@ -644,24 +657,22 @@ def test_capped_thresholds_and_the_new_period() -> None:
         "period_start_ms": MARCH_MS,
         "balance": 0,
     }
-    t = b.evaluate_thresholds(budget, account(**march, spent=170_000_000), {}, NOW_MS)
+    t = evaluate_thresholds(budget, account(**march, spent=170_000_000), {}, NOW_MS)
     assert (t.crossed, t.alerted, t.baseline) == (80, 80, None)
     status = {"alertedThreshold": 80}
-    t = b.evaluate_thresholds(budget, account(**march, spent=180_000_000), status, NOW_MS)
+    t = evaluate_thresholds(budget, account(**march, spent=180_000_000), status, NOW_MS)
     assert t.crossed is None and t.alerted == 80
     # The period rolled over: spent is 0 for the new month, the alert level resets.
     feb = dict(march, period_start_ms=FEB_MS)
-    t = b.evaluate_thresholds(budget, account(**feb, spent=180_000_000), status, NOW_MS)
+    t = evaluate_thresholds(budget, account(**feb, spent=180_000_000), status, NOW_MS)
     assert (t.crossed, t.alerted) == (None, 0)
 
 
 def test_custom_thresholds() -> None:
     budget = prepaid(alertThresholds=[10, 95])
-    t = b.evaluate_thresholds(budget, account(), {}, NOW_MS)
+    t = evaluate_thresholds(budget, account(), {}, NOW_MS)
     status = {"alertedThreshold": t.alerted, "alertBaseline": t.baseline}
-    t = b.evaluate_thresholds(
-        budget, account(balance=85_000_000, charged=15_000_000), status, NOW_MS
-    )
+    t = evaluate_thresholds(budget, account(balance=85_000_000, charged=15_000_000), status, NOW_MS)
     assert t.crossed == 10
 
 
@@ -705,10 +716,10 @@ async def test_threshold_events_and_alerts_through_reconcile(store: ConfigStore)
 
 def test_status_patch_writes_only_changes() -> None:
     old = {"balance": "1.00", "state": "Active", "conditions": [{"type": "Ready"}]}
-    assert b.status_patch(old, dict(old)) == {}
-    assert b.status_patch(old, {"balance": "2.00", "state": "Active"}) == {"balance": "2.00"}
-    assert b.status_patch(old, {"held": None}) == {}
-    assert b.status_patch(old, {"balance": None}) == {"balance": None}
+    assert status_patch(old, dict(old)) == {}
+    assert status_patch(old, {"balance": "2.00", "state": "Active"}) == {"balance": "2.00"}
+    assert status_patch(old, {"held": None}) == {}
+    assert status_patch(old, {"balance": None}) == {"balance": None}
 
 
 def test_refs_for_the_index() -> None:
@@ -721,5 +732,5 @@ def test_refs_for_the_index() -> None:
         ],
         priceBooks=["gpu", 3],
     )
-    assert b.secret_names(body) == {"s1", "s2"}
-    assert b.pricebook_names(body) == {"gpu"}
+    assert secret_names(body) == {"s1", "s2"}
+    assert pricebook_names(body) == {"gpu"}

@@ -18,10 +18,10 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from spendgate import cli
-from spendgate.operator import handlers
-from spendgate.operator.budgets import KubernetesUnavailable
+from spendgate.operator import cli_args, handlers
 from spendgate.operator.kube import KubeClient
 from spendgate.operator.main import Health, run_operator
+from spendgate.operator.reconciling import KubernetesUnavailable
 from spendgate.operator.settings import OperatorSettings
 from tests.kube_emulator import started_emulator
 from tests.redis_servers import RedisServer
@@ -197,14 +197,14 @@ def test_operator_settings_from_flags_and_env() -> None:
         "POD_NAMESPACE": "spendgate",
         "SPENDGATE_PEERING_PRIORITY": "5",
     }
-    settings = cli.operator_settings_from_args(_parse(), env)
+    settings = cli_args.operator_settings_from_args(_parse(), env)
     assert settings.redis_url == "redis://redis:6379/1"
     assert settings.namespaces == ("team-a", "team-b")
     assert settings.status_interval_s == 15.0
     assert settings.alert_webhook_url == "https://hooks.example.com/x"
     assert (settings.pod_name, settings.namespace) == ("op-0", "spendgate")
     assert settings.peering_priority == 5 and not settings.peering_standalone
-    flags = cli.operator_settings_from_args(
+    flags = cli_args.operator_settings_from_args(
         _parse(
             "--watch-namespace",
             "x",
@@ -220,7 +220,7 @@ def test_operator_settings_from_flags_and_env() -> None:
     )
     assert flags.namespaces == ("x",) and flags.status_interval_s == 2.0
     assert flags.peering_standalone and flags.health_port == 9000 and flags.peering_priority == 9
-    defaults = cli.operator_settings_from_args(_parse(), {})
+    defaults = cli_args.operator_settings_from_args(_parse(), {})
     assert defaults == OperatorSettings()
 
 
@@ -232,17 +232,17 @@ def test_leader_election_bypass_check_and_stripe_settings() -> None:
         "SPENDGATE_STRIPE_WEBHOOK_PORT": "9444",
         "SPENDGATE_OPERATOR_NAMESPACE": "billing",
     }
-    settings = cli.operator_settings_from_args(_parse(), env)
+    settings = cli_args.operator_settings_from_args(_parse(), env)
     assert settings.leader_election and settings.lease_name == "sg-spendgate-operator-leader"
     assert settings.lease_ns == "billing" and settings.bypass_check_interval_s == 0
     assert settings.stripe is not None and settings.stripe.webhook_port == 9444
-    off = cli.operator_settings_from_args(
+    off = cli_args.operator_settings_from_args(
         _parse("--no-leader-election", "--lease-name", "x", "--bypass-check-interval", "5"),
         {"SPENDGATE_STRIPE_ENABLED": "false", "SPENDGATE_STRIPE_WEBHOOK_PORT": "x"},
     )
     assert not off.leader_election and off.lease_name == "x"
     assert off.bypass_check_interval_s == 5 and off.stripe is None
-    assert not cli.operator_settings_from_args(
+    assert not cli_args.operator_settings_from_args(
         _parse(), {"SPENDGATE_LEADER_ELECTION": "false"}
     ).leader_election
 
@@ -263,7 +263,7 @@ def test_leader_election_bypass_check_and_stripe_settings() -> None:
 )
 def test_bad_operator_settings(argv: list[str], env: dict[str, str], message: str) -> None:
     with pytest.raises(cli.UsageError, match=message):
-        cli.operator_settings_from_args(_parse(*argv), env)
+        cli_args.operator_settings_from_args(_parse(*argv), env)
 
 
 def test_operator_subcommand_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
@@ -313,7 +313,7 @@ def test_sidecar_injection_defaults_from_env() -> None:
         "SPENDGATE_SIDECAR_FAIL_MODE": "open",
         "SPENDGATE_SIDECAR_CPU_LIMIT": "",  # empty: the default
     }
-    injection = cli.operator_settings_from_args(_parse(), env).injection
+    injection = cli_args.operator_settings_from_args(_parse(), env).injection
     assert injection.image == "registry.example.com/spendgate:1.2.3"
     assert (injection.port, injection.redis_cluster, injection.native_sidecars) == (
         9090,
@@ -321,13 +321,13 @@ def test_sidecar_injection_defaults_from_env() -> None:
         None,
     )
     assert injection.fail_mode == "open" and injection.cpu_limit == "1"
-    assert cli.injection_defaults_from_env({"SPENDGATE_SIDECAR_NATIVE_SIDECARS": "false"}) == (
-        cli.injection_defaults_from_env({}).__class__(native_sidecars=False)
+    assert cli_args.injection_defaults_from_env({"SPENDGATE_SIDECAR_NATIVE_SIDECARS": "false"}) == (
+        cli_args.injection_defaults_from_env({}).__class__(native_sidecars=False)
     )
     with pytest.raises(cli.UsageError, match="SPENDGATE_SIDECAR_PORT"):
-        cli.injection_defaults_from_env({"SPENDGATE_SIDECAR_PORT": "eighty"})
+        cli_args.injection_defaults_from_env({"SPENDGATE_SIDECAR_PORT": "eighty"})
     with pytest.raises(cli.UsageError, match="true or false"):
-        cli.injection_defaults_from_env({"SPENDGATE_SIDECAR_REDIS_CLUSTER": "auto"})
+        cli_args.injection_defaults_from_env({"SPENDGATE_SIDECAR_REDIS_CLUSTER": "auto"})
 
 
 # --------------------------------------------------------------------------- admission wired

@@ -16,6 +16,7 @@ import redis.asyncio
 from spendgate.config_store import ConfigStore
 from spendgate.ledger import Usage
 from spendgate.operator import budgets as b
+from spendgate.operator.budget_checks import parse_budget
 from spendgate.operator.kube import KubeClient
 from spendgate.operator.stripe.exporter import EXPORT_CURSORS
 from spendgate.operator.stripe.mapping import STRIPE_CUSTOMERS, stripe_key
@@ -73,7 +74,7 @@ async def test_a_reconciled_budget_is_linked_with_status_fields(store: ConfigSto
     # Exported: the lag is 0 again.
     last = (await store.redis.xrange("sg:{acme}:ledger"))[-1][0]
     await store.redis.hset(EXPORT_CURSORS, "acme", last)
-    assert (await links.status(b.parse_budget(body).spec))["exportLagSeconds"] == 0
+    assert (await links.status(parse_budget(body).spec))["exportLagSeconds"] == 0
 
 
 async def test_a_budget_without_stripe_is_unlinked(store: ConfigStore) -> None:

@@ -18,6 +18,7 @@ import redis.asyncio.cluster
 from spendgate import cli, redis_connect
 from spendgate.config_store import ConfigStore
 from spendgate.ledger import Ledger
+from spendgate.operator import cli_args
 from spendgate.operator.main import make_redis
 from spendgate.operator.settings import OperatorSettings
 from spendgate.redis_connect import SentinelRedis, SentinelTarget, parse_redis_url
@@ -162,7 +163,7 @@ def test_operator_and_sidecar_build_their_clients_here() -> None:
 def test_cli_refuses_bad_urls_as_usage_errors() -> None:
     ns = cli.build_parser().parse_args(["operator"])
     with pytest.raises(cli.UsageError, match="invalid Redis URL"):
-        cli.operator_settings_from_args(ns, {"SPENDGATE_REDIS_URL": "redis+sentinel://h1"})
+        cli_args.operator_settings_from_args(ns, {"SPENDGATE_REDIS_URL": "redis+sentinel://h1"})
 
 
 # --------------------------------------------------------------------------- a real Sentinel

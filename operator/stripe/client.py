@@ -29,7 +29,7 @@ import hashlib
 import logging
 import os
 import random
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 import stripe
@@ -266,3 +266,30 @@ def to_dict(obj: Any) -> dict[str, Any]:
     if isinstance(obj, dict):
         return obj
     return obj.to_dict(recursive=True) if hasattr(obj, "to_dict") else dict(obj)
+
+
+async def list_all(
+    gateway: StripeGateway,
+    list_page: Callable[[dict[str, Any]], Awaitable[Any]],
+    params: Mapping[str, Any],
+    what: str,
+    *,
+    max_pages: int,
+    on_truncated: Callable[[], None] | None = None,
+) -> AsyncIterator[dict[str, Any]]:
+    """The items of a Stripe list, page by page (``starting_after``), each page through
+    ``gateway.call``; at most ``max_pages`` pages, then ``on_truncated()`` if more are left."""
+    after: str | None = None
+    for _ in range(max_pages):
+        page_params = dict(params)
+        if after:
+            page_params["starting_after"] = after
+        page = to_dict(await gateway.call(lambda p=page_params: list_page(p), what))
+        data = list(page.get("data") or [])
+        for item in data:
+            yield item
+        if not page.get("has_more") or not data:
+            return
+        after = str(data[-1]["id"])
+    if on_truncated is not None:
+        on_truncated()

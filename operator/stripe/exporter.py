@@ -42,7 +42,6 @@ rejects permanently is resent event by event on v1, so the dead letter names the
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import inspect
 import logging
@@ -55,6 +54,7 @@ from prometheus_client import Counter, Gauge
 
 from spendgate.keys import for_customer
 
+from ..loops import run_every
 from .apply import OnEvent
 from .client import StripeGateway, idempotency_key, is_permanent_rejection, to_dict
 from .mapping import linked_customers, load_link, micros_to_minor_ceil
@@ -176,13 +176,13 @@ class Exporter:
         return results
 
     async def run(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            try:
-                await self.export_all()
-            except Exception:
-                log.exception("stripe export pass failed")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=self.settings.export_interval_s)
+        await run_every(
+            stop,
+            self.settings.export_interval_s,
+            self.export_all,
+            log=log,
+            failed="stripe export pass failed",
+        )
 
     async def export_customer(self, customer_id: str) -> ExportResult:
         """Send the next batch of one customer's ledger; move the cursor over what is done."""

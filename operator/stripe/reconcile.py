@@ -22,7 +22,6 @@ event newer than the pull still wins. Stripe's 429 and 5xx are retried with jitt
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -32,8 +31,9 @@ import stripe
 
 from spendgate.ledger import Ledger
 
+from ..loops import run_every
 from .apply import Applier, OnEvent, payment_method_access
-from .client import StripeGateway, to_dict
+from .client import StripeGateway, list_all, to_dict
 from .mapping import (
     ACTIVE_SUBSCRIPTION_STATUSES,
     SRC_DELETED,
@@ -104,13 +104,13 @@ class Reconciler:
         )
 
     async def run(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            try:
-                await self.reconcile_all()
-            except Exception:
-                log.exception("stripe reconciliation pass failed")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=self.settings.reconcile_interval_s)
+        await run_every(
+            stop,
+            self.settings.reconcile_interval_s,
+            self.reconcile_all,
+            log=log,
+            failed="stripe reconciliation pass failed",
+        )
 
     async def reconcile_all(self) -> dict[str, list[str]]:
         results: dict[str, list[str]] = {}
@@ -224,27 +224,20 @@ class Reconciler:
 
     async def _credit_grants(self, link: Link):  # type: ignore[no-untyped-def]
         """Every credit grant of the customer, page by page (``starting_after``)."""
-        client = self.gateway.client
-        after: str | None = None
-        for _ in range(MAX_PAGES):
-            params: dict[str, Any] = {"customer": link.stripe_customer, "limit": PAGE}
-            if after:
-                params["starting_after"] = after
-            page = to_dict(
-                await self.gateway.call(
-                    lambda params=params: client.v1.billing.credit_grants.list_async(params),
-                    "list credit grants",
-                )
-            )
-            data = list(page.get("data") or [])
-            for grant in data:
-                yield grant
-            if not page.get("has_more") or not data:
-                return
-            after = str(data[-1]["id"])
-        log.warning(
-            "credit grants of %s: more than %d pages; rest next round", link.customer_id, MAX_PAGES
+        grants = list_all(
+            self.gateway,
+            self.gateway.client.v1.billing.credit_grants.list_async,
+            {"customer": link.stripe_customer, "limit": PAGE},
+            "list credit grants",
+            max_pages=MAX_PAGES,
+            on_truncated=lambda: log.warning(
+                "credit grants of %s: more than %d pages; rest next round",
+                link.customer_id,
+                MAX_PAGES,
+            ),
         )
+        async for grant in grants:
+            yield grant
 
 
 def _describe(error: BaseException) -> str:

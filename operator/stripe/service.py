@@ -24,7 +24,6 @@ cid)``; the suspension source ``payment-method`` means state ``PendingPaymentMet
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from typing import Any
 
@@ -32,6 +31,7 @@ from aiohttp import web
 
 from spendgate.ledger import Ledger
 
+from ..loops import run_every
 from .apply import Applier, OnEvent
 from .client import SecretReader, StripeGateway, load_api_key, load_webhook_secrets
 from .exporter import Exporter
@@ -122,13 +122,13 @@ class StripeIntegration:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _grace_timer(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            try:
-                await self.applier.apply_due_grace()
-            except Exception:
-                log.exception("stripe grace timer failed")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=GRACE_TICK_S)
+        await run_every(
+            stop,
+            GRACE_TICK_S,
+            self.applier.apply_due_grace,
+            log=log,
+            failed="stripe grace timer failed",
+        )
 
     async def close(self) -> None:
         if self._runner is not None:

@@ -31,7 +31,7 @@ from typing import Any
 
 from spendgate.models import CUSTOMER_ID_PATTERN, ManifestError, parse_resource
 
-from .client import StripeGateway, to_dict
+from .client import StripeGateway, list_all
 from .settings import StripeSettings
 
 PLACEHOLDER = re.compile(r"\$\{([A-Za-z0-9_.-]+)\}")
@@ -133,32 +133,24 @@ async def customers_to_import(
 
     ``linked``: Stripe customer ids that already have a budget. A customer the template cannot
     serve is skipped and described in ``errors`` (for an Event), never half-created."""
-    client = gateway.client
     manifests: list[dict[str, Any]] = []
-    after: str | None = None
-    for _ in range(MAX_PAGES):
-        params: dict[str, Any] = {"limit": 100}
-        if after:
-            params["starting_after"] = after
-        page = to_dict(
-            await gateway.call(
-                lambda params=params: client.v1.customers.list_async(params), "list customers"
-            )
-        )
-        data = list(page.get("data") or [])
-        for customer in data:
-            if customer.get("id") in linked or not is_marked(customer, settings):
-                continue
-            try:
-                manifest = budget_from_customer(template, customer, settings)
-            except TemplateError as error:
-                if errors is not None:
-                    errors.append(str(error))
-                continue
-            if namespace:
-                manifest["metadata"].setdefault("namespace", namespace)
-            manifests.append(manifest)
-        if not page.get("has_more") or not data:
-            break
-        after = str(data[-1]["id"])
+    customers = list_all(
+        gateway,
+        gateway.client.v1.customers.list_async,
+        {"limit": 100},
+        "list customers",
+        max_pages=MAX_PAGES,
+    )
+    async for customer in customers:
+        if customer.get("id") in linked or not is_marked(customer, settings):
+            continue
+        try:
+            manifest = budget_from_customer(template, customer, settings)
+        except TemplateError as error:
+            if errors is not None:
+                errors.append(str(error))
+            continue
+        if namespace:
+            manifest["metadata"].setdefault("namespace", namespace)
+        manifests.append(manifest)
     return manifests

@@ -36,7 +36,6 @@ event never blocks the others.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -49,8 +48,9 @@ from redis.exceptions import RedisError, ResponseError
 
 from spendgate.ledger import Ledger
 
+from ..loops import sleep_or_stop
 from .apply import Applier, OnEvent
-from .client import StripeGateway, to_dict
+from .client import StripeGateway, list_all
 from .mapping import HANDLED_EVENTS
 from .settings import StripeSettings
 
@@ -261,13 +261,8 @@ async def run_processor(
             delay = 0.1
         except RedisError as error:
             log.warning("stripe processor: Redis error %s; retrying in %.1fs", error, delay)
-            await _sleep_or_stop(stop, delay)
+            await sleep_or_stop(stop, delay)
             delay = min(delay * 2, 5.0)
-
-
-async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), timeout=seconds)
 
 
 async def stream_lag_seconds(
@@ -324,32 +319,25 @@ async def replay_missed_events(
         raw = await redis.get(REPLAY_CHECKPOINT)
         since = int(_text(raw)) if raw is not None else int(now) - REPLAY_FIRST_WINDOW_S
     record = redis.register_script(_RECORD)
-    client = gateway.client
     added = 0
-    after: str | None = None
-    for page_number in range(REPLAY_MAX_PAGES):
-        params: dict[str, Any] = {"created": {"gte": since}, "limit": 100}
-        if after:
-            params["starting_after"] = after
-        page = to_dict(
-            await gateway.call(
-                lambda params=params: client.v1.events.list_async(params), "list events"
-            )
+    events = list_all(
+        gateway,
+        gateway.client.v1.events.list_async,
+        {"created": {"gte": since}, "limit": 100},
+        "list events",
+        max_pages=REPLAY_MAX_PAGES,
+        on_truncated=lambda: log.warning(
+            "stripe event catch-up stopped after %d pages", REPLAY_MAX_PAGES
+        ),
+    )
+    async for event in events:
+        if event.get("type") not in _HANDLED or not event.get("id"):
+            continue
+        entry = await record(
+            keys=[EVENTS_STREAM, SEEN_PREFIX + str(event["id"])],
+            args=[event["id"], settings.dedupe_ttl_s, event["type"], json.dumps(event)],
         )
-        data = list(page.get("data") or [])
-        for event in data:
-            if event.get("type") not in _HANDLED or not event.get("id"):
-                continue
-            entry = await record(
-                keys=[EVENTS_STREAM, SEEN_PREFIX + str(event["id"])],
-                args=[event["id"], settings.dedupe_ttl_s, event["type"], json.dumps(event)],
-            )
-            added += entry is not None
-        if not page.get("has_more") or not data:
-            break
-        after = str(data[-1]["id"])
-        if page_number == REPLAY_MAX_PAGES - 1:
-            log.warning("stripe event catch-up stopped after %d pages", REPLAY_MAX_PAGES)
+        added += entry is not None
     # Overlap by the clock skew allowance: events are de-duplicated, so re-reading is harmless.
     await redis.set(REPLAY_CHECKPOINT, str(int(now) - settings.clock_skew_s))
     if added:
