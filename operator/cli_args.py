@@ -141,19 +141,32 @@ def operator_settings_from_args(
         leader_election=not ns.no_leader_election and election in TRUE_WORDS,
         lease_name=ns.lease_name or env.get("SPENDGATE_LEASE_NAME") or defaults.lease_name,
         bypass_check_interval_s=bypass if bypass is not None else defaults.bypass_check_interval_s,
-        stripe=stripe_settings_from_env(env),
+        stripe=stripe_settings_from_env(env, watched=tuple(watched)),
     )
 
 
-def stripe_settings_from_env(env: Mapping[str, str]) -> StripeSettings | None:
+def stripe_settings_from_env(
+    env: Mapping[str, str], *, watched: tuple[str, ...] = ()
+) -> StripeSettings | None:
     """``StripeSettings`` from ``SPENDGATE_STRIPE_*`` when ``SPENDGATE_STRIPE_ENABLED`` is
-    true (the chart sets it with ``stripe.enabled``); else None: Stripe stays off."""
+    true (the chart sets it with ``stripe.enabled``); else None: Stripe stays off.
+
+    With ``SPENDGATE_STRIPE_IMPORT_ENABLED`` the import template is read and validated now
+    (rendered for a sample customer), so a broken one stops the operator with what to fix."""
     if env.get("SPENDGATE_STRIPE_ENABLED", "").strip().lower() not in TRUE_WORDS:
         return None
     try:
-        return StripeSettings.from_env(env)
+        settings = StripeSettings.from_env(env)
     except ValueError as error:  # int("x") included
         raise UsageError(f"SPENDGATE_STRIPE_*: {error}") from None
+    if settings.import_enabled:
+        from .stripe.sync import load_import_template  # never kopf: that is main's
+
+        try:
+            load_import_template(settings, watched)
+        except ValueError as error:  # TemplateError
+            raise UsageError(f"SPENDGATE_STRIPE_IMPORT_TEMPLATE_FILE: {error}") from None
+    return settings
 
 
 __all__ = ["injection_defaults_from_env", "operator_settings_from_args", "stripe_settings_from_env"]

@@ -8,7 +8,9 @@ kopf watches and patches the objects it handles; the operator additionally
   they use changes (or Stripe changed the account),
 - *holds a Lease* (coordination.k8s.io/v1) for leader election (operator/leader.py),
 - *lists Services and Pods* for the meter bypass check and *posts Events* from outside kopf's
-  handlers (Stripe events on budgets, bypass warnings on Services).
+  handlers (Stripe events on budgets, bypass warnings on Services),
+- *lists and creates CustomerBudgets* for the budgets synced from Stripe
+  (operator/stripe_import.py; create only, never update or delete).
 
 This client uses the same credentials kopf logged in with (:meth:`KubeClient.configure` is
 called from the login handler), so there is one source of cluster credentials; code that runs
@@ -134,6 +136,32 @@ class KubeClient:
             body={"metadata": {"annotations": dict(annotations)}},
             content_type="application/merge-patch+json",
         )
+
+    # ------------------------------------------------------------------ CustomerBudgets
+
+    async def list_customer_budgets(self, namespace: str | None) -> list[dict[str, Any]]:
+        """CustomerBudgets of a namespace, or of the cluster (None)."""
+        where = f"/namespaces/{_q(namespace)}" if namespace else ""
+        return await self.list_objects(f"/apis/{GROUP}/{VERSION}{where}/customerbudgets")
+
+    async def create_customer_budget(
+        self, namespace: str, manifest: Mapping[str, Any]
+    ) -> dict[str, Any] | None:
+        """POST a CustomerBudget: the created object, or None if one of that name exists
+        already (HTTP 409 AlreadyExists: creating is idempotent). A missing namespace or a
+        manifest the API server refuses raises KubernetesUnavailable with its message."""
+        path = f"/apis/{GROUP}/{VERSION}/namespaces/{_q(namespace)}/customerbudgets"
+        body = {
+            **manifest,
+            "metadata": {**(manifest.get("metadata") or {}), "namespace": namespace},
+        }
+        try:
+            result = await self._request("POST", path, body=body, content_type=_JSON)
+        except Conflict:
+            return None
+        if result is None:
+            raise KubernetesUnavailable(f"POST {path}: HTTP 404 (namespace {namespace}?)")
+        return result
 
     # ------------------------------------------------------------------ leases
 

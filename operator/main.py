@@ -12,8 +12,8 @@ handler registry and runs, in one event loop:
 - with ``settings.stripe``, the Stripe webhook receiver on every replica
   (:mod:`.stripe_wiring`);
 - **leader election** on a Lease (:mod:`.leader`): the holder runs the singleton work --
-  Stripe's processor, reconciliation, usage export and grace timer, and the Service bypass
-  check (:mod:`.services`);
+  Stripe's processor, reconciliation, usage export, grace timer and budget import
+  (:mod:`.stripe_import`), and the Service bypass check (:mod:`.services`);
 - a health server on ``health_port``:
 
   ``/healthz``      liveness: the process and kopf are alive;
@@ -54,6 +54,7 @@ from .kube import KubeClient
 from .leader import LeaderElector, LeaderTask, LeaseConfig
 from .services import AdmissionService, BypassCheck
 from .settings import OperatorSettings
+from .stripe_import import TemplateFile, load_import_template
 from .stripe_wiring import StripeService
 
 log = logging.getLogger("spendgate.operator")
@@ -228,6 +229,10 @@ async def run_operator(
     health: bool = True,
 ) -> None:
     """Run until stopped (``stop_flag``, a signal, or a service or kopf ending)."""
+    template: TemplateFile | None = None
+    if settings.stripe is not None and settings.stripe.enabled and settings.stripe.import_enabled:
+        # Before anything starts: an invalid import template stops the operator here.
+        template = load_import_template(settings.stripe, settings.namespaces)
     own_redis = redis_client is None
     redis_client = redis_client if redis_client is not None else make_redis(settings)
     runtime = make_runtime(settings, redis_client)
@@ -239,6 +244,8 @@ async def run_operator(
             kube=runtime.kube,
             namespace=settings.namespace,
             identity=identity_of(settings),
+            watched=settings.namespaces,
+            template=template,
         )
         runtime.stripe = stripe.links
     else:

@@ -27,6 +27,10 @@ spendgate_stripe_configured                     1 once the Stripe keys are loade
                                                 the Secret is missing; retried)
 spendgate_stripe_events_posted_total            Kubernetes Events posted on budgets for Stripe
                                                 events, by ``outcome`` (posted, no_budget, failed)
+spendgate_stripe_imports_total                  budgets synced from Stripe: marked customers by
+                                                ``outcome``: ``created``, ``skipped`` (a budget
+                                                names the customer already), ``failed``
+spendgate_stripe_import_last_success_timestamp  end of the last complete import pass (unix time)
 spendgate_meter_bypasses                        Service ports that reach injected pods' model port
                                                 directly, at the last check (leader)
 spendgate_operator_redis_up                     1 if Redis answered the last ``/readyz/full``
@@ -88,6 +92,15 @@ STRIPE_EVENTS_POSTED = Counter(
     "spendgate_stripe_events_posted",
     "Kubernetes Events on budgets for Stripe events, by outcome (posted, no_budget, failed)",
     ["outcome"],
+)
+STRIPE_IMPORTS = Counter(
+    "spendgate_stripe_imports",
+    "Marked Stripe customers by import outcome (created, skipped, failed)",
+    ["outcome"],
+)
+STRIPE_IMPORT_LAST_SUCCESS = Gauge(
+    "spendgate_stripe_import_last_success_timestamp",
+    "Unix time at the end of the last complete import pass of budgets from Stripe",
 )
 METER_BYPASSES = Gauge(
     "spendgate_meter_bypasses",
@@ -164,6 +177,8 @@ __all__ = [
     "REDIS_UP",
     "STRIPE_CONFIGURED",
     "STRIPE_EVENTS_POSTED",
+    "STRIPE_IMPORTS",
+    "STRIPE_IMPORT_LAST_SUCCESS",
     "STRIPE_WEBHOOKS",
     "count_stripe_webhooks",
     "counted",

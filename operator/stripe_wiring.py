@@ -9,8 +9,9 @@
   ``RETRY_CONFIG_S`` while they are missing, ``spendgate_stripe_configured`` 0 meanwhile) and
   serves the webhook receiver; the signing secrets are read again every ``SECRETS_REFRESH_S``
   (rotation). On the **leader** only (:meth:`StripeService.run_leader`, a leader task):
-  ``StripeIntegration.run_leader`` (event processor, grace timer, reconciliation, usage export)
-  and the sweep that releases deleted budgets' links.
+  ``StripeIntegration.run_leader`` (event processor, grace timer, reconciliation, usage export),
+  the sweep that releases deleted budgets' links and, with ``import_enabled``, the import of
+  marked Stripe customers as CustomerBudgets (:mod:`.stripe_import`).
 - :class:`BudgetEvents`: what Stripe did (``on_event``) becomes a Kubernetes Event on the
   budget, found by ``ConfigStore.owner_of``; the budget is also annotated so that its status is
   refreshed at once. Posting happens in the background: Stripe processing never waits on the
@@ -44,6 +45,7 @@ from .stripe.mapping import stripe_key as stripe_link_key
 from .stripe.reconcile import last_sync
 from .stripe.service import StripeIntegration
 from .stripe.settings import StripeSettings
+from .stripe_import import BudgetImport, TemplateFile, load_import_template
 
 log = logging.getLogger("spendgate.operator.stripe")
 
@@ -208,7 +210,12 @@ class StripeService:
         kube: KubeClient,
         namespace: str,
         identity: str,
+        watched: tuple[str, ...] = (),
+        template: TemplateFile | None = None,
     ) -> None:
+        """``watched``: the operator's namespaces (empty: all). With ``import_enabled`` the
+        import template is loaded and validated here (``template``, if already loaded): an
+        invalid one raises TemplateError before anything starts."""
         self.settings = settings
         self.store = store
         self.kube = kube
@@ -216,6 +223,16 @@ class StripeService:
         self.identity = identity
         self.links = BudgetLinks(store.redis)
         self.events = BudgetEvents(store, kube, instance=identity)
+        self.importer: BudgetImport | None = None
+        if settings.import_enabled:
+            self.importer = BudgetImport(
+                settings,
+                kube=kube,
+                redis=store.redis,
+                template=template or load_import_template(settings, watched),
+                watched=watched,
+                instance=identity,
+            )
         self.integration: StripeIntegration | None = None
         self.problem: str | None = "starting"
         self._ready = asyncio.Event()
@@ -282,13 +299,19 @@ class StripeService:
         stopped.cancel()
         if stop.is_set() or self.integration is None:
             return
-        sweeper = asyncio.create_task(self._sweep(stop), name="stripe-unlink-sweep")
+        helpers = [asyncio.create_task(self._sweep(stop), name="stripe-unlink-sweep")]
+        if self.importer is not None:
+            helpers.append(
+                asyncio.create_task(
+                    self.importer.run(stop, self.integration.gateway), name="stripe-import"
+                )
+            )
         try:
             await self.integration.run_leader(stop)
         finally:
-            sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sweeper
+            for task in helpers:
+                task.cancel()
+            await asyncio.gather(*helpers, return_exceptions=True)
 
     async def _sweep(self, stop: asyncio.Event) -> None:
         await run_every(

@@ -168,6 +168,21 @@ VALUE_SETS: dict[str, Obj] = {
         "stripe": {
             "enabled": True,
             "settings": {"reconcile_interval_s": 120},
+            "import": {
+                "enabled": True,
+                "namespace": "billing",
+                "metadata": {"key": "gpu_access", "value": "granted"},
+                "intervalSeconds": 120,
+                "template": {
+                    "metadata": {"labels": {"team": "${metadata.team}"}},
+                    "spec": {
+                        "displayName": "${customer.email}",
+                        "currency": "EUR",
+                        "balance": "0",
+                        "policy": {"requirePaymentMethod": True},
+                    },
+                },
+            },
             "ingress": {
                 "enabled": True,
                 "className": "nginx",
@@ -178,7 +193,7 @@ VALUE_SETS: dict[str, Obj] = {
     },
     "namespaced": {
         "operator": {"watchNamespaces": ["models", "team-b"]},
-        "stripe": {"enabled": True},
+        "stripe": {"enabled": True, "import": {"enabled": True, "namespace": "models"}},
         "redis": {"secret": {"copyToNamespaces": ["models", "team-b"]}},
     },
     "everything": {

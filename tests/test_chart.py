@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from tests.helm_chart import (
     helm,
     helm_installed,  # noqa: F401 (fixture)
     one,
+    parse,
     pod_spec,
     render,
     template,
@@ -222,7 +224,11 @@ def test_schema_closes_every_object() -> None:
     passthrough = [p for p, n in _object_schemas(schema) if "$comment" in n]
     # Only Kubernetes objects handed to the API server as they are (validated there).
     assert all(
-        re.search(r"(affinity|tolerations|topologySpreadConstraints|valueFrom|global)", p)
+        re.search(
+            r"(affinity|tolerations|topologySpreadConstraints|valueFrom|global"
+            r"|stripe/properties/import/properties/template/properties/spec$)",
+            p,
+        )
         for p in passthrough
     ), passthrough
 
@@ -557,12 +563,42 @@ def _resolve_env(objects: list[dict[str, Any]], container: dict[str, Any]) -> di
     return env
 
 
+def _mounted_files(objects: list[dict[str, Any]], root: Path) -> dict[str, str]:
+    """The operator's ConfigMap volumes, written under ``root`` as the kubelet would mount them:
+    mount path -> the directory standing in for it."""
+    deployment = one(objects, "Deployment", OPERATOR)
+    spec = pod_spec(deployment)
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    mounted = {}
+    for mount in operator_container(objects)["volumeMounts"]:
+        source = volumes[mount["name"]].get("configMap")
+        if source is None:
+            continue
+        [config_map] = [
+            c for c in find(objects, "ConfigMap", source["name"])
+            if c["metadata"]["namespace"] == NAMESPACE
+        ]  # fmt: skip
+        directory = root / mount["name"]
+        directory.mkdir(parents=True, exist_ok=True)
+        for item in source.get("items") or [{"key": k, "path": k} for k in config_map["data"]]:
+            (directory / item["path"]).write_text(config_map["data"][item["key"]])
+        mounted[mount["mountPath"]] = str(directory)
+    return mounted
+
+
 def _operator_settings(objects: list[dict[str, Any]]) -> Any:
+    """What ``spendgate operator`` makes of the rendered Deployment; files it reads from
+    mounted ConfigMaps (the Stripe import template) are written to a temporary directory."""
     from spendgate.cli import build_parser
     from spendgate.operator.cli_args import operator_settings_from_args
 
     env = _resolve_env(objects, operator_container(objects))
-    return operator_settings_from_args(build_parser().parse_args(["operator"]), env)
+    with tempfile.TemporaryDirectory() as root:
+        for mount_path, directory in _mounted_files(objects, Path(root)).items():
+            for name, value in env.items():
+                if value.startswith(mount_path + "/"):
+                    env[name] = directory + value.removeprefix(mount_path)
+        return operator_settings_from_args(build_parser().parse_args(["operator"]), env)
 
 
 def _env_names_read_by_the_cli() -> set[str]:
@@ -713,6 +749,88 @@ def test_stripe_settings_from_the_rendered_deployment() -> None:
         operator_container([o for o in yaml.safe_load_all(no_next.stdout) if o]),
     )
     assert StripeSettings.from_env(env).webhook_secret_next is None
+
+
+def test_stripe_import_from_the_rendered_chart(tmp_path: Path) -> None:
+    """Budgets synced from Stripe: the template in values reaches the operator as a mounted
+    file it accepts, with the import settings; the create permission is in the import
+    namespace only."""
+    from dataclasses import replace
+
+    from spendgate.operator.stripe.settings import StripeSettings
+    from spendgate.operator.stripe_import import load_import_template
+
+    objects = render("stripe")
+    container = operator_container(objects)
+    settings = StripeSettings.from_env(_resolve_env(objects, container))
+    assert settings.import_enabled and settings.import_namespace == "billing"
+    assert (settings.import_metadata_key, settings.import_metadata_value) == (
+        "gpu_access",
+        "granted",
+    )
+    assert settings.import_interval_s == 120
+    assert settings.import_template_file == "/etc/spendgate/stripe-import/template.yaml"
+    [mount] = [m for m in container["volumeMounts"] if m["name"] == "stripe-import"]
+    assert mount["mountPath"] == "/etc/spendgate/stripe-import" and "subPath" not in mount
+    config_map = one(objects, "ConfigMap", f"{FULLNAME}-stripe-import")
+    template_file = tmp_path / "template.yaml"
+    template_file.write_text(config_map["data"]["template.yaml"])
+    loaded = load_import_template(
+        replace(settings, import_template_file=str(template_file)), ()
+    ).load()
+    assert loaded == VALUE_SETS["stripe"]["stripe"]["import"]["template"]
+    assert _operator_settings(objects).stripe.import_enabled  # the CLI's start-up check passes
+    [role] = [r for r in find(objects, "Role") if r["metadata"]["name"].endswith("stripe-import")]
+    assert role["metadata"]["namespace"] == "billing"
+    assert role["rules"] == [
+        {"apiGroups": ["spendgate.dev"], "resources": ["customerbudgets"], "verbs": ["create"]}
+    ]
+    # Your own ConfigMap instead: nothing rendered for it, the operator mounts yours.
+    own = parse(
+        template(
+            {
+                "stripe": {
+                    "enabled": True,
+                    "import": {
+                        "enabled": True,
+                        "namespace": "billing",
+                        "existingConfigMap": "budget-template",
+                    },
+                }
+            }
+        ).stdout
+    )
+    assert not [c for c in find(own, "ConfigMap") if "stripe-import" in c["metadata"]["name"]]
+    [volume] = [
+        v for v in pod_spec(one(own, "Deployment"))["volumes"] if v["name"] == "stripe-import"
+    ]
+    assert volume["configMap"]["name"] == "budget-template"
+    # Without the import: no template, no create.
+    plain = parse(template({"stripe": {"enabled": True}}).stdout)
+    assert not [o for o in plain if "stripe-import" in o["metadata"]["name"]]
+    assert "SPENDGATE_STRIPE_IMPORT_ENABLED" not in env_of(operator_container(plain))
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({}, "stripe.import.namespace is required with stripe.import.enabled"),
+        (
+            {"namespace": "billing", "template": {"spec": {"currency": "USD"}, "extra": 1}},
+            "additional properties 'extra' not allowed",
+        ),
+    ],
+)
+def test_stripe_import_values_are_checked(values: dict[str, Any], message: str) -> None:
+    result = template({"stripe": {"enabled": True, "import": {"enabled": True, **values}}})
+    assert result.returncode != 0 and message in result.stderr, result.stderr
+    outside = template(
+        {
+            "operator": {"watchNamespaces": ["models"]},
+            "stripe": {"enabled": True, "import": {"enabled": True, "namespace": "billing"}},
+        }
+    )
+    assert "must be one of operator.watchNamespaces" in outside.stderr
 
 
 def test_without_stripe_nothing_of_stripe_is_rendered() -> None:

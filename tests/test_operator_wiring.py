@@ -10,27 +10,39 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import jsonpatch
 import kopf
 import pytest
+import pytest_asyncio
+import redis.asyncio
+import stripe
 
 from spendgate.operator import metrics, stripe_wiring
 from spendgate.operator.injection import Injection, plan_injection
 from spendgate.operator.kube import KubeClient
 from spendgate.operator.services import BypassCheck
 from spendgate.operator.settings import InjectionDefaults, OperatorSettings
+from spendgate.operator.stripe.client import StripeGateway
 from spendgate.operator.stripe.settings import StripeSettings
+from spendgate.operator.stripe.sync import kubernetes_name
+from spendgate.operator.stripe_import import BudgetImport, load_import_template
 from spendgate.operator.stripe_wiring import PENDING_UNLINKS
 from tests.kube_emulator import Kubectl, started_emulator
 from tests.model_pods import vllm_pod
 from tests.redis_servers import _free_ports
-from tests.stripe_fakes import (  # noqa: F401  (fixture)
+from tests.stripe_fakes import (  # noqa: F401  (fixtures)
     API_KEY,
     WEBHOOK_SECRET,
+    LocalStripe,
     StripeDouble,
+    localstripe,
+    localstripe_server,
     make_event,
     sign,
     stripe_double,
@@ -302,3 +314,225 @@ async def test_bypass_check_of_watched_namespaces() -> None:
             assert metrics.METER_BYPASSES._value.get() == 0
         finally:
             await kube.aclose()
+
+
+# --------------------------------------------------------------------------- budgets from Stripe
+
+IMPORT_TEMPLATE = """\
+# A CustomerBudget with placeholders (operator/stripe/sync.py), as in the chart's ConfigMap.
+apiVersion: spendgate.dev/v1alpha1
+kind: CustomerBudget
+metadata:
+  name: ${name}
+  labels:
+    team: billing
+spec:
+  customerId: ${customerId}
+  displayName: ${customer.email}
+  currency: USD
+  balance: ${metadata.credit}
+"""
+IMPORTED = {"spendgate.dev/imported-from": "stripe"}
+
+
+@pytest_asyncio.fixture
+async def stripe_customers(
+    localstripe: LocalStripe,  # noqa: F811
+    stripe_double: StripeDouble,  # noqa: F811
+) -> AsyncIterator[stripe.StripeClient]:
+    """Stripe customers are made straight at localstripe (the test plays Stripe's customer);
+    the operator talks to the recording double, which proxies customers to localstripe."""
+    stripe_double.upstream = localstripe.url
+    http = stripe.AIOHTTPClient(timeout=10)
+    client = stripe.StripeClient(
+        API_KEY, base_addresses={"api": localstripe.url}, http_client=http, max_network_retries=0
+    )
+    try:
+        yield client
+    finally:
+        await http.close_async()
+
+
+async def stripe_customer(client: stripe.StripeClient, email: str, **metadata: str) -> str:
+    customer = await client.v1.customers.create_async({"email": email, "metadata": metadata})
+    return str(customer.id)
+
+
+def import_settings(double: StripeDouble, tmp_path: Path, **overrides: Any) -> StripeSettings:
+    template = tmp_path / "template.yaml"
+    template.write_text(IMPORT_TEMPLATE)
+    return replace(
+        stripe_settings(double),
+        import_enabled=True,
+        import_template_file=str(template),
+        import_namespace=NS,
+        import_interval_s=0.3,
+        **overrides,
+    )
+
+
+def imported_budgets(kubectl: Kubectl) -> list[dict[str, Any]]:
+    return [
+        b
+        for b in kubectl.list(BUDGETS, NS)
+        if IMPORTED.items() <= (b["metadata"].get("labels") or {}).items()
+    ]
+
+
+def naming(kubectl: Kubectl, stripe_id: str) -> list[str]:
+    """The budgets whose spec.stripe names this Stripe customer."""
+    return [
+        b["metadata"]["name"]
+        for b in kubectl.list(BUDGETS)
+        if ((b.get("spec") or {}).get("stripe") or {}).get("customerId") == stripe_id
+    ]
+
+
+async def test_marked_stripe_customers_become_budgets_and_stay_when_deleted_in_stripe(
+    redis_url: str,
+    stripe_double: StripeDouble,  # noqa: F811
+    stripe_customers: stripe.StripeClient,
+    tmp_path: Path,
+) -> None:
+    marked = await stripe_customer(
+        stripe_customers,
+        "ops@acme-gpu.test",
+        spendgate="true",
+        spendgate_customer_id="acme-gpu",
+        credit="25.00",
+    )
+    unmarked = await stripe_customer(stripe_customers, "nobody@x.test", credit="1")
+    taken = await stripe_customer(stripe_customers, "ops@acme.test", spendgate="true", credit="1")
+    settings = import_settings(stripe_double, tmp_path)
+
+    async def cluster(kubectl: Kubectl) -> None:
+        await kubectl.create("v1/namespaces", {"metadata": {"name": OPERATOR_NS}})
+        await kubectl.create(
+            SECRETS, stripe_secret(**{"api-key": API_KEY, "webhook-secret": WEBHOOK_SECRET})
+        )
+        # kubectl-applied, naming a marked Stripe customer: it wins, nothing is imported.
+        await kubectl.create(SECRETS, secret())
+        await kubectl.create(BUDGETS, budget(stripe={"customerId": taken}))
+
+    created = metrics.STRIPE_IMPORTS.labels("created")._value.get()
+    skipped = metrics.STRIPE_IMPORTS.labels("skipped")._value.get()
+    async with running_operator(
+        redis_url, before=cluster, stripe=settings, lease_retry_s=0.2, shutdown_drain_s=0
+    ) as env:
+        redis = env.store.redis
+        name = kubernetes_name(marked)
+        await env.wait(lambda: env.budget(name), "the imported CustomerBudget", within=15)
+        obj = env.budget(name)
+        assert obj is not None
+        assert obj["metadata"]["labels"] == {"team": "billing", **IMPORTED}
+        assert obj["metadata"]["annotations"]["spendgate.dev/stripe-customer"] == marked
+        assert obj["spec"]["customerId"] == "acme-gpu"
+        assert obj["spec"]["displayName"] == "ops@acme-gpu.test"
+        assert obj["spec"]["stripe"] == {"customerId": marked}
+        # ... and reconciled like any other: configured in Redis, linked to Stripe.
+        await env.wait(lambda: (env.ready(name) or {}).get("status") == "True", "Ready")
+        assert await env.store.owner_of("acme-gpu") == f"{NS}/{name}"
+        assert await redis.hget("sg:stripe:customers", marked) == b"acme-gpu"
+        assert env.status(name)["balance"] == "25.00"
+        assert ("Normal", "StripeImported") in env.event_reasons(name)
+        await env.wait(lambda: env.ready().get("status") == "True", "the kubectl budget Ready")  # type: ignore[union-attr]
+
+        # Import rounds go on (every 0.3 s): nothing twice, nothing for the others.
+        await env.wait(
+            lambda: metrics.STRIPE_IMPORTS.labels("skipped")._value.get() >= skipped + 4,
+            "more import rounds",
+        )
+        assert [b["metadata"]["name"] for b in imported_budgets(env.kubectl)] == [name]
+        assert metrics.STRIPE_IMPORTS.labels("created")._value.get() == created + 1
+        assert naming(env.kubectl, taken) == ["acme"]
+        assert naming(env.kubectl, unmarked) == []
+        assert metrics.STRIPE_IMPORT_LAST_SUCCESS._value.get() > 0
+
+        # Deleted in Stripe: suspended by the leader's reconciliation; budget and ledger stay.
+        await env.store.ledger.settle("acme-gpu", "req-1", 1_000_000)
+        await stripe_customers.v1.customers.delete_async(marked)
+        await env.wait(lambda: env.status(name).get("state") == "Suspended", "Suspended")
+        account = await env.store.ledger.account("acme-gpu")
+        assert "stripe-deleted" in account.suspensions and account.configured
+        rounds = metrics.STRIPE_IMPORTS.labels("skipped")._value.get()
+        await env.wait(
+            lambda: metrics.STRIPE_IMPORTS.labels("skipped")._value.get() >= rounds + 2,
+            "more import rounds after the deletion",
+        )
+        assert env.budget(name) is not None
+        assert [b["metadata"]["name"] for b in imported_budgets(env.kubectl)] == [name]
+        assert (await env.store.ledger.ledger_entries("acme-gpu"))[-1]["request_id"] == "req-1"
+        assert await redis.hget("sg:stripe:customers", marked) == b"acme-gpu"
+
+
+async def test_importing_again_creates_no_duplicate(
+    redis_url: str,
+    stripe_double: StripeDouble,  # noqa: F811
+    stripe_customers: stripe.StripeClient,
+    tmp_path: Path,
+) -> None:
+    """Idempotent: a listed budget is skipped; a create that meets one anyway (HTTP 409: a
+    stale list, another leader) is skipped too. A name held by another budget, a customer the
+    template does not fit: failed, logged, counted, nothing created."""
+    marked = await stripe_customer(stripe_customers, "a@x.test", spendgate="true", credit="5")
+    squatted = await stripe_customer(stripe_customers, "b@x.test", spendgate="true", credit="5")
+    misfit = await stripe_customer(stripe_customers, "c@x.test", spendgate="true", credit="lots")
+    settings = import_settings(stripe_double, tmp_path)
+    client = redis.asyncio.Redis.from_url(redis_url)
+    gateway = StripeGateway.create(API_KEY, settings)
+    async with started_emulator() as (emulator, url):
+        kubectl = Kubectl(emulator)
+        await kubectl.create("v1/namespaces", {"metadata": {"name": NS}})
+        # A budget already named like the second customer's, for somebody else.
+        await kubectl.create(BUDGETS, budget(kubernetes_name(squatted), customer="someone-else"))
+        kube = KubeClient(timeout_s=3)
+        kube.configure(kopf.ConnectionInfo(server=url))
+        importer = BudgetImport(
+            settings,
+            kube=kube,
+            redis=client,
+            template=load_import_template(settings),
+            instance="op-0",
+        )
+        failed = metrics.STRIPE_IMPORTS.labels("failed")._value.get()
+        try:
+            first = await importer.import_once(gateway)
+            assert first.created == [f"{NS}/{kubernetes_name(marked)}"]
+            assert first.skipped == []
+            taken, misfits = sorted(first.failed, key=lambda m: not m.startswith(squatted))
+            assert taken == (
+                f"{squatted}: the budget name {NS}/{kubernetes_name(squatted)} is taken by a"
+                " budget that does not name this Stripe customer"
+            )
+            assert misfits.startswith(f"{misfit}: ") and "spec.balance" in misfits
+            assert metrics.STRIPE_IMPORTS.labels("failed")._value.get() == failed + 2
+
+            again = await importer.import_once(gateway)  # listed: skipped before any POST
+            assert (again.created, again.skipped) == ([], [marked])
+
+            async def stale() -> tuple[set[str], set[tuple[str, str]]]:
+                return set(), set()
+
+            importer.claimed = stale  # type: ignore[method-assign]
+            posts = len([c for c in emulator_calls() if c.verb == "create"])
+            raced = await importer.import_once(gateway)  # POSTed: 409 AlreadyExists
+            assert (raced.created, raced.skipped) == ([], [marked, squatted])
+            assert len([c for c in emulator_calls() if c.verb == "create"]) > posts
+            assert [b["metadata"]["name"] for b in imported_budgets(kubectl)] == [
+                kubernetes_name(marked)
+            ]
+            assert kubectl.get(BUDGETS, NS, kubernetes_name(squatted))["spec"]["customerId"] == (  # type: ignore[index]
+                "someone-else"
+            )
+            [event] = kubectl.events(NS, kubernetes_name(marked))
+            assert (event["reason"], event["reportingInstance"]) == ("StripeImported", "op-0")
+        finally:
+            await kube.aclose()
+            await gateway.close()
+            await client.aclose()
+
+
+def emulator_calls() -> list[Any]:
+    from tests.kube_emulator import API_CALLS
+
+    return [c for c in API_CALLS if c.resource == "customerbudgets"]

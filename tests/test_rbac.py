@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,17 @@ PRODUCTION_ONLY = [
 STRIPE_ONLY = [
     ApiCall("get", "", "secrets", namespace=NAMESPACE, name="spendgate-stripe"),
 ]
+# With stripe.import (budgets synced from Stripe) the leader creates CustomerBudgets, in
+# stripe.import.namespace only: granted there, and nowhere without the import.
+IMPORT_NAMESPACE = "billing"  # the "stripe" value set's stripe.import.namespace
+
+
+def _imports(call: ApiCall) -> bool:
+    return (call.api_group, call.resource, call.verb) == (
+        "spendgate.dev",
+        "customerbudgets",
+        "create",
+    )
 
 
 def _run_e2e(tmp: Path) -> list[dict[str, Any]]:
@@ -254,7 +266,7 @@ def test_rbac_has_no_wildcards_and_binds_only_the_operator(name: str) -> None:
 
 
 def test_every_operator_call_is_allowed(recorded: list[ApiCall]) -> None:
-    calls = [*recorded, *PRODUCTION_ONLY]
+    calls = [*[c for c in recorded if not _imports(c)], *PRODUCTION_ONLY]
     refused = sorted({c for c in calls if not allowed(_pairs("default"), c)}, key=str)
     assert not refused, "the chart's RBAC refuses calls the operator makes:\n" + "\n".join(
         map(str, refused)
@@ -272,6 +284,20 @@ def test_every_operator_call_is_allowed_when_watching_some_namespaces(
     # ... and nothing in the namespaces it does not watch.
     elsewhere = _namespaced(recorded, ["other"])
     assert not [c for c in elsewhere if c.namespace == "other" and allowed(pairs, c)]
+
+
+def test_budgets_from_stripe_are_created_only_in_the_import_namespace(
+    recorded: list[ApiCall],
+) -> None:
+    creates = [c for c in recorded if _imports(c)]
+    assert creates, "the e2e tests recorded no budget imported from Stripe"
+    assert all(c.namespace is not None and c.name is None for c in creates)
+    there = [replace(c, namespace=IMPORT_NAMESPACE) for c in creates]
+    assert all(allowed(_pairs("stripe"), c) for c in there)
+    elsewhere = [replace(c, namespace=NAMESPACE) for c in creates]
+    assert not any(allowed(_pairs("stripe"), c) for c in elsewhere)
+    for name in ("default", "everything"):  # no import: no create
+        assert not any(allowed(_pairs(name), c) for c in there), name
 
 
 def test_stripe_secrets_are_readable() -> None:

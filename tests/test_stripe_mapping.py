@@ -283,7 +283,7 @@ def test_budget_from_customer_template() -> None:
     assert manifest["spec"]["displayName"] == "Acme Inc"
     assert manifest["spec"]["stripe"] == {"customerId": "cus_AbC123"}
     assert manifest["metadata"]["name"] == kubernetes_name("cus_AbC123")
-    assert manifest["metadata"]["labels"]["spendgate.dev/source"] == "stripe"
+    assert manifest["metadata"]["labels"]["spendgate.dev/imported-from"] == "stripe"
     assert kubernetes_name("cus_AbC123") != kubernetes_name("cus_abc123")
     # Without the metadata id, the Stripe id names the customer.
     plain = budget_from_customer(TEMPLATE, {**customer, "metadata": {}})

@@ -72,9 +72,15 @@ class StripeSettings:
     export_interval_s: float = 5.0
     export_v2_stream: bool = False  # /v2/billing/meter_event_stream with a session token
     ledger_retention_s: int = 0  # keep exported entries this long before XTRIM
-    # -- budgets synced from Stripe
+    # -- budgets synced from Stripe (leader only; operator/stripe_import.py): marked customers
+    # (metadata[import_metadata_key] == import_metadata_value) get a CustomerBudget in
+    # import_namespace from the YAML template in import_template_file (sync.py: placeholders).
+    import_enabled: bool = False
     import_metadata_key: str = "spendgate"
     import_metadata_value: str = "true"
+    import_template_file: str | None = None  # e.g. a ConfigMap mounted into the operator
+    import_namespace: str | None = None  # required with import_enabled
+    import_interval_s: float = 300.0
     # -- capped budgets: keep the subscription's billing_thresholds.amount_gte = limit
     sync_billing_thresholds: bool = True
 
@@ -85,6 +91,15 @@ class StripeSettings:
             raise ValueError("export_requests_per_s must be positive")
         if self.webhook_max_body_bytes <= 0 or self.webhook_tolerance_s < 0:
             raise ValueError("webhook_max_body_bytes must be positive, tolerance not negative")
+        if self.import_interval_s <= 0:
+            raise ValueError("import_interval_s must be positive")
+        if not self.import_metadata_key:
+            raise ValueError("import_metadata_key must not be empty")
+        if self.import_enabled and not (self.import_template_file and self.import_namespace):
+            raise ValueError(
+                "import_enabled needs import_template_file and import_namespace"
+                " (SPENDGATE_STRIPE_IMPORT_TEMPLATE_FILE, SPENDGATE_STRIPE_IMPORT_NAMESPACE)"
+            )
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> StripeSettings:
