@@ -635,3 +635,42 @@ async def wait_for(predicate: Any, limit_s: float = 5.0, interval: float = 0.02)
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {limit_s}s")
         await asyncio.sleep(interval)
+
+
+def paid_topup_session(amount_minor: int = 1000, payment_intent: str = "pi_1") -> dict[str, Any]:
+    """A completed Checkout Session that paid for a spendgate top-up."""
+    return {
+        "id": "cs_1",
+        "object": "checkout.session",
+        "customer": "cus_ACME",
+        "mode": "payment",
+        "payment_status": "paid",
+        "payment_intent": payment_intent,
+        "amount_total": amount_minor,
+        "currency": "usd",
+        "metadata": {"spendgate_topup": "true"},
+    }
+
+
+async def apply_linked_budget(client: Any, ledger: Any, balance: str) -> Any:
+    """Configure customer ``acme`` (USD, ``balance``) and link it to Stripe's ``cus_ACME``."""
+    from spendgate.config_store import ConfigStore
+    from spendgate.models import parse_resource
+    from spendgate.operator.stripe.mapping import link_budget
+
+    budget = parse_resource(
+        {
+            "apiVersion": "spendgate.dev/v1alpha1",
+            "kind": "CustomerBudget",
+            "metadata": {"name": "acme", "namespace": "default"},
+            "spec": {
+                "customerId": "acme",
+                "currency": "USD",
+                "balance": balance,
+                "stripe": {"customerId": "cus_ACME"},
+            },
+        }
+    )
+    await ConfigStore(client, ledger).apply_budget(budget, {})  # type: ignore[arg-type]
+    await link_budget(client, budget.spec)  # type: ignore[union-attr]
+    return budget

@@ -12,10 +12,8 @@ import pytest_asyncio
 import redis.asyncio
 import stripe
 
-from spendgate.config_store import ConfigStore
 from spendgate.keys import for_customer
 from spendgate.ledger import Ledger, Usage
-from spendgate.models import parse_resource
 from spendgate.operator.stripe.client import StripeGateway
 from spendgate.operator.stripe.exporter import (
     EXPORT_CURSORS,
@@ -23,9 +21,13 @@ from spendgate.operator.stripe.exporter import (
     deadletter_key,
     export_lag_seconds,
 )
-from spendgate.operator.stripe.mapping import link_budget
 from spendgate.operator.stripe.settings import StripeSettings
-from tests.stripe_fakes import API_KEY, StripeDouble, stripe_double  # noqa: F401
+from tests.stripe_fakes import (  # noqa: F401  (fixtures)
+    API_KEY,
+    StripeDouble,
+    apply_linked_budget,
+    stripe_double,
+)
 
 
 @dataclass
@@ -65,21 +67,7 @@ class Env:
 async def env(redis_url: str, stripe_double: StripeDouble) -> AsyncIterator[Env]:  # noqa: F811
     client = redis.asyncio.Redis.from_url(redis_url)
     ledger = Ledger(client)
-    budget = parse_resource(
-        {
-            "apiVersion": "spendgate.dev/v1alpha1",
-            "kind": "CustomerBudget",
-            "metadata": {"name": "acme", "namespace": "default"},
-            "spec": {
-                "customerId": "acme",
-                "currency": "USD",
-                "balance": "100",
-                "stripe": {"customerId": "cus_ACME"},
-            },
-        }
-    )
-    await ConfigStore(client, ledger).apply_budget(budget, {})  # type: ignore[arg-type]
-    await link_budget(client, budget.spec)  # type: ignore[union-attr]
+    await apply_linked_budget(client, ledger, "100")
     environment = Env(client, ledger, stripe_double)
     try:
         yield environment

@@ -28,7 +28,7 @@ from spendgate.operator.stripe.reconcile import invoice_state, pick_subscription
 from spendgate.operator.stripe.settings import StripeSettings
 from spendgate.operator.stripe.sync import TemplateError, budget_from_customer, kubernetes_name
 from spendgate.operator.stripe.thresholds import threshold_amount
-from tests.stripe_fakes import make_event
+from tests.stripe_fakes import make_event, paid_topup_session
 
 SETTINGS = StripeSettings()
 LINK = Link("acme", "cus_ACME", "USD")
@@ -102,17 +102,7 @@ def test_voided_or_expired_grant_reverses_what_is_left() -> None:
 
 
 def test_topups_fund_by_payment_intent_from_either_event() -> None:
-    session = {
-        "id": "cs_1",
-        "object": "checkout.session",
-        "customer": "cus_ACME",
-        "mode": "payment",
-        "payment_status": "paid",
-        "payment_intent": "pi_1",
-        "amount_total": 1000,
-        "currency": "usd",
-        "metadata": {"spendgate_topup": "true"},
-    }
+    session = paid_topup_session()
     pi = {
         "id": "pi_1",
         "object": "payment_intent",

@@ -11,16 +11,13 @@ import aiohttp
 import pytest
 import redis.asyncio
 
-from spendgate.config_store import ConfigStore
 from spendgate.ledger import Ledger, Usage
-from spendgate.models import parse_resource
 from spendgate.operator.stripe.client import (
     StripeGateway,
     StripeNotConfigured,
     load_api_key,
     load_webhook_secrets,
 )
-from spendgate.operator.stripe.mapping import link_budget
 from spendgate.operator.stripe.service import StripeIntegration
 from spendgate.operator.stripe.settings import SecretRef, StripeSettings
 from tests.redis_servers import _free_ports
@@ -28,6 +25,7 @@ from tests.stripe_fakes import (  # noqa: F401  (fixtures)
     API_KEY,
     WEBHOOK_SECRET,
     StripeDouble,
+    apply_linked_budget,
     make_event,
     sign,
     stripe_double,
@@ -108,21 +106,7 @@ async def test_integration_runs_the_leader_tasks_and_stops_cleanly(
 ) -> None:
     client = redis.asyncio.Redis.from_url(redis_url)
     ledger = Ledger(client)
-    budget = parse_resource(
-        {
-            "apiVersion": "spendgate.dev/v1alpha1",
-            "kind": "CustomerBudget",
-            "metadata": {"name": "acme", "namespace": "default"},
-            "spec": {
-                "customerId": "acme",
-                "currency": "USD",
-                "balance": "5",
-                "stripe": {"customerId": "cus_ACME"},
-            },
-        }
-    )
-    await ConfigStore(client, ledger).apply_budget(budget, {})  # type: ignore[arg-type]
-    await link_budget(client, budget.spec)  # type: ignore[union-attr]
+    await apply_linked_budget(client, ledger, "5")
     stripe_double.add_grant("cus_ACME", 700)  # found by reconciliation
     settings = StripeSettings(
         enabled=True,

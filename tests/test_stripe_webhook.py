@@ -36,6 +36,7 @@ from tests.stripe_fakes import (  # noqa: F401  (fixtures)
     WEBHOOK_SECRET_NEXT,
     StripeDouble,
     make_event,
+    paid_topup_session,
     sign,
     stripe_double,
 )
@@ -356,17 +357,7 @@ def topup(pid: str = "pi_1", amount: int = 1000) -> dict[str, Any]:
 
 
 async def test_topup_from_checkout_and_payment_intent_is_counted_once(env: Env) -> None:
-    session = {
-        "id": "cs_1",
-        "object": "checkout.session",
-        "customer": "cus_ACME",
-        "mode": "payment",
-        "payment_status": "paid",
-        "payment_intent": "pi_1",
-        "amount_total": 1000,
-        "currency": "usd",
-        "metadata": {"spendgate_topup": "true"},
-    }
+    session = paid_topup_session()
     await env.deliver(make_event("checkout.session.completed", session))
     await env.deliver(topup())
     assert await env.balance() == 10_000_000
