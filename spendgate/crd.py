@@ -36,7 +36,7 @@ Schema = dict[str, Any]
 
 HEADER = (
     "# Generated from spendgate/models.py by `python -m spendgate.crd --write crds/`.\n"
-    "# Do not edit: change the models and regenerate (tests/test_crds.py checks it).\n"
+    "# Do not edit: change the models and regenerate (tests/core/test_crds.py checks it).\n"
 )
 CATEGORY = "spendgate"
 

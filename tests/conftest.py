@@ -1,4 +1,4 @@
-"""Shared pytest fixtures. The real-Redis fixtures live in tests/redis_servers.py."""
+"""Shared pytest fixtures. The real-Redis fixtures live in tests/support/redis_servers.py."""
 
 import os
 import sys
@@ -13,7 +13,7 @@ _ROOT = str(Path(__file__).resolve().parent.parent)
 if _ROOT not in sys.path:
     sys.path.append(_ROOT)
 
-from tests.redis_servers import (  # noqa: E402
+from tests.support.redis_servers import (  # noqa: E402
     fresh_redis_server,
     ledger_redis,
     ledger_redis_target,
@@ -28,8 +28,8 @@ from tests.redis_servers import (  # noqa: E402
 @pytest.fixture(scope="session")
 def kube_api_calls() -> list[Any]:
     """Every Kubernetes API call the operator made in this session's end-to-end tests, as
-    ``tests.kube_emulator.ApiCall`` (``rbac_rules(...)`` turns them into RBAC triples)."""
-    from tests.kube_emulator import API_CALLS
+    ``tests.support.kube_emulator.ApiCall`` (``rbac_rules(...)`` turns them into RBAC triples)."""
+    from tests.support.kube_emulator import API_CALLS
 
     return API_CALLS
 
@@ -37,7 +37,7 @@ def kube_api_calls() -> list[Any]:
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """With SPENDGATE_KUBE_CALLS_FILE set, write the recorded API calls there as JSON."""
     path = os.environ.get("SPENDGATE_KUBE_CALLS_FILE")
-    emulator = sys.modules.get("tests.kube_emulator")
+    emulator = sys.modules.get("tests.support.kube_emulator")
     if path and emulator is not None:
         emulator.write_calls(path)
 
