@@ -1,7 +1,8 @@
 """The ``spendgate`` command: apply manifests, fund and inspect customers, run the sidecar.
 
 Exit codes: 0 success · 1 runtime failure (Redis unreachable, unknown customer) ·
-2 invalid input or usage (bad manifests, bad amounts, bad flags).
+2 invalid input or usage (bad manifests, bad amounts, bad flags) ·
+3 `audit` found a mismatch.
 """
 
 from __future__ import annotations
@@ -192,14 +193,22 @@ def balance_report(account: Account, now_ms: int) -> dict[str, Any]:
 
 
 async def cmd_balance(ns: argparse.Namespace) -> int:
+    from .cli_accounting import in_flight_lines, settlement_state
+
     try:
         check_customer_id(ns.customer)
     except ValueError as error:
         raise UsageError(str(error)) from None
     async with connect(ns) as client:
         account = await _configured(Ledger(client), ns.customer)
+        in_flight, settled_in_time = await settlement_state(client, ns)
+        if ns.wait_settled:  # the balance after settlement, not before
+            account = await _configured(Ledger(client), ns.customer)
     report = balance_report(account, int(datetime.now(UTC).timestamp() * 1000))
+    report["inFlight"] = in_flight
     if ns.json:
+        print(json.dumps(report, indent=2))
+        return 0 if settled_in_time else 1
         print(json.dumps(report, indent=2))
         return 0
     unit = f" {report['currency']}"
@@ -212,6 +221,11 @@ async def cmd_balance(ns: argparse.Namespace) -> int:
     if "limit" in report:
         spent += f" of {report['limit']}{unit} per {report['period'] or 'period'}"
     print(f"spent       {spent}")
+    for line in in_flight_lines(in_flight, unit):
+        print(line)
+    if not settled_in_time:
+        print(f"spendgate balance: not settled within {ns.timeout}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -341,6 +355,10 @@ def build_parser() -> argparse.ArgumentParser:
     balance = sub.add_parser("balance", parents=[common], help="show a customer's account")
     balance.add_argument("customer", metavar="CUSTOMER", help="customerId")
     balance.add_argument("--json", action="store_true", help="machine-readable output")
+    balance.add_argument(
+        "--wait-settled", action="store_true", help="wait until nothing is in flight, else exit 1"
+    )
+    balance.add_argument("--timeout", default="60s", help="for --wait-settled (default 60s)")
 
     side = sub.add_parser("sidecar", parents=[common], help="run the metering proxy")
     side.add_argument("--upstream", metavar="URL", help="model server (env SPENDGATE_UPSTREAM)")
@@ -431,6 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_logging_flags(op)
 
+    from .cli_accounting import add_commands  # it imports this module
+
+    add_commands(sub, common)
     sub.add_parser(
         "standin-model",
         add_help=False,
@@ -473,7 +494,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_sidecar(ns)
         if ns.command == "operator":
             return cmd_operator(ns)
-        return asyncio.run(_ASYNC_COMMANDS[ns.command](ns))
+        from .cli_accounting import COMMANDS as ACCOUNTING_COMMANDS
+
+        return asyncio.run({**_ASYNC_COMMANDS, **ACCOUNTING_COMMANDS}[ns.command](ns))
     except ApplyError as error:
         print(f"spendgate {ns.command}: invalid input:", file=sys.stderr)
         for problem in error.problems:
