@@ -154,6 +154,15 @@ def test_fund_adjust_balance(applied: str, capsys: pytest.CaptureFixture[str]) -
         "held": "0.00",
         "available": "6.25",
         "spentThisPeriod": "0.00",
+        "inFlight": {
+            "pendingSettlements": 0,
+            "pendingHeld": "0.00",
+            "expiredHolds": 0,
+            "unreconciledCharges": 0,
+            "unreconciledAmount": "0.00",
+            "unreconciledBy": [],
+            "settled": True,
+        },
     }
     code, out, _ = run(capsys, "balance", "acme", "--redis", applied)
     assert code == 0
