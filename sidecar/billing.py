@@ -12,7 +12,8 @@ from spendgate.ledger import RateInfo, Usage
 from spendgate.models import FailureCharge, PriceRule, UsageHeaders
 from spendgate.pricing import RequestFacts, cost_of
 
-from .metering import ResponseTap, TokenUsage, usage_from_headers
+from .expression_pricing import ExpressionHold, charge
+from .metering import ResponseTap, TokenUsage, response_payload, usage_from_headers
 
 
 @dataclass
@@ -32,6 +33,9 @@ class Metered:
     upstream_started: float = 0.0
     cut_off: bool = False
     events_sent: int = 0
+    expression: ExpressionHold | None = None  # set when the rule is priced by expressions
+    absorbed: int = 0  # what the cost expression asked beyond the hold (never charged)
+    cost_error: str | None = None
 
     @property
     def input_estimate(self) -> int:
@@ -67,7 +71,14 @@ def measure(
 
 
 def price_outcome(
-    metered: Metered, measured: TokenUsage, tap: ResponseTap | None, outcome: str, pod: str
+    metered: Metered,
+    measured: TokenUsage,
+    tap: ResponseTap | None,
+    outcome: str,
+    pod: str,
+    *,
+    status: int = 0,
+    headers: CIMultiDictProxy[str] | None = None,
 ) -> tuple[int, Usage]:
     """The cost to charge for how the request ended, and the usage to record with it."""
     rule = metered.rule
@@ -81,6 +92,20 @@ def price_outcome(
     )
     if free:
         cost = 0
+    elif metered.expression is not None:
+        result = charge(
+            metered.expression,
+            status=status,
+            headers=headers,
+            payload=response_payload(tap),
+            upstream_ms=upstream_ms,
+            input_tokens=measured.input_tokens,
+            output_tokens=measured.output_tokens,
+            rule_name=rule.name,
+            customer=metered.owner.customer_id,
+            request_id=metered.request_id,
+        )
+        cost, metered.absorbed, metered.cost_error = result.charged, result.absorbed, result.error
     elif tap is None or (failed and not tap.events):
         cost = cost_of(rule, 0, 0, upstream_ms)  # metered, no response: the time it used
     else:

@@ -75,6 +75,8 @@ class ResponseTap:
         self.events = 0  # data events that carried output (not [DONE], not a usage-only chunk)
         self.usage: tuple[int, int] | None = None
         self.done = False
+        self.body: Any = None  # the parsed JSON body, when it was JSON and small enough
+        self.last_event_data: bytes | None = None  # data of the last SSE event before [DONE]
 
     def feed(self, chunk: bytes) -> list[tuple[bytes, int]]:
         """Pieces to send, each with the count of output events up to and including it."""
@@ -107,9 +109,10 @@ class ResponseTap:
             self._inspect_event(rest)
         if self._json and self._json_copy:
             try:
-                self.usage = _usage_from_object(json.loads(self._json_copy))
-            except (ValueError, UnicodeDecodeError):
-                self.usage = None
+                self.body = json.loads(self._json_copy)
+            except (ValueError, UnicodeDecodeError, RecursionError):
+                self.body = None
+            self.usage = _usage_from_object(self.body)
         return rest
 
     def _inspect_event(self, event: bytes) -> None:
@@ -121,6 +124,7 @@ class ResponseTap:
         if data.strip() == b"[DONE]":
             self.done = True
             return
+        self.last_event_data = data
         if _HAS_USAGE.search(data):
             try:
                 payload = json.loads(data)
@@ -133,6 +137,22 @@ class ResponseTap:
                     return
         if _HAS_OUTPUT.search(data):
             self.events += 1
+
+
+def response_payload(tap: ResponseTap | None) -> dict[str, Any] | None:
+    """The answer as a price expression reads it: a JSON body, or a stream's last JSON event."""
+    if tap is None:
+        return None
+    if tap.sse:
+        if tap.last_event_data is None:
+            return None
+        try:
+            payload = json.loads(tap.last_event_data)
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            return None
+    else:
+        payload = tap.body
+    return payload if isinstance(payload, dict) else None
 
 
 def sse_error_event(type_: str, code: str, message: str) -> bytes:

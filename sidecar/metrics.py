@@ -44,6 +44,18 @@ class SidecarMetrics:
         self.stream_cutoffs = Counter(
             "spendgate_stream_cutoffs", "Streams ended because the balance ran out", registry=r
         )
+        self.absorbed = Counter(
+            "spendgate_absorbed_micros",
+            "Cost beyond a request's bound: served, never charged (the platform's loss)",
+            ["currency", "rule"],
+            registry=r,
+        )
+        self.cost_expression_errors = Counter(
+            "spendgate_cost_expression_errors",
+            "Answers a cost expression could not price (charged their bound)",
+            ["rule"],
+            registry=r,
+        )
         self.upstream_errors = Counter(
             "spendgate_upstream_errors", "Model container failures", ["kind"], registry=r
         )

@@ -32,6 +32,8 @@ from spendgate.pricing import BadRequestBody, RequestFacts, cost_of, estimate_of
 from . import errors
 from .billing import Metered, measure, price_outcome
 from .config_cache import ConfigCache
+from .expression_pricing import ExpressionHold, Unpriceable
+from .expression_pricing import hold as hold_by_expression
 from .headers import extract_api_key, forward_headers, response_headers
 from .metering import ResponseTap, sse_error_event
 from .metrics import SidecarMetrics
@@ -121,7 +123,8 @@ class Proxy:
                 errors.error_response(400, "invalid_request_error", "invalid_body", str(error)),
             ) from None
         rule = self._rule_for(pricebook, request, facts)
-        estimate = estimate_of(rule, facts)
+        expression = self._hold_by_expression(rule, request, body, facts)
+        estimate = expression.held.amount if expression is not None else estimate_of(rule, facts)
         request_id = uuid.uuid4().hex
         reservation = await self._reserve(owner, request_id, rule, estimate, pricebook.currency)
         if reservation is not None and not reservation.ok:
@@ -142,7 +145,24 @@ class Proxy:
             reserved=reservation is not None,
             body=body,
             rate=reservation.rate if reservation is not None else None,
+            expression=expression,
         )
+
+    def _hold_by_expression(
+        self, rule: PriceRule, request: web.Request, body: bytes, facts: RequestFacts
+    ) -> ExpressionHold | None:
+        if rule.pricing is None:
+            return None
+        fixed_input = rule.estimate.input_tokens
+        try:
+            return hold_by_expression(
+                rule.pricing, rule.name, request, body, facts,
+                input_estimate=facts.input_tokens if fixed_input is None else fixed_input,
+                output_estimate=rule.estimate.output_tokens,
+                timeout_ms=rule.timeout,
+            )  # fmt: skip
+        except Unpriceable as refused:
+            raise self._refuse("unpriceable", refused.response) from None
 
     async def _read_body(self, request: web.Request) -> bytes:
         limit = self.settings.max_body_bytes
@@ -341,7 +361,7 @@ class Proxy:
         pieces: list[tuple[bytes, int]],
     ) -> bool:
         """Write what the hold pays for; extend the hold or end the stream when it runs out."""
-        if not metered.reserved or metered.rule.price.is_flat_only:
+        if not metered.reserved or metered.rule.simple_price.is_flat_only:
             await response.write(b"".join(piece for piece, _ in pieces))
             metered.events_sent = tap.events
             return True
@@ -406,7 +426,14 @@ class Proxy:
     ) -> None:
         headers = upstream.headers if upstream is not None else None
         measured = measure(metered, headers, tap, self._usage_headers())
-        cost, usage = price_outcome(metered, measured, tap, outcome, self.settings.pod)
+        status = upstream.status if upstream is not None else 0
+        cost, usage = price_outcome(
+            metered, measured, tap, outcome, self.settings.pod, status=status, headers=headers
+        )
+        if metered.absorbed:
+            self.metrics.absorbed.labels(metered.currency, metered.rule.name).inc(metered.absorbed)
+        if metered.cost_error is not None:
+            self.metrics.cost_expression_errors.labels(metered.rule.name).inc()
         task = asyncio.create_task(self._settle(metered, cost, usage))
         self.background.add(task)
         task.add_done_callback(self.background.discard)

@@ -8,6 +8,8 @@ token i is the word ``tok{i}``. ``usage_mode``: ``body`` (OpenAI ``usage`` in th
 final SSE chunk with empty ``choices`` if ``stream_options.include_usage``), ``header``
 (``X-Usage-Input-Tokens``/``X-Usage-Output-Tokens``, non-streaming only) or ``none``.
 
+Images, audio, video, the Responses API and KServe v2 are in :mod:`.standin_media`.
+
 Test helpers: ``/echo`` (headers as lowercase name -> list of values, body), ``/bytes?n=N&
 chunk=C&interval_ms=I&seed=S`` (:func:`pseudo_random_bytes`, chunked), ``/slow?ms=N``.
 """
@@ -285,6 +287,9 @@ def create_app(config: StandinConfig | None = None) -> web.Application:
     for method in ("GET", "POST"):
         app.router.add_route(method, "/bytes", stream_bytes)
         app.router.add_route(method, "/slow", slow)
+    from .standin_media import add_routes  # it builds on this module's helpers
+
+    add_routes(app)
     return app
 
 

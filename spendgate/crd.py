@@ -43,7 +43,7 @@ CATEGORY = "spendgate"
 # Keywords copied as they are; anything else in a model's JSON schema is an error.
 _KEEP = {
     "type", "description", "required", "enum", "pattern", "format", "default",
-    "minimum", "maximum", "minLength", "maxLength", "minItems", "maxItems",
+    "minimum", "maximum", "minLength", "maxLength", "minItems", "maxItems", "maxProperties",
     "x-kubernetes-int-or-string", "x-kubernetes-validations", "x-kubernetes-list-type",
     "x-kubernetes-list-map-keys", "x-kubernetes-preserve-unknown-fields",
 }  # fmt: skip

@@ -8,6 +8,7 @@ decimal strings outside and integer micro-units inside (see ``spendgate.money``)
 from __future__ import annotations
 
 import fnmatch
+import re
 from enum import StrEnum
 from typing import Annotated, Any, Literal, Self
 
@@ -17,6 +18,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainSerializer,
+    PrivateAttr,
     ValidationError,
     WithJsonSchema,
     field_validator,
@@ -25,6 +27,7 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 
 from .durations import format_duration, parse_duration
+from .expressions import ExpressionError, ExpressionPricing, RuleExpressionError
 from .money import (
     CURRENCY_RE,
     MAX_MICROS,
@@ -548,6 +551,9 @@ class Price(_Model):
         )
 
 
+_NO_PRICE = Price()
+
+
 class Estimate(_Model):
     input_tokens: int | None = Field(
         default=None, ge=0, description="Fixed estimate; default: counted from the request body."
@@ -561,6 +567,54 @@ class FailureCharge(StrEnum):
     metered = "metered"
 
 
+PRICE_NAME_PATTERN = r"^[A-Za-z0-9_.:-]{1,63}$"
+HEADER_NAME_PATTERN = r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,128}$"
+
+
+class ExpressionPrice(_Model):
+    """CEL price expressions (docs/pricing.md): a bound held before, a cost charged after."""
+
+    bound: str | None = Field(
+        default=None,
+        max_length=2000,
+        description="CEL: the most this request may cost, from the request alone (micro-units).",
+    )
+    cost: str | None = Field(
+        default=None,
+        max_length=2000,
+        description="CEL: what the answer costs (micro-units); default: the bound.",
+    )
+    prices: dict[str, Amount] = Field(
+        default_factory=dict,
+        max_length=256,
+        description='Named amounts, like {"hd_1024x1024": "0.08"}: prices.NAME in micro-units.',
+        json_schema_extra=cel(
+            (
+                f"self.all(k, k.matches('{PRICE_NAME_PATTERN}'))",
+                "price names are 1-63 letters, digits and _ . : -",
+            )
+        ),
+    )
+    defaults: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Values for request fields the body leaves out, like {n: 1}.",
+    )
+    headers: list[Annotated[str, Field(pattern=HEADER_NAME_PATTERN)]] = Field(
+        default_factory=list, max_length=16, description="Request headers the expressions read."
+    )
+    response_headers: list[Annotated[str, Field(pattern=HEADER_NAME_PATTERN)]] = Field(
+        default_factory=list, max_length=16, description="Response headers the cost reads."
+    )
+
+    @field_validator("prices")
+    @classmethod
+    def _price_names(cls, value: dict[str, int]) -> dict[str, int]:
+        for name in value:
+            if not re.match(PRICE_NAME_PATTERN, name):
+                raise ValueError(f"{name!r}: price names are 1-63 letters, digits and _ . : -")
+        return value
+
+
 class PriceRule(_Model):
     # "maximum must be at least the flat price" is not repeated in CEL: comparing decimal strings
     # would mean comparing doubles. The operator validates it with this model and reports it.
@@ -568,40 +622,83 @@ class PriceRule(_Model):
     model_config = ConfigDict(
         json_schema_extra=cel(
             (
-                "has(self.maximum) || !("
+                "has(self.maximum) || has(self.expression) || !("
                 + " || ".join(
                     _nonzero_amount(f"self.price.{name}")
                     for name in ("perMillionInputTokens", "perMillionOutputTokens", "perSecond")
                 )
                 + ")",
                 "a rule with token or time prices needs a maximum",
-            )
+            ),
+            ("has(self.price) != has(self.expression)", "give price or expression, not both"),
         )
     )
 
     name: str = Field(pattern=KEY_NAME_PATTERN, json_schema_extra=_NAME_SCHEMA)
     match: Match = Field(default_factory=Match)
-    price: Price
+    price: Price | None = None
+    expression: ExpressionPrice | None = None
     estimate: Estimate = Field(default_factory=Estimate)
     maximum: PositiveAmount | None = None
     timeout: PositiveDurationMs = 300_000
     on_upstream_error: FailureCharge = FailureCharge.free
     on_client_disconnect: FailureCharge = FailureCharge.metered
+    _pricing: ExpressionPricing | None = PrivateAttr(default=None)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _price_or_expression(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            given = [name for name in ("price", "expression") if data.get(name) is not None]
+            if not given:
+                raise ValueError("give price (flat, tokens, seconds) or expression")
+            if len(given) > 1:
+                raise ValueError("give price or expression, not both")
+        return data
 
     @model_validator(mode="after")
     def _maximum(self) -> Self:
-        if self.maximum is None:
-            if not self.price.is_flat_only:
+        if self.expression is not None:
+            self._compile_expressions(self.expression)
+        elif self.maximum is None:
+            if not self.simple_price.is_flat_only:
                 raise ValueError("a rule with token or time prices needs a maximum")
-        elif self.maximum < self.price.flat:
+        elif self.maximum < self.simple_price.flat:
             raise ValueError("maximum must be at least the flat price")
         if self.timeout <= 0:
             raise ValueError("timeout must be positive")
         return self
 
+    def _compile_expressions(self, expression: ExpressionPrice) -> None:
+        try:
+            self._pricing = ExpressionPricing(
+                bound=expression.bound,
+                cost=expression.cost,
+                prices=expression.prices,
+                defaults=expression.defaults,
+                headers=tuple(expression.headers),
+                response_headers=tuple(expression.response_headers),
+                maximum=self.maximum,
+            )
+        except ExpressionError as error:
+            part = f".{error.part}" if isinstance(error, RuleExpressionError) else ""
+            raise ValueError(f"rule {self.name!r}: expression{part}: {error}") from None
+
+    @property
+    def simple_price(self) -> Price:
+        """The flat/token/second price; all zero for a rule priced by expressions."""
+        return self.price if self.price is not None else _NO_PRICE
+
+    @property
+    def pricing(self) -> ExpressionPricing | None:
+        """The compiled expressions (compiled once, when the PriceBook is parsed)."""
+        return self._pricing
+
     @property
     def max_cost(self) -> int:
-        return self.maximum if self.maximum is not None else self.price.flat
+        if self.maximum is not None:
+            return self.maximum
+        return self.simple_price.flat
 
 
 class Unmatched(StrEnum):

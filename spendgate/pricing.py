@@ -84,7 +84,7 @@ def inspect_body(body: bytes, content_type: str) -> RequestFacts:
 
 def cost_of(rule: PriceRule, input_tokens: int, output_tokens: int, upstream_ms: int) -> int:
     """Cost in micro-units, each component rounded up, capped at the rule's maximum."""
-    price = rule.price
+    price = rule.simple_price
     cost = (
         price.flat
         + ceil_div(input_tokens * price.per_million_input_tokens, TOKENS_PER_PRICE_UNIT)

@@ -154,6 +154,11 @@ def rule(**fields: Any) -> dict[str, Any]:
     return {"name": "chat", "price": {"flat": "0.01"}, **fields}
 
 
+def priced_by(**expression: Any) -> dict[str, Any]:
+    """A rule priced by expressions (docs/pricing.md)."""
+    return {"name": "chat", "expression": expression}
+
+
 def pricebook(*rules: dict[str, Any], **spec: Any) -> dict[str, Any]:
     return {
         "apiVersion": API_VERSION,
@@ -519,6 +524,12 @@ CEL_CASES: list[tuple[str, list[dict[str, Any]], dict[str, Any]]] = [
     ("must be greater than zero",
      [pricebook(rule(maximum="0.01"))],
      pricebook(rule(maximum="0.000000"))),
+    ("give price or expression, not both",
+     [pricebook(priced_by(bound="prices.one", prices={"one": "0.01"}))],
+     pricebook(rule(expression={"bound": "1"}))),
+    ("price names are 1-63 letters, digits and _ . : -",
+     [pricebook(priced_by(bound="1", prices={"hd_1024x1024": 1, "b.c:d-e": "0.5"}))],
+     pricebook(priced_by(bound="1", prices={"a b": 1}))),
 ]
 # fmt: on
 

@@ -415,7 +415,7 @@ def test_pricebook_errors_name_the_field(rules: list[dict[str, Any]], expected: 
             "spec.rules[0].match.methods: ",
         ),
         ({"name": "A", "price": {"flat": "1"}}, "spec.rules[0].name: "),
-        ({"name": "a"}, "spec.rules[0].price: "),
+        ({"name": "a"}, "spec.rules[0]: give price (flat, tokens, seconds) or expression"),
         (
             {"name": "a", "price": {"flat": "1"}, "estimate": {"outputTokens": -1}},
             "spec.rules[0].estimate.outputTokens: ",

@@ -1,0 +1,155 @@
+"""A rule priced by expressions: the bound held before the model runs, the cost charged after.
+
+The invariant of the hard cap holds by construction: the charge is ``min(cost, bound)``, and
+what the cost expression asked beyond the bound is reported as *absorbed* (the platform's
+measured loss), never charged. A cost expression that fails for a response charges the bound.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .inputs import named_headers, parse_request_body, with_defaults
+from .language import EvaluationError, Expression, ExpressionError, Phase, compile_expression
+
+
+class RuleExpressionError(ExpressionError):
+    """An expression of a rule that cannot be used; ``part`` is ``bound`` or ``cost``."""
+
+    def __init__(self, part: str, error: ExpressionError) -> None:
+        self.part = part
+        super().__init__(error.problem, error.line, error.column)
+
+
+@dataclass(frozen=True)
+class RequestView:
+    """The request as pricing sees it before the model runs."""
+
+    method: str
+    path: str
+    headers: Mapping[str, str]  # looked up by lower-case name: case-insensitive or lower-case
+    body: bytes = b""
+    content_type: str = ""
+    input_tokens: int = 0  # the prompt's token bound
+    output_tokens: int = 0  # max_tokens, or the rule's estimate
+    timeout_ms: int = 0
+
+
+@dataclass(frozen=True)
+class ResponseView:
+    """What the model answered, for the charge after."""
+
+    status: int = 200
+    headers: Mapping[str, str] = field(default_factory=dict)
+    payload: Mapping[str, Any] | None = None  # JSON body, or the stream's last JSON event
+    upstream_ms: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class Held:
+    """A request's bound and the variables it was computed from (reused for the cost)."""
+
+    amount: int
+    variables: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Charge:
+    charged: int  # never more than the bound
+    absorbed: int  # what the cost expression asked beyond the bound
+    error: str | None = None  # why the cost expression failed (the bound was charged)
+
+
+class ExpressionPricing:
+    """The compiled expressions of one PriceBook rule."""
+
+    def __init__(
+        self,
+        *,
+        bound: str | None,
+        cost: str | None,
+        prices: Mapping[str, int] | None = None,
+        defaults: Mapping[str, Any] | None = None,
+        headers: tuple[str, ...] = (),
+        response_headers: tuple[str, ...] = (),
+        maximum: int | None = None,
+    ) -> None:
+        if bound is None and maximum is None:
+            raise ExpressionError(
+                "a rule priced by expressions needs a bound (or a maximum to hold): without one"
+                " nothing limits what a request may be charged"
+            )
+        self.bound = self._compile("bound", bound, Phase.bound)
+        self.cost = self._compile("cost", cost, Phase.cost)
+        self.prices = dict(prices or {})
+        self.defaults = dict(defaults or {})
+        self.headers = tuple(name.lower() for name in headers)
+        self.response_headers = tuple(name.lower() for name in response_headers)
+        self.maximum = maximum
+
+    @staticmethod
+    def _compile(part: str, source: str | None, phase: Phase) -> Expression | None:
+        if source is None:
+            return None
+        try:
+            return compile_expression(source, phase)
+        except ExpressionError as error:
+            raise RuleExpressionError(part, error) from None
+
+    def hold(self, request: RequestView) -> Held:
+        """The bound of this request; raises EvaluationError (or BodyError) when it has none."""
+        fields = parse_request_body(request.body, request.content_type)
+        variables: dict[str, Any] = {
+            "request": with_defaults(fields, self.defaults),
+            "method": request.method.upper(),
+            "path": request.path,
+            "headers": named_headers(request.headers, self.headers),
+            "prices": self.prices,
+            "tokens": {"input": request.input_tokens, "output": request.output_tokens},
+            "body_bytes": len(request.body),
+            "timeout_ms": request.timeout_ms,
+        }
+        if self.bound is None:
+            assert self.maximum is not None
+            return Held(self.maximum, variables)
+        try:
+            amount = self.bound.evaluate(variables)
+        except EvaluationError as error:
+            raise EvaluationError(f"bound: {error}") from None
+        if self.maximum is not None:
+            amount = min(amount, self.maximum)
+        return Held(amount, variables)
+
+    def charge(self, held: Held, response: ResponseView) -> Charge:
+        """What to charge for the answer: the cost, never more than the bound."""
+        if self.cost is None:
+            return Charge(held.amount, 0)
+        variables = {
+            **held.variables,
+            "response": dict(response.payload or {}),
+            "response_headers": named_headers(response.headers, self.response_headers),
+            "status": response.status,
+            "upstream_ms": response.upstream_ms,
+            "tokens": {"input": response.input_tokens, "output": response.output_tokens},
+            "bound": held.amount,
+        }
+        try:
+            cost = self.cost.evaluate(variables)
+        except EvaluationError as error:
+            return Charge(held.amount, 0, f"cost: {error}")
+        charged = min(cost, held.amount)
+        return Charge(charged, cost - charged)
+
+
+__all__ = [
+    "Charge",
+    "ExpressionPricing",
+    "Held",
+    "RequestView",
+    "ResponseView",
+    "RuleExpressionError",
+]
