@@ -18,6 +18,7 @@ test: deps
 
 bench: deps
 	$(BIN)/python benchmarks/bench.py
+	$(BIN)/python benchmarks/price_expressions.py
 
 lint: deps
 	$(BIN)/ruff check .

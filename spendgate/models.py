@@ -333,9 +333,25 @@ class BudgetPolicy(_Model):
 PriceBookName = Annotated[str, Field(pattern=DNS_SUBDOMAIN_PATTERN, max_length=253)]
 
 
+class ExchangeRate(_Model):
+    """How many units of the budget's custom unit one unit of a Stripe currency buys."""
+
+    currency: str = Field(
+        pattern=r"^[A-Z]{3}$", description="The ISO 4217 currency Stripe payments arrive in."
+    )
+    units: PositiveAmount = Field(
+        description='Budget units one unit of currency buys, like "100" (credits per USD).'
+    )
+
+
 class StripeLink(_Model):
     customer_id: str = Field(pattern=r"^cus_[A-Za-z0-9]+$")
     subscription_id: str | None = Field(default=None, pattern=r"^sub_[A-Za-z0-9]+$")
+    exchange_rate: ExchangeRate | None = Field(
+        default=None,
+        description="For a budget in a custom unit: what Stripe payments buy. A change applies"
+        " to payments made from then on, never to balances (docs/pricing.md).",
+    )
 
 
 class CustomerBudgetSpec(_Model):
@@ -354,6 +370,11 @@ class CustomerBudgetSpec(_Model):
             (
                 "!has(self.period) || has(self.limit)",
                 "period is only meaningful together with limit",
+            ),
+            (
+                "!has(self.stripe) || !has(self.stripe.exchangeRate)"
+                " || self.currency.matches('^[a-z]')",
+                "stripe.exchangeRate is for budgets in a custom unit",
             ),
         )
     )
@@ -403,6 +424,12 @@ class CustomerBudgetSpec(_Model):
             raise ValueError("period is only meaningful together with limit")
         if self.balance is not None and self.balance < 0:
             raise ValueError("balance must not be negative")
+        rate = self.stripe.exchange_rate if self.stripe is not None else None
+        if rate is not None and self.currency.isupper():
+            raise ValueError(
+                f"stripe.exchangeRate is for budgets in a custom unit; this budget counts"
+                f" {self.currency}, which Stripe pays in directly"
+            )
         names = [key.name for key in self.api_keys]
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
@@ -473,6 +500,11 @@ class CustomerBudgetStatus(_Model):
         ),
     )
     active_keys: int | None = Field(default=None, description="API keys configured in Redis.")
+    exchange_rate: str | None = Field(
+        default=None,
+        description='The rate Stripe payments convert at now, like "100 credits per USD since'
+        ' 2026-01-01T00:00:00Z" (custom units only).',
+    )
     alerted_threshold: int | None = Field(
         default=None,
         description="The highest alert threshold (percent) already alerted; 0 for none.",

@@ -12,7 +12,6 @@ import json
 from collections.abc import Mapping
 from email.message import Message
 from email.parser import BytesHeaderParser
-from email.policy import HTTP
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -40,40 +39,48 @@ def parse_json_object(body: bytes) -> dict[str, Any] | None:
 
 
 def _multipart(body: bytes, header: Message) -> dict[str, Any]:
+    """Fields of a multipart form, found by index: a large file part is never copied."""
     boundary = header.get_param("boundary")
     if not isinstance(boundary, str) or not boundary:
         raise BodyError("multipart body without a boundary")
     delimiter = b"--" + boundary.encode("latin-1")
     fields: dict[str, Any] = {}
-    parts = body.split(delimiter)
-    if len(parts) < 3 and not body.startswith(delimiter):
+    position = body.find(delimiter)
+    if position < 0:
         raise BodyError("multipart body does not contain its boundary")
-    for part in parts[1:]:
-        if part.startswith(b"--"):
-            break  # the closing delimiter
+    while True:
+        position += len(delimiter)
+        if body.startswith(b"--", position):
+            return fields  # the closing delimiter
         if len(fields) >= MAX_FORM_FIELDS:
             raise BodyError(f"form has more than {MAX_FORM_FIELDS} fields")
-        head, separator, data = part.removeprefix(b"\r\n").partition(b"\r\n\r\n")
-        if not separator:
-            raise BodyError("multipart part without a header block")
-        data = data.removesuffix(b"\r\n")
-        headers = BytesHeaderParser(policy=HTTP).parsebytes(head)
-        name = headers.get_param("name", header="content-disposition")
-        if not isinstance(name, str):
-            continue
-        filename = headers.get_param("filename", header="content-disposition")
-        if isinstance(filename, str):
-            fields[name] = {
-                "filename": filename,
-                "content_type": headers.get_content_type(),
-                "bytes": len(data),
-            }
-        elif len(data) <= MAX_FORM_FIELD_BYTES:
-            try:
-                fields[name] = data.decode()
-            except UnicodeDecodeError:
-                raise BodyError(f"form field {name!r} is not UTF-8 text") from None
-    return fields
+        head_end = body.find(b"\r\n\r\n", position)
+        data_end = body.find(b"\r\n" + delimiter, head_end + 4) if head_end >= 0 else -1
+        if data_end < 0:
+            raise BodyError("multipart part without a header block or a closing boundary")
+        headers = BytesHeaderParser().parsebytes(body[position:head_end].lstrip(b"\r\n"))
+        _form_field(fields, headers, body, head_end + 4, data_end)
+        position = data_end + 2
+
+
+def _form_field(
+    fields: dict[str, Any], headers: Message, body: bytes, start: int, end: int
+) -> None:
+    name = headers.get_param("name", header="content-disposition")
+    if not isinstance(name, str):
+        return
+    filename = headers.get_param("filename", header="content-disposition")
+    if isinstance(filename, str):
+        fields[name] = {
+            "filename": filename,
+            "content_type": headers.get_content_type(),
+            "bytes": end - start,
+        }
+    elif end - start <= MAX_FORM_FIELD_BYTES:
+        try:
+            fields[name] = body[start:end].decode()
+        except UnicodeDecodeError:
+            raise BodyError(f"form field {name!r} is not UTF-8 text") from None
 
 
 def parse_request_body(body: bytes, content_type: str) -> dict[str, Any]:

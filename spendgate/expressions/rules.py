@@ -13,6 +13,7 @@ from typing import Any
 
 from .inputs import named_headers, parse_request_body, with_defaults
 from .language import EvaluationError, Expression, ExpressionError, Phase, compile_expression
+from .scan import fields_read
 
 
 class RuleExpressionError(ExpressionError):
@@ -90,6 +91,11 @@ class ExpressionPricing:
         self.headers = tuple(name.lower() for name in headers)
         self.response_headers = tuple(name.lower() for name in response_headers)
         self.maximum = maximum
+        # Only what the expressions read is parsed and handed to CEL (converting a large body
+        # costs more than evaluating); None: all of it.
+        sources = [source for source in (bound, cost) if source is not None]
+        self._request_fields = _union(fields_read(source, "request") for source in sources)
+        self._response_fields = fields_read(cost, "response") if cost else frozenset()
 
     @staticmethod
     def _compile(part: str, source: str | None, phase: Phase) -> Expression | None:
@@ -102,9 +108,12 @@ class ExpressionPricing:
 
     def hold(self, request: RequestView) -> Held:
         """The bound of this request; raises EvaluationError (or BodyError) when it has none."""
-        fields = parse_request_body(request.body, request.content_type)
+        wanted = self._request_fields
+        reads_body = wanted is None or bool(wanted)
+        fields = parse_request_body(request.body, request.content_type) if reads_body else {}
+        request_fields = with_defaults(_only(fields, wanted), _only(self.defaults, wanted))
         variables: dict[str, Any] = {
-            "request": with_defaults(fields, self.defaults),
+            "request": request_fields,
             "method": request.method.upper(),
             "path": request.path,
             "headers": named_headers(request.headers, self.headers),
@@ -130,7 +139,7 @@ class ExpressionPricing:
             return Charge(held.amount, 0)
         variables = {
             **held.variables,
-            "response": dict(response.payload or {}),
+            "response": _only(response.payload or {}, self._response_fields),
             "response_headers": named_headers(response.headers, self.response_headers),
             "status": response.status,
             "upstream_ms": response.upstream_ms,
@@ -143,6 +152,21 @@ class ExpressionPricing:
             return Charge(held.amount, 0, f"cost: {error}")
         charged = min(cost, held.amount)
         return Charge(charged, cost - charged)
+
+
+def _union(parts: Any) -> frozenset[str] | None:
+    fields: set[str] = set()
+    for part in parts:
+        if part is None:
+            return None
+        fields |= part
+    return frozenset(fields)
+
+
+def _only(values: Mapping[str, Any], names: frozenset[str] | None) -> dict[str, Any]:
+    if names is None:
+        return dict(values)
+    return {name: values[name] for name in names if name in values}
 
 
 __all__ = [

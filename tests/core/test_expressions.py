@@ -24,7 +24,7 @@ from spendgate.expressions import (
     compile_expression,
 )
 from spendgate.expressions.inputs import parse_request_body
-from spendgate.expressions.scan import MAX_EXPRESSION_CHARS
+from spendgate.expressions.scan import MAX_EXPRESSION_CHARS, fields_read
 from spendgate.expressions.simple import SIMPLE_COST, simple_prices
 from spendgate.models import ManifestError, PriceRule, parse_resource
 from spendgate.pricing import cost_of
@@ -69,7 +69,9 @@ def problem_of(rule: dict[str, Any]) -> str:
         ("double(request.n) * 0.05", Phase.bound, "returns a double; money is an integer"),
         ("request.n * 'x'", Phase.bound, "found no matching overload for '_*_'"),
         ("tokens.input / 1000", Phase.bound, "uses '/', which rounds down"),
-        ("size(request.a.filter(x, request.b.exists(y, y == x)))", Phase.bound, "nests"),
+        ("request.a.all(x, request.b.exists(y, y == x)) ? 1 : 0", Phase.bound, "nests"),
+        ("size(response.data.filter(d, has(d.url)))", Phase.cost, "uses filter(), which takes"),
+        ("size(request.input.map(i, i))", Phase.bound, "uses map(), which takes time quadratic"),
         ("1 + " * (MAX_EXPRESSION_CHARS // 4) + "1", Phase.bound, "is longer than"),
         ("  ", Phase.bound, "is empty"),
     ],
@@ -102,9 +104,37 @@ def test_division_signs_inside_strings_are_not_division() -> None:
 
 def test_one_comprehension_over_the_input_is_fine() -> None:
     expression = compile_expression(
-        "size(response.data.filter(d, has(d.b64_json))) * 3", Phase.cost
+        "response.data.all(d, has(d.b64_json)) ? size(response.data) * 3 : bound", Phase.cost
     )
-    assert expression.evaluate({"response": {"data": [{"b64_json": "x"}, {}]}}) == 3
+    assert expression.evaluate({"response": {"data": [{"b64_json": "x"}] * 2}, "bound": 9}) == 6
+    assert expression.evaluate({"response": {"data": [{"b64_json": "x"}, {}]}, "bound": 9}) == 9
+
+
+@pytest.mark.parametrize(
+    ("source", "fields"),
+    [
+        ("size(response.data) * 2", {"data"}),
+        ("has(response.usage) ? response.usage.seconds : response.duration", {"usage", "duration"}),
+        ("response['data'].size()", None),
+        ("size(response)", None),
+        ("response.data.all(d, true) ? 1 : response.exists(k, k == 'x') ? 2 : 3", None),
+        ("'response.data' == 'x' ? 1 : bound", set()),
+        ("myresponse.x + a.response", set()),
+    ],
+)
+def test_only_the_fields_an_expression_reads_are_passed(
+    source: str, fields: set[str] | None
+) -> None:
+    found = fields_read(source, "response")
+    assert found == (None if fields is None else frozenset(fields))
+
+
+def test_a_rule_that_does_not_read_the_body_does_not_parse_it() -> None:
+    by_size = ExpressionPricing(bound="body_bytes * 2", cost=None)
+    assert by_size.hold(request(b"{not json")).amount == 18
+    by_field = ExpressionPricing(bound="int(request.n)", cost=None, defaults={"n": 1, "m": 2})
+    held = by_field.hold(request(b'{"n": 4, "prompt": "long text"}'))
+    assert (held.amount, held.variables["request"]) == (4, {"n": 4})
 
 
 @pytest.mark.parametrize(
