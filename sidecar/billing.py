@@ -10,7 +10,7 @@ from multidict import CIMultiDictProxy
 from spendgate.config_store import KeyOwner
 from spendgate.ledger import RateInfo, Usage
 from spendgate.models import FailureCharge, PriceRule, UsageHeaders
-from spendgate.pricing import RequestFacts, cost_of
+from spendgate.pricing import PricingForm, RequestFacts, Used
 
 from .expression_pricing import ExpressionHold, charge
 from .metering import ResponseTap, TokenUsage, response_payload, usage_from_headers
@@ -23,12 +23,16 @@ class Metered:
     owner: KeyOwner
     request_id: str
     rule: PriceRule
+    form: PricingForm
     facts: RequestFacts
     currency: str
     hold: int
     reserved: bool  # False when served fail-open without a reservation
     body: bytes = b""
     rate: RateInfo | None = None
+    input_tokens: int = 0  # the bound (or exact count) the hold was computed with
+    output_limit: int | None = None  # the output limit the request was sent with
+    output_change: str | None = None  # why the sidecar set that limit (None: the client's own)
     started: float = field(default_factory=time.monotonic)
     upstream_started: float = 0.0
     cut_off: bool = False
@@ -36,11 +40,6 @@ class Metered:
     expression: ExpressionHold | None = None  # set when the rule is priced by expressions
     absorbed: int = 0  # what the cost expression asked beyond the hold (never charged)
     cost_error: str | None = None
-
-    @property
-    def input_estimate(self) -> int:
-        fixed = self.rule.estimate.input_tokens
-        return self.facts.input_tokens if fixed is None else fixed
 
     def elapsed_ms(self) -> int:
         start = self.upstream_started or self.started
@@ -54,8 +53,7 @@ def measure(
     usage_headers: UsageHeaders,
 ) -> TokenUsage:
     """What the request used, from the best source available."""
-    facts, rule = metered.facts, metered.rule
-    estimated_input = metered.input_estimate
+    estimated_input = metered.input_tokens
     if upstream_headers is not None:
         from_headers = usage_from_headers(upstream_headers, usage_headers)
         if from_headers is not None:
@@ -66,8 +64,7 @@ def measure(
         return TokenUsage(*tap.usage, "body")
     if tap is not None and tap.sse:
         return TokenUsage(estimated_input, tap.events, "counted")
-    output = facts.max_tokens if facts.max_tokens is not None else rule.estimate.output_tokens
-    return TokenUsage(estimated_input, output, "estimate")
+    return TokenUsage(estimated_input, metered.output_limit or 0, "estimate")
 
 
 def price_outcome(
@@ -107,9 +104,10 @@ def price_outcome(
         )
         cost, metered.absorbed, metered.cost_error = result.charged, result.absorbed, result.error
     elif tap is None or (failed and not tap.events):
-        cost = cost_of(rule, 0, 0, upstream_ms)  # metered, no response: the time it used
+        cost = metered.form.cost(Used(0, 0, upstream_ms))  # metered, no response: its time
     else:
-        cost = cost_of(rule, measured.input_tokens, measured.output_tokens, upstream_ms)
+        used = Used(measured.input_tokens, measured.output_tokens, upstream_ms)
+        cost = metered.form.cost(used)
     if metered.cut_off and metered.reserved:
         cost = min(cost, metered.hold)
     usage = Usage(

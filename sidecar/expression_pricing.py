@@ -54,6 +54,7 @@ class Unpriceable(Exception):
 class ExpressionHold:
     pricing: ExpressionPricing
     held: Held
+    input_tokens: int = 0  # the request's input-token bound the expressions saw
 
 
 def hold(
@@ -78,7 +79,7 @@ def hold(
         timeout_ms=timeout_ms,
     )
     try:
-        return ExpressionHold(pricing, pricing.hold(view))
+        return ExpressionHold(pricing, pricing.hold(view), input_estimate)
     except BodyError as error:
         raise Unpriceable(
             errors.error_response(400, "invalid_request_error", "invalid_body", str(error))

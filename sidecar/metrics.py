@@ -56,6 +56,12 @@ class SidecarMetrics:
             ["rule"],
             registry=r,
         )
+        self.output_limits = Counter(
+            "spendgate_output_limits_set",
+            "Requests whose output limit the sidecar set, by reason (balance, maximum, unset)",
+            ["reason"],
+            registry=r,
+        )
         self.upstream_errors = Counter(
             "spendgate_upstream_errors", "Model container failures", ["kind"], registry=r
         )

@@ -27,7 +27,16 @@ from spendgate.models import (
     Unmatched,
     UsageHeaders,
 )
-from spendgate.pricing import BadRequestBody, RequestFacts, cost_of, estimate_of, inspect_body
+from spendgate.pricing import (
+    BadRequestBody,
+    Bound,
+    OutputLimitTooHigh,
+    RequestFacts,
+    RulePricing,
+    Used,
+    inspect_body,
+    with_output_limit,
+)
 
 from . import errors
 from .billing import Metered, measure, price_outcome
@@ -45,6 +54,28 @@ log = logging.getLogger("spendgate.sidecar")
 SMALL_BODY = 64 * 1024  # bodies up to this size with a known length are sent in one write
 
 _FREE_RULE = PriceRule(name="unmatched", price=Price())
+OUTPUT_LIMIT_HEADER = "X-Spendgate-Output-Limit"
+
+
+def expression_bound(expression: ExpressionHold) -> Bound:
+    """A rule priced by expressions holds its bound expression's amount, never less."""
+    amount = expression.held.amount
+    return Bound(hold=amount, minimum=amount, input_tokens=expression.input_tokens)
+
+
+def output_limit_change(facts: RequestFacts, bound: Bound, limit: int | None) -> str | None:
+    """Why the sidecar sets the request's output limit, or None when it leaves it alone:
+    ``balance`` (lowered to what the balance covers), ``maximum`` (lowered to the rule's
+    maxOutputTokens) or ``unset`` (the client sent none; the model must not pick its own)."""
+    if limit is None or not facts.is_json:
+        return None
+    if bound.output_limit is not None and limit < bound.output_limit:
+        return "balance"
+    if facts.max_tokens is None:
+        return "unset"
+    if limit < facts.max_tokens:
+        return "maximum"
+    return None
 
 
 class _Refused(Exception):
@@ -123,10 +154,19 @@ class Proxy:
                 errors.error_response(400, "invalid_request_error", "invalid_body", str(error)),
             ) from None
         rule = self._rule_for(pricebook, request, facts)
-        expression = self._hold_by_expression(rule, request, body, facts)
-        estimate = expression.held.amount if expression is not None else estimate_of(rule, facts)
+        form = RulePricing(rule, clamp=pricebook.clamp_output)
+        expression = self._hold_by_expression(rule, request, body, facts, form)
+        try:
+            bound = form.bound(facts) if expression is None else expression_bound(expression)
+        except OutputLimitTooHigh as error:
+            raise self._refuse(
+                "bad_request",
+                errors.error_response(
+                    400, "invalid_request_error", "output_limit_too_high", str(error)
+                ),
+            ) from None
         request_id = uuid.uuid4().hex
-        reservation = await self._reserve(owner, request_id, rule, estimate, pricebook.currency)
+        reservation = await self._reserve(owner, request_id, rule, bound, pricebook.currency)
         if reservation is not None and not reservation.ok:
             if reservation.outcome is Outcome.currency_mismatch:
                 log.error(
@@ -135,29 +175,43 @@ class Proxy:
                 )
             raise self._refuse(reservation.outcome.value, errors.refusal(reservation))
         self.metrics.decisions.labels("admitted" if reservation else "fail_open").inc()
+        held = reservation.estimate if reservation is not None else bound.hold
+        output_limit = form.output_for(bound, held)
+        clamped = output_limit_change(facts, bound, output_limit)
+        if clamped is not None:
+            body = with_output_limit(facts, request.path, output_limit)  # type: ignore[arg-type]
+            self.metrics.output_limits.labels(clamped).inc()
         return Metered(
             owner=owner,
             request_id=request_id,
             rule=rule,
+            form=form,
             facts=facts,
             currency=pricebook.currency,
-            hold=estimate,
+            hold=held,
             reserved=reservation is not None,
             body=body,
             rate=reservation.rate if reservation is not None else None,
             expression=expression,
+            input_tokens=bound.input_tokens,
+            output_limit=output_limit,
+            output_change=clamped,
         )
 
     def _hold_by_expression(
-        self, rule: PriceRule, request: web.Request, body: bytes, facts: RequestFacts
+        self,
+        rule: PriceRule,
+        request: web.Request,
+        body: bytes,
+        facts: RequestFacts,
+        form: RulePricing,
     ) -> ExpressionHold | None:
         if rule.pricing is None:
             return None
-        fixed_input = rule.estimate.input_tokens
         try:
             return hold_by_expression(
                 rule.pricing, rule.name, request, body, facts,
-                input_estimate=facts.input_tokens if fixed_input is None else fixed_input,
+                input_estimate=form.input_tokens(facts),
                 output_estimate=rule.estimate.output_tokens,
                 timeout_ms=rule.timeout,
             )  # fmt: skip
@@ -198,13 +252,14 @@ class Proxy:
         )  # fmt: skip
 
     async def _reserve(
-        self, owner: KeyOwner, request_id: str, rule: PriceRule, estimate: int, currency: str
+        self, owner: KeyOwner, request_id: str, rule: PriceRule, bound: Bound, currency: str
     ) -> Reservation | None:
         try:
             return await self.ledger.reserve(
                 owner.customer_id,
                 request_id,
-                estimate,
+                bound.hold,
+                minimum=bound.minimum,
                 key_id=owner.key_name,
                 currency=currency,
                 ttl_ms=rule.timeout + self.settings.hold_grace_ms,
@@ -275,6 +330,10 @@ class Proxy:
         response.headers.update(response_headers(upstream))
         response.headers["X-Spendgate-Request-Id"] = metered.request_id
         response.headers.update(errors.rate_limit_headers(metered.rate))
+        if metered.output_change is not None:
+            response.headers[OUTPUT_LIMIT_HEADER] = (
+                f"{metered.output_limit}; reason={metered.output_change}"
+            )
         tap = ResponseTap(
             upstream.headers.get("Content-Type", ""), upstream.headers.get("Content-Encoding", "")
         )
@@ -367,7 +426,8 @@ class Proxy:
             return True
         paid = bytearray()
         for piece, events_after in pieces:
-            cost = cost_of(metered.rule, metered.input_estimate, events_after, metered.elapsed_ms())
+            used = Used(metered.input_tokens, events_after, metered.elapsed_ms())
+            cost = metered.form.cost(used)
             if cost > metered.hold and not await self._extend(metered, cost - metered.hold):
                 await response.write(bytes(paid))
                 await self._cut_off(response, metered, tap)
@@ -451,11 +511,21 @@ class Proxy:
                 return
             if cost == 0:
                 return
-            await self.ledger.settle(
+            settled = await self.ledger.settle(
                 customer, metered.request_id, cost, key_id=metered.owner.key_name, usage=usage
             )
             self.metrics.settlements.labels("settled").inc()
-            self.metrics.spend.labels(metered.currency).inc(cost)
+            self.metrics.spend.labels(metered.currency).inc(settled.charged)
+            if settled.absorbed:
+                self.metrics.absorbed.labels(metered.currency, metered.rule.name).inc(
+                    settled.absorbed
+                )
+                log.error(
+                    "cost above the hold absorbed",
+                    extra={"customer": customer, "request_id": metered.request_id,
+                           "rule": metered.rule.name, "cost": cost, "hold": metered.hold,
+                           "absorbed": settled.absorbed},
+                )  # fmt: skip
         except (RedisError, OSError, TimeoutError) as error:
             self.metrics.redis_errors.labels("settle").inc()
             log.warning(

@@ -50,6 +50,8 @@ class RateInfo:
 
 @dataclass(frozen=True)
 class Reservation:
+    """``estimate`` is the amount held when reserved, the least amount asked for otherwise."""
+
     outcome: Outcome
     request_id: str
     estimate: int = 0
@@ -80,6 +82,8 @@ class Settlement:
     held: int | None = None
     spent: int | None = None
     entry_id: str | None = None
+    charged: int = 0  # the cost, capped at the hold (or at what was available without one)
+    absorbed: int = 0  # the cost above that bound: never charged, recorded
 
 
 @dataclass(frozen=True)
@@ -128,6 +132,7 @@ class Account:
     funded: int
     charged: int
     expired_holds: int
+    absorbed: int = 0
     suspensions: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -244,19 +249,25 @@ class Ledger:
         key_id: str,
         currency: str,
         ttl_ms: int,
+        minimum: int | None = None,
     ) -> Reservation:
+        """Hold ``estimate``; with ``minimum``, hold as much as is available down to it."""
         if estimate < 0:
             raise LedgerError(f"estimate must not be negative, got {estimate}")
+        minimum = estimate if minimum is None else minimum
+        if not 0 <= minimum <= estimate:
+            raise LedgerError(f"minimum must be within 0..{estimate}, got {minimum}")
         keys = for_customer(customer_id)
         rid = check_request_id(request_id)
-        args = [self._now(), rid, key_id, estimate, currency, ttl_ms]
+        args = [self._now(), rid, key_id, estimate, currency, ttl_ms, minimum]
         result = await self._run("reserve", keys.script_keys(keys.request(rid)), args)
         outcome = Outcome(result[0])
         if outcome is Outcome.reserved:
             rate = RateInfo(*result[4:7]) if result[4] >= 0 else None
             return Reservation(
-                outcome, rid, estimate, available=result[3], deadline_ms=result[7], rate=rate
+                outcome, rid, result[8], available=result[3], deadline_ms=result[7], rate=rate
             )
+        estimate = minimum
         if outcome is Outcome.rate_limited:
             return Reservation(
                 outcome,
@@ -308,7 +319,9 @@ class Ledger:
         result = await self._run("settle", keys.script_keys(keys.request(rid)), args)
         if result[0] == "duplicate":
             return Settlement(duplicate=True)
-        return Settlement(False, result[1], result[2], result[3], _text(result[4]))
+        return Settlement(
+            False, result[1], result[2], result[3], _text(result[4]), result[5], result[6]
+        )
 
     async def release(self, customer_id: str, request_id: str) -> int | None:
         """Free a hold without charging; returns the amount freed, None if already final."""
@@ -410,5 +423,6 @@ def account_from_hashes(
         funded=number(acct, "funded"),
         charged=number(acct, "charged"),
         expired_holds=number(acct, "expired"),
+        absorbed=number(acct, "absorbed"),
         suspensions={_text(k): _text(v) for k, v in suspensions.items()},
     )

@@ -588,10 +588,32 @@ _NO_PRICE = Price()
 
 class Estimate(_Model):
     input_tokens: int | None = Field(
-        default=None, ge=0, description="Fixed estimate; default: counted from the request body."
+        default=None,
+        ge=0,
+        description="A fixed prompt size you guarantee; default: bounded from the request body.",
     )
-    output_tokens: int = Field(default=256, ge=0, description="Used when max_tokens is absent.")
-    seconds: DurationMs = 0
+    output_tokens: int = Field(
+        default=256,
+        ge=0,
+        description="Output tokens a rule's price expressions see when the request sends no"
+        " limit; token-priced rules hold the request's limit (maxOutputTokens if none).",
+    )
+    seconds: DurationMs = Field(
+        default=0,
+        description="GPU-time window held at a time for per-second prices; default:"
+        " a tenth of the timeout, at least one second.",
+    )
+
+
+MAX_OUTPUT_TOKENS_LIMIT = 10_000_000
+DEFAULT_MIN_OUTPUT_TOKENS = 16
+
+
+class PromptOverhead(_Model):
+    """Tokens a chat template adds around the request's text (role headers, preambles)."""
+
+    per_message: int = Field(default=16, ge=0, le=100_000)
+    per_request: int = Field(default=256, ge=0, le=1_000_000)
 
 
 class FailureCharge(StrEnum):
@@ -663,6 +685,11 @@ class PriceRule(_Model):
                 "a rule with token or time prices needs a maximum",
             ),
             ("has(self.price) != has(self.expression)", "give price or expression, not both"),
+            (
+                "!has(self.minOutputTokens) || self.minOutputTokens <="
+                " (has(self.maxOutputTokens) ? self.maxOutputTokens : 4096)",
+                "minOutputTokens must not exceed maxOutputTokens",
+            ),
         )
     )
 
@@ -675,6 +702,29 @@ class PriceRule(_Model):
     timeout: PositiveDurationMs = 300_000
     on_upstream_error: FailureCharge = FailureCharge.free
     on_client_disconnect: FailureCharge = FailureCharge.metered
+    tokenizer: str | None = Field(
+        default=None,
+        pattern=r"^/",
+        max_length=4096,
+        description="Path of the model's tokenizer.json in the sidecar's container: prompts"
+        " are counted exactly instead of bounded by their UTF-8 size.",
+    )
+    prompt_overhead: PromptOverhead = Field(default_factory=PromptOverhead)
+    max_output_tokens: int = Field(
+        default=4096,
+        ge=1,
+        le=MAX_OUTPUT_TOKENS_LIMIT,
+        description="The most output tokens a request may ask for; set when the client sends"
+        " no limit, lowered to when it asks for more.",
+    )
+    min_output_tokens: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_OUTPUT_TOKENS_LIMIT,
+        description="A request whose balance covers fewer output tokens is refused (402);"
+        " default 16 (or maxOutputTokens, if smaller).",
+    )
+
     _pricing: ExpressionPricing | None = PrivateAttr(default=None)
 
     @model_validator(mode="before")
@@ -690,6 +740,8 @@ class PriceRule(_Model):
 
     @model_validator(mode="after")
     def _maximum(self) -> Self:
+        if self.min_output_tokens is not None and self.min_output_tokens > self.max_output_tokens:
+            raise ValueError("minOutputTokens must not exceed maxOutputTokens")
         if self.expression is not None:
             self._compile_expressions(self.expression)
         elif self.maximum is None:
@@ -732,6 +784,13 @@ class PriceRule(_Model):
             return self.maximum
         return self.simple_price.flat
 
+    @property
+    def output_floor(self) -> int:
+        """The fewest output tokens a clamped request is sent with."""
+        if self.min_output_tokens is not None:
+            return self.min_output_tokens
+        return min(DEFAULT_MIN_OUTPUT_TOKENS, self.max_output_tokens)
+
 
 class Unmatched(StrEnum):
     deny = "deny"
@@ -750,6 +809,11 @@ class PriceBookSpec(_Model):
     )
     unmatched: Unmatched = Unmatched.deny
     usage_headers: UsageHeaders = Field(default_factory=UsageHeaders)
+    clamp_output: bool = Field(
+        default=True,
+        description="Lower a request's output limit to what the balance covers (down to the"
+        " rule's minOutputTokens) instead of refusing it with 402.",
+    )
 
     @model_validator(mode="after")
     def _unique_rule_names(self) -> Self:

@@ -117,6 +117,32 @@ local function gcra(limit, tat, now, units)
   return true, new_tat, 0, remaining, new_tat - now
 end
 
+-- Move cost-based rate limits by `delta` (positive: more was spent than counted at reserve;
+-- negative: a refund for what a release or a cheaper settle did not spend). GCRA: the
+-- difference arrives now, so it starts from max(tat, now) like a request; a refund never
+-- moves the arrival time into the past.
+local function correct_cost_limits(cfg_rl, key_rl, delta, now)
+  if delta == 0 then return end
+  for _, l in ipairs(rate_limits(cfg_rl, key_rl)) do
+    if l.kind == 'cost' then
+      local tat = num(redis.call('HGET', K_RL, l.id))
+      if tat > 0 then
+        local base = math.max(tat, now)
+        redis.call('HSET', K_RL, l.id, math.max(now, base + delta * l.window_ms / l.amount))
+      end
+    end
+  end
+end
+
+-- What may still be spent: prepaid `balance - held`, capped `limit - spent - held`; a prepaid
+-- budget with a limit takes the smaller.
+local function available_of(mode, limit, balance, held, spent)
+  if mode == 'capped' then return limit - spent - held end
+  local available = balance - held
+  if limit > 0 then available = math.min(available, limit - spent - held) end
+  return available
+end
+
 local function ledger_append(fields)
   return redis.call('XADD', K_LEDGER, '*', unpack(fields))
 end

@@ -8,7 +8,17 @@ from typing import Any
 import pytest
 
 from spendgate.models import PriceRule
-from spendgate.pricing import BadRequestBody, RequestFacts, cost_of, estimate_of, inspect_body
+from spendgate.pricing import (
+    BadRequestBody,
+    OutputLimitTooHigh,
+    Prompt,
+    RequestFacts,
+    RulePricing,
+    Used,
+    cost_of,
+    inspect_body,
+    with_output_limit,
+)
 
 JSON = "application/json"
 
@@ -72,39 +82,88 @@ def test_flat_only_cost() -> None:
     assert cost_of(free, 100, 100, 100) == 0
 
 
-# --------------------------------------------------------------------------- estimate_of
+# --------------------------------------------------------------------------- bounds
 
 
-def test_estimate_uses_max_tokens() -> None:
-    facts = RequestFacts(input_tokens=1_000, max_tokens=100)
-    assert estimate_of(rule(), facts) == 100 + 500 + 150
+def facts_for(**fields: Any) -> RequestFacts:
+    return inspect_body(body(**fields), JSON)
 
 
-def test_estimate_default_output_tokens() -> None:
-    facts = RequestFacts(input_tokens=1_000)
-    assert estimate_of(rule(), facts) == 100 + 500 + 384  # 256 * 1.5
-    custom = rule(estimate={"outputTokens": 10})
-    assert estimate_of(custom, facts) == 100 + 500 + 15
+def test_bound_holds_the_output_limit_and_the_input_bound() -> None:
+    pricing = RulePricing(rule(promptOverhead={"perMessage": 0, "perRequest": 0}))
+    bound = pricing.bound(facts_for(prompt="x" * 999, max_tokens=100))
+    assert bound.input_tokens == 1_000  # 999 bytes + 1
+    assert bound.output_limit == 100
+    assert bound.hold == 100 + 500 + 150
+    assert bound.minimum == 100 + 500 + 24  # 16 output tokens, the default minimum
 
 
-def test_estimate_fixed_input_tokens_override_counted() -> None:
-    fixed = rule(estimate={"inputTokens": 2_000, "outputTokens": 0})
-    assert estimate_of(fixed, RequestFacts(input_tokens=7)) == 100 + 1_000
+def test_bound_without_max_tokens_covers_max_output_tokens() -> None:
+    pricing = RulePricing(rule(maxOutputTokens=1_000, promptOverhead={"perRequest": 0}))
+    bound = pricing.bound(facts_for(prompt=""))
+    assert bound.output_limit == 1_000
+    assert bound.hold == 100 + 1 + 1_500
 
 
-def test_estimate_seconds() -> None:
-    timed = rule(price={"perSecond": "0.001"}, maximum="1", estimate={"seconds": "2500ms"})
-    assert estimate_of(timed, RequestFacts()) == 2_500
+def test_bound_lowers_absurd_limits_to_max_output_tokens() -> None:
+    pricing = RulePricing(rule(maxOutputTokens=2_048))
+    bound = pricing.bound(facts_for(max_tokens=10**23))
+    assert bound.output_limit == 2_048
+    strict = RulePricing(rule(maxOutputTokens=2_048), clamp=False)
+    with pytest.raises(OutputLimitTooHigh, match="at most 2048"):
+        strict.bound(facts_for(max_tokens=10**23))
 
 
-def test_estimate_rounds_up_and_clamps() -> None:
-    assert estimate_of(rule(), RequestFacts(input_tokens=1, max_tokens=1)) == 100 + 1 + 2
-    huge = RequestFacts(input_tokens=10**7, max_tokens=10**7)
-    assert estimate_of(rule(), huge) == 500_000
+def test_bound_without_clamping_has_no_smaller_minimum() -> None:
+    bound = RulePricing(rule(), clamp=False).bound(facts_for(max_tokens=100))
+    assert bound.minimum == bound.hold
 
 
-def test_zero_max_tokens_is_respected() -> None:
-    assert estimate_of(rule(), RequestFacts(input_tokens=0, max_tokens=0)) == 100
+def test_bound_fixed_input_tokens_override_counted() -> None:
+    fixed = RulePricing(rule(estimate={"inputTokens": 2_000}))
+    assert fixed.bound(facts_for(prompt="abc", max_tokens=0)).input_tokens == 2_000
+
+
+def test_bound_overheads_per_message_and_request() -> None:
+    pricing = RulePricing(rule(promptOverhead={"perMessage": 10, "perRequest": 100}))
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    bound = pricing.bound(facts_for(messages=messages))
+    # "user" 4+1, "hi" 2+1, "assistant" 9+1, "yo" 2+1 bytes; 2 messages; 1 request
+    assert bound.input_tokens == 21 + 2 * 10 + 100
+
+
+def test_bound_seconds_window() -> None:
+    timed = RulePricing(
+        rule(price={"perSecond": "0.001"}, maximum="1", estimate={"seconds": "2500ms"})
+    )
+    bound = timed.bound(RequestFacts())
+    assert (bound.hold, bound.window_ms, bound.output_limit) == (2_500, 2_500, None)
+    default = RulePricing(rule(price={"perSecond": "0.001"}, maximum="1", timeout="30s"))
+    assert default.bound(RequestFacts()).window_ms == 3_000
+
+
+def test_bound_is_capped_at_the_maximum() -> None:
+    bound = RulePricing(rule()).bound(facts_for(prompt="x" * 10**6, max_tokens=4_096))
+    assert bound.hold == 500_000
+
+
+def test_output_for_a_smaller_hold() -> None:
+    pricing = RulePricing(rule(promptOverhead={"perMessage": 0, "perRequest": 0}))
+    bound = pricing.bound(facts_for(prompt="x" * 999, max_tokens=1_000))  # base 600
+    assert pricing.output_for(bound, bound.hold) == 1_000
+    assert pricing.output_for(bound, 600 + 150) == 100
+    assert pricing.output_for(bound, 600 + 151) == 100  # 100.67 tokens: 100
+    assert pricing.output_for(bound, 600 + 152) == 101
+    for held in range(bound.minimum, bound.hold + 1, 37):
+        tokens = pricing.output_for(bound, held)
+        assert tokens is not None
+        assert pricing.cost(Used(bound.input_tokens, tokens, 0)) <= held
+
+
+def test_free_output_sets_no_limit_unless_one_was_sent() -> None:
+    embeddings = RulePricing(rule(price={"perMillionInputTokens": "0.02"}))
+    assert embeddings.bound(facts_for(input="hello")).output_limit is None
+    assert embeddings.bound(facts_for(input="hello", max_tokens=10**9)).output_limit == 4_096
 
 
 # --------------------------------------------------------------------------- inspect_body
@@ -125,19 +184,38 @@ def test_inspect_chat_body() -> None:
         "application/json; charset=utf-8",
     )
     assert facts == RequestFacts(
-        model="llama-3-70b", input_tokens=3, max_tokens=64, stream=True, include_usage=True
+        model="llama-3-70b",
+        prompt=Prompt(texts=("system", "abcd", "user", "efgh", "ij"), messages=2),
+        max_tokens=64,
+        output_fields=("max_tokens",),
+        stream=True,
+        include_usage=True,
     )
 
 
 def test_inspect_counts_prompt_and_input_fields() -> None:
-    assert inspect_body(body(prompt="x" * 9), JSON).input_tokens == 3  # 9 chars: rounded up
-    assert inspect_body(body(input=["abcd", "efgh"]), JSON).input_tokens == 2
-    assert inspect_body(body(instructions="abcd", input="abcd"), JSON).input_tokens == 2
+    assert inspect_body(body(prompt="x" * 9), JSON).prompt.texts == ("x" * 9,)
+    assert inspect_body(body(input=["abcd", "efgh"]), JSON).prompt.texts == ("abcd", "efgh")
+    both = inspect_body(body(instructions="ab", input="cd"), JSON)
+    assert sorted(both.prompt.texts) == ["ab", "cd"]
 
 
-def test_inspect_role_names_are_not_prompt() -> None:
+def test_inspect_token_id_prompts_are_counted_exactly() -> None:
+    facts = inspect_body(body(prompt=[[1, 2, 3], [4, 5]]), JSON)
+    assert (facts.prompt.token_ids, facts.prompt.texts) == (5, ())
+
+
+def test_inspect_structured_parts_count_as_indented_json() -> None:
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"é": 1}}}]
+    facts = inspect_body(body(messages=[], tools=tools), JSON)
+    [rendered] = facts.prompt.texts
+    assert rendered == json.dumps(tools, indent=4, ensure_ascii=True)
+    assert len(rendered) > len(json.dumps(tools, separators=(",", ":")))
+
+
+def test_inspect_role_names_are_prompt() -> None:
     facts = inspect_body(body(messages=[{"role": "assistant", "content": ""}]), JSON)
-    assert facts.input_tokens == 0
+    assert facts.prompt == Prompt(texts=("assistant", ""), messages=1)
 
 
 @pytest.mark.parametrize(
@@ -210,11 +288,33 @@ def test_inspect_empty_body() -> None:
 
 def test_inspect_non_json_content_type_counts_bytes() -> None:
     facts = inspect_body(b"{not json at all}", "text/plain")
-    assert facts == RequestFacts(input_tokens=5)  # 17 bytes / 4, rounded up
-    assert inspect_body(b"x" * 8, "application/octet-stream").input_tokens == 2
+    assert facts == RequestFacts(prompt=Prompt(raw=b"{not json at all}"))
+    assert not facts.is_json
 
 
 def test_inspect_json_content_type_variants() -> None:
     for content_type in ("application/json", "Application/JSON", "application/vnd.api+json"):
         with pytest.raises(BadRequestBody):
             inspect_body(b"{", content_type)
+
+
+# --------------------------------------------------------------------------- output limits
+
+
+@pytest.mark.parametrize(
+    ("path", "fields", "expected"),
+    [
+        ("/v1/chat/completions", {}, {"max_tokens": 7}),
+        ("/v1/chat/completions", {"max_completion_tokens": 99}, {"max_completion_tokens": 7}),
+        ("/v1/chat/completions", {"max_tokens": 9, "max_completion_tokens": 8},
+         {"max_tokens": 7, "max_completion_tokens": 7}),
+        ("/v1/responses", {}, {"max_output_tokens": 7}),
+        ("/v1/responses", {"max_output_tokens": 100}, {"max_output_tokens": 7}),
+    ],
+)  # fmt: skip
+def test_with_output_limit_sets_the_field_the_client_used(
+    path: str, fields: dict[str, Any], expected: dict[str, int]
+) -> None:
+    facts = inspect_body(body(model="m", input="hi", **fields), JSON)
+    rewritten = json.loads(with_output_limit(facts, path, 7))
+    assert rewritten == {"model": "m", "input": "hi", **fields, **expected}

@@ -439,16 +439,36 @@ async def test_settle_of_expired_unreaped_hold(ledger: Ledger, clock: Clock) -> 
     await reserve(ledger, "slow", 2 * UNIT, ttl_ms=1_000)
     clock.advance(5_000)
     settled = await ledger.settle(CUSTOMER, "slow", 3 * UNIT)
-    assert (settled.balance, settled.held) == (7 * UNIT, 0)
+    assert (settled.balance, settled.held) == (8 * UNIT, 0)  # the hold still bounds the charge
+    assert (settled.charged, settled.absorbed) == (2 * UNIT, UNIT)
     assert (await ledger.account(CUSTOMER)).expired_holds == 0
 
 
-async def test_settle_above_estimate_charges_actual_cost(ledger: Ledger) -> None:
+async def test_settle_above_hold_charges_the_hold_and_absorbs_the_rest(ledger: Ledger) -> None:
     await ledger.configure(spec(balance="1"))
     await reserve(ledger, "r1", 800_000)
     settled = await ledger.settle(CUSTOMER, "r1", 1_200_000)
-    assert (settled.balance, settled.held) == (-200_000, 0)  # the one bounded overspend
-    assert (await reserve(ledger, "r2", 1)).outcome is Outcome.insufficient
+    assert (settled.balance, settled.held) == (200_000, 0)
+    assert (settled.charged, settled.absorbed) == (800_000, 400_000)
+    account = await ledger.account(CUSTOMER)
+    assert (account.charged, account.absorbed) == (800_000, 400_000)
+    [entry] = await usage_entries(ledger)
+    assert (entry["cost"], entry["absorbed"]) == ("800000", "400000")
+    assert (await reserve(ledger, "r2", 200_000)).ok
+
+
+async def test_settle_without_hold_never_takes_a_prepaid_balance_below_zero(
+    ledger: Ledger,
+) -> None:
+    await ledger.configure(spec(balance="1"))
+    await reserve(ledger, "other", 300_000)
+    settled = await ledger.settle(CUSTOMER, "unreserved", 2 * UNIT)  # served fail-open
+    assert (settled.charged, settled.absorbed) == (700_000, 1_300_000)
+    assert (settled.balance, settled.held) == (300_000, 300_000)
+    await ledger.settle(CUSTOMER, "late", UNIT)
+    account = await ledger.account(CUSTOMER)
+    assert (account.balance, account.absorbed) == (300_000, 2_300_000)
+    assert account.available == 0
 
 
 async def test_release_frees_without_charge(ledger: Ledger) -> None:
@@ -760,6 +780,7 @@ async def test_cost_limit_corrected_down_at_settle(ledger: Ledger) -> None:
 async def test_cost_limit_corrected_up_at_settle(ledger: Ledger) -> None:
     await ledger.configure(spec(balance="100", rateLimits=[{"cost": "1.00", "per": "minute"}]))
     assert (await reserve(ledger, "r1", 100_000)).ok
+    assert (await ledger.extend(CUSTOMER, "r1", 800_000, ttl_ms=TTL)).ok  # a long stream
     await ledger.settle(CUSTOMER, "r1", 900_000)  # cost far above the estimate
     assert (await reserve(ledger, "r2", 100_001)).outcome is Outcome.rate_limited
     assert (await reserve(ledger, "r2", 100_000)).ok
@@ -770,6 +791,7 @@ async def test_cost_limit_correction_after_idle_time(ledger: Ledger, clock: Cloc
     absorb it (GCRA: the new arrival time starts from max(tat, now))."""
     await ledger.configure(spec(balance="100", rateLimits=[{"cost": "1.00", "per": "minute"}]))
     assert (await reserve(ledger, "long", 100_000)).ok
+    assert (await ledger.extend(CUSTOMER, "long", 800_000, ttl_ms=TTL)).ok
     clock.advance(30_000)  # the bucket is full again by now
     await ledger.settle(CUSTOMER, "long", 900_000)  # 0.80 more than held: 0.20 left
     assert (await reserve(ledger, "next", 250_000)).outcome is Outcome.rate_limited
@@ -901,6 +923,7 @@ async def test_ledger_entry_per_balance_change(ledger: Ledger, clock: Clock) -> 
         "key": "prod",
         "cost": "1234567",
         "estimate": str(2 * UNIT),
+        "absorbed": "0",
         "ts": str(T0 + 1_000),
         "model": "llama-3-70b",
         "input_tokens": "120",

@@ -169,15 +169,22 @@ async def test_rate_limited_gets_429_with_headers(redis_url: str) -> None:
         assert (await plane.account()).spent == 2 * 20_000
 
 
-async def test_per_request_cost_cap_refuses_expensive_requests(redis_url: str) -> None:
+async def test_per_request_cost_cap_lowers_the_output_limit_or_refuses(redis_url: str) -> None:
     async with data_plane(redis_url) as plane:
         await plane.apply_budget(
             budget("acme", "10.00", policy={"maxRequestCost": "0.50"}), ACME_KEY
         )
-        resp = await plane.post_chat(max_tokens=100)  # estimate 1.01
+        resp = await plane.post_chat(max_tokens=100)  # up to 1.01: lowered to what 0.50 pays
+        assert resp.status == 200
+        assert resp.headers["X-Spendgate-Output-Limit"] == "49; reason=balance"
+        assert (await resp.json())["usage"]["completion_tokens"] == 49
+        assert (await plane.post_chat(max_tokens=10)).status == 200
+        await plane.apply_budget(
+            budget("acme", "10.00", policy={"maxRequestCost": "0.10"}), ACME_KEY
+        )
+        resp = await plane.post_chat(max_tokens=100)  # even 16 tokens (0.17) cost too much
         assert resp.status == 402
         assert (await _error(resp))["code"] == "request_cost_limit"
-        assert (await plane.post_chat(max_tokens=10)).status == 200
 
 
 async def test_malformed_json_body_gets_400(redis_url: str) -> None:
