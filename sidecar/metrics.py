@@ -36,6 +36,12 @@ class SidecarMetrics:
         self.redis_errors = Counter(
             "spendgate_redis_errors", "Redis calls that failed", ["operation"], registry=r
         )
+        self.backpressure = Counter(
+            "spendgate_backpressure",
+            "Redis calls refused locally: every pool slot busy for the whole Redis timeout",
+            ["operation"],
+            registry=r,
+        )
         self.pending_settlements = Gauge(
             "spendgate_pending_settlements",
             "Charges waiting for Redis (fail-open or a failed settle)",

@@ -16,6 +16,7 @@ import aiohttp
 from aiohttp import web
 from redis.exceptions import RedisError
 
+from spendgate.backpressure import LocalExhaustion
 from spendgate.config_store import KeyOwner
 from spendgate.keys import hash_api_key
 from spendgate.ledger import Ledger, Outcome, Reservation, Usage
@@ -264,6 +265,19 @@ class Proxy:
                 currency=currency,
                 ttl_ms=rule.timeout + self.settings.hold_grace_ms,
             )
+        except LocalExhaustion as error:
+            # Too many calls in flight here (pool or queue): backpressure after the wait,
+            # never "unreachable" and never fail-open.
+            self.metrics.backpressure.labels("reserve").inc()
+            log.warning("money path saturated", extra={"error": str(error)})
+            raise self._refuse(
+                "backpressure",
+                errors.error_response(
+                    503, "server_error", "billing_busy",
+                    "Too many requests in flight on this replica; retry shortly.",
+                    headers={"Retry-After": "1"},
+                ),
+            ) from None  # fmt: skip
         except (RedisError, OSError, TimeoutError) as error:
             self.metrics.redis_errors.labels("reserve").inc()
             if self.settings.fail_mode is FailMode.open:
@@ -453,6 +467,9 @@ class Proxy:
                 extra = min(extra, extension.available or 0)
                 if extra >= needed:
                     extension = await self.ledger.extend(customer, request_id, extra, ttl_ms=ttl_ms)
+        except LocalExhaustion:
+            self.metrics.backpressure.labels("extend").inc()
+            return False  # cut the stream rather than serve what nobody holds
         except (RedisError, OSError, TimeoutError):
             self.metrics.redis_errors.labels("extend").inc()
             return self.settings.fail_mode is FailMode.open
@@ -526,7 +543,7 @@ class Proxy:
                            "rule": metered.rule.name, "cost": cost, "hold": metered.hold,
                            "absorbed": settled.absorbed},
                 )  # fmt: skip
-        except (RedisError, OSError, TimeoutError) as error:
+        except (RedisError, OSError, TimeoutError, LocalExhaustion) as error:
             self.metrics.redis_errors.labels("settle").inc()
             log.warning(
                 "settle deferred",

@@ -15,17 +15,20 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from spendgate import redis_connect
+from spendgate.backpressure import CallLimiter
 from spendgate.config_store import ConfigStore
 from spendgate.ledger import Ledger
-from spendgate.script_channel import ScriptChannel
+from spendgate.script_channel import ClusterScriptChannel, ScriptChannel
 
 from .config_cache import ConfigCache
+from .hold_sweep import HoldSweep
 from .metrics import SidecarMetrics
 from .proxy import Proxy
 from .reconcile import PendingCharges
 from .settings import SidecarSettings
 
 log = logging.getLogger("spendgate.sidecar")
+POOL_HEADROOM = 16
 
 
 def connect_redis(settings: SidecarSettings) -> Any:
@@ -38,18 +41,23 @@ def connect_redis(settings: SidecarSettings) -> Any:
         connect_timeout_s=settings.redis_timeout_s,
         retry=Retry(NoBackoff(), 1),
         health_check_interval=10,
-        max_connections=256,
+        # The limiter below keeps ledger calls under the pool size; the headroom is for the
+        # pub/sub connection and configuration reads.
+        max_connections=settings.redis_pool_size + POOL_HEADROOM,
     )
 
 
 def pipelined(settings: SidecarSettings) -> bool:
-    """The hot-path scripts go over the pipelined channel only to a plain single Redis; with
-    Sentinel (the primary moves) or Cluster (many nodes) they stay on redis-py."""
-    return (
-        settings.pipelined_scripts
-        and not settings.cluster
-        and redis_connect.is_plain_url(settings.redis_url)
-    )
+    """The hot-path scripts go over pipelined channels to a plain single Redis or to each
+    Cluster primary; with Sentinel (the primary moves) they stay on redis-py."""
+    return settings.pipelined_scripts and redis_connect.is_plain_url(settings.redis_url)
+
+
+def script_channel(settings: SidecarSettings) -> ScriptChannel | ClusterScriptChannel | None:
+    if not pipelined(settings):
+        return None
+    kind = ClusterScriptChannel if settings.cluster else ScriptChannel
+    return kind(settings.redis_url, timeout_s=settings.redis_timeout_s)
 
 
 class Sidecar:
@@ -59,12 +67,10 @@ class Sidecar:
         self.settings = settings
         self.redis = redis if redis is not None else connect_redis(settings)
         self.metrics = SidecarMetrics()
-        self.channel = (
-            ScriptChannel(settings.redis_url, timeout_s=settings.redis_timeout_s)
-            if pipelined(settings)
-            else None
-        )
-        self.ledger = Ledger(self.redis, channel=self.channel)
+        self.channel = script_channel(settings)
+        self.limiter = CallLimiter(settings.redis_pool_size, wait_s=settings.redis_timeout_s)
+        self.ledger = Ledger(self.redis, channel=self.channel, limiter=self.limiter)
+        self.sweep = HoldSweep(self.redis, self.ledger, interval_ms=settings.hold_sweep_interval_ms)
         self.config = ConfigCache(
             ConfigStore(self.redis, self.ledger),
             settings.pricebook,
@@ -91,6 +97,7 @@ class Sidecar:
             log.warning("Redis not ready at start", extra={"error": repr(error)})
         self.config.start()
         self.pending.start()
+        self.sweep.start()
         await self.config.wait_subscribed(within_s=2.0)
         log.info(
             "sidecar started",
@@ -106,6 +113,7 @@ class Sidecar:
         """Runs after aiohttp has drained in-flight handlers: settle, then close."""
         if self.proxy is not None and self.proxy.background:
             await asyncio.wait(self.proxy.background, timeout=self.settings.drain_timeout_s)
+        await self.sweep.stop()
         await self.pending.stop(timeout_s=self.settings.drain_timeout_s)
         await self.config.stop()
         if self.session is not None:

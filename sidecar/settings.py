@@ -23,7 +23,9 @@ class SidecarSettings:
     max_body_bytes: int = 10 * 1024 * 1024
     redis_timeout_s: float = 0.5
     hold_grace_ms: int = 30_000  # a hold outlives the rule's timeout by this much
+    hold_sweep_interval_ms: int = 10_000  # release every customer's expired holds; 0 = never
+    redis_pool_size: int = 256  # Redis calls in flight at once; more wait up to the timeout
     key_refresh_s: float = 60.0  # full key-cache refresh, a safety net behind pub/sub
     drain_timeout_s: float = 30.0
     cluster: bool = False  # talk to Redis Cluster
-    pipelined_scripts: bool = True  # hot-path scripts over one pipelined connection (not Cluster)
+    pipelined_scripts: bool = True  # hot-path scripts over pipelined connections (per node)

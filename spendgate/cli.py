@@ -23,6 +23,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from spendgate.sidecar.money_args import MoneyArgError
+from spendgate.sidecar.money_args import add_arguments as add_money_path_arguments
+from spendgate.sidecar.money_args import overrides as money_path_overrides
 from spendgate.sidecar.settings import FailMode, SidecarSettings
 
 from . import redis_connect
@@ -240,6 +243,13 @@ def _listen(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def money_path_settings(ns: argparse.Namespace, env: Mapping[str, str]) -> dict[str, Any]:
+    try:
+        return money_path_overrides(ns, env)
+    except MoneyArgError as error:
+        raise UsageError(str(error)) from None
+
+
 def sidecar_settings_from_args(
     ns: argparse.Namespace, environ: Mapping[str, str] | None = None
 ) -> SidecarSettings:
@@ -275,6 +285,7 @@ def sidecar_settings_from_args(
         fail_mode=FailMode(fail_mode),
         pod=ns.pod or env.get("SPENDGATE_POD", ""),
         cluster=cluster,
+        **money_path_settings(ns, env),
     )
     return settings if max_body is None else replace(settings, max_body_bytes=int(max_body))
 
@@ -374,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="when Redis is unreachable (env SPENDGATE_FAIL_MODE, default closed)",
     )
     side.add_argument("--pod", help="pod name for the ledger (env SPENDGATE_POD)")
+    add_money_path_arguments(side)
     side.add_argument(
         "--max-body-bytes",
         type=int,

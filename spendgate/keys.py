@@ -17,6 +17,7 @@ API_KEYS = f"{PREFIX}:keys"  # hash: sha256(api key) -> "customerId\tkeyName"
 PRICEBOOKS = f"{PREFIX}:pricebooks"  # hash: "namespace/name" -> PriceBook spec JSON
 CUSTOMERS = f"{PREFIX}:customers"  # hash: customerId -> "namespace/name" of its budget
 CONFIG_CHANNEL = f"{PREFIX}:config"  # pub/sub: invalidation messages
+SWEEP_LOCK = f"{PREFIX}:sweep"  # string: the sidecar sweeping expired holds this interval
 STRIPE_EXPORT_CURSORS = f"{PREFIX}:stripe:export"  # hash: customerId -> last exported entry id
 
 _CUSTOMER_RE = re.compile(CUSTOMER_ID_PATTERN)

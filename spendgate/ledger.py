@@ -15,9 +15,12 @@ from enum import StrEnum
 from importlib import resources
 from typing import Any
 
+from redis.exceptions import MaxConnectionsError
+
+from .backpressure import CallLimiter, LocalExhaustion
 from .keys import for_customer
 from .models import CustomerBudgetSpec, Mode, RateLimit
-from .script_channel import ScriptChannel
+from .script_channel import ClusterRedirect, ClusterScriptChannel, ScriptChannel
 
 IDEMPOTENCY_TTL_MS = 7 * 86_400_000
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -151,7 +154,7 @@ def _load_script(name: str) -> str:
     return prelude + "\n" + package.joinpath(f"{name}.lua").read_text()
 
 
-SCRIPT_NAMES = ("reserve", "extend", "settle", "release", "credit", "configure")
+SCRIPT_NAMES = ("reserve", "extend", "settle", "release", "credit", "configure", "sweep")
 
 
 def check_request_id(request_id: str) -> str:
@@ -213,11 +216,13 @@ class Ledger:
         redis: Any,
         *,
         clock: Callable[[], int] | None = None,
-        channel: ScriptChannel | None = None,
+        channel: ScriptChannel | ClusterScriptChannel | None = None,
+        limiter: CallLimiter | None = None,
     ) -> None:
         self.redis = redis
         self.clock = clock
         self.channel = channel  # a pipelined hot-path connection; redis-py otherwise
+        self.limiter = limiter  # bounds the calls in flight (the sidecar's pool size)
         self._scripts = {name: redis.register_script(_load_script(name)) for name in SCRIPT_NAMES}
 
     def _now(self) -> int:
@@ -231,11 +236,23 @@ class Ledger:
                 raise LedgerError(f"script {name} loaded with unexpected sha {sha}")
 
     async def _run(self, name: str, keys: list[str], args: list[Any]) -> list[Any]:
+        if self.limiter is None:
+            return await self._call(name, keys, args)
+        async with self.limiter.slot():
+            return await self._call(name, keys, args)
+
+    async def _call(self, name: str, keys: list[str], args: list[Any]) -> list[Any]:
         script = self._scripts[name]
-        if self.channel is not None:
-            result = await self.channel.evalsha(script.sha, script.script, keys, args)
-        else:
-            result = await script(keys=keys, args=args)
+        try:
+            if self.channel is not None:
+                try:
+                    result = await self.channel.evalsha(script.sha, script.script, keys, args)
+                except ClusterRedirect:  # a slot in migration: redis-py follows ASK
+                    result = await script(keys=keys, args=args)
+            else:
+                result = await script(keys=keys, args=args)
+        except MaxConnectionsError as error:  # a full pool is backpressure, not a dead Redis
+            raise LocalExhaustion(f"Redis connection pool exhausted: {error}") from None
         return [_text(item) if isinstance(item, bytes) else item for item in result]
 
     # ----------------------------------------------------------------- request path
@@ -330,6 +347,13 @@ class Ledger:
         args = [self._now(), rid, IDEMPOTENCY_TTL_MS]
         result = await self._run("release", keys.script_keys(keys.request(rid)), args)
         return None if result[0] == "duplicate" else int(result[1])
+
+    async def sweep(self, customer_id: str, max_holds: int = 500) -> tuple[int, int]:
+        """Release up to ``max_holds`` expired holds; returns (released, still expired)."""
+        keys = for_customer(customer_id)
+        args = [self._now(), max_holds]
+        result = await self._run("sweep", keys.script_keys(keys.request("sweep")), args)
+        return int(result[1]), int(result[2])
 
     # ----------------------------------------------------------------- money in
 

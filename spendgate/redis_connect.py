@@ -150,7 +150,8 @@ def connect(
     ``timeout_s``/``connect_timeout_s`` become ``socket_timeout``/``socket_connect_timeout``
     (also towards the Sentinels); other ``options`` go to the client unchanged (``retry``,
     ``health_check_interval``, ``max_connections``, ``decode_responses``, ...). Options that
-    Redis Cluster does not take (``health_check_interval``) are dropped for it.
+    Redis Cluster does not take (``health_check_interval``) are dropped for it;
+    ``max_connections`` is per node there.
     """
     target = parse_redis_url(url, cluster=cluster)
     if timeout_s is not None:
@@ -159,7 +160,6 @@ def connect(
         options["socket_connect_timeout"] = connect_timeout_s
     if cluster:
         options.pop("health_check_interval", None)
-        options.pop("max_connections", None)
         return redis.asyncio.cluster.RedisCluster.from_url(url, **options)
     if isinstance(target, str):
         return redis.asyncio.Redis.from_url(url, **options)

@@ -3,7 +3,9 @@
 redis-py's async client spends most of a request's Redis time in Python (pool checkout,
 retries, packing). Every ledger call is a single EVALSHA, so the sidecar sends them down one
 connection, many in flight at once, packed and parsed by hiredis, and matches replies to
-callers in order. Anything else (configuration, pub/sub, Redis Cluster) stays on redis-py.
+callers in order. On Redis Cluster, :class:`ClusterScriptChannel` keeps one such connection
+per primary and sends each call to the node that owns its key's slot. Anything else
+(configuration, pub/sub) stays on redis-py.
 
 Errors are redis-py's exception types, so callers handle both transports alike. A call that
 times out leaves its place in the queue; its late reply is read and dropped, keeping the
@@ -16,9 +18,10 @@ import asyncio
 import ssl
 from collections import deque
 from typing import Any
-from urllib.parse import unquote, urlparse
+from urllib.parse import quote, unquote, urlparse
 
 import hiredis
+from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -128,6 +131,10 @@ class ScriptChannel:
             future.cancel()
             raise RedisTimeoutError(f"Redis did not answer within {self.timeout_s}s") from None
 
+    async def execute(self, *command: Any) -> Any:
+        """Any one command (used for cluster discovery)."""
+        return await self._send(await self._connection(), command)
+
     async def evalsha(self, sha: str, script: str, keys: list[str], args: list[Any]) -> Any:
         protocol = await self._connection()
         command = ("EVALSHA", sha, len(keys), *keys, *args)
@@ -143,3 +150,89 @@ class ScriptChannel:
             protocol.transport.close()
             await protocol.closed.wait()
         self._protocol = None
+
+
+class ClusterRedirect(ResponseError):
+    """The slot is being migrated (ASK): the caller runs this one call over redis-py."""
+
+
+class ClusterScriptChannel:
+    """EVALSHA over one pipelined connection per Redis Cluster primary.
+
+    Every ledger script touches the keys of one customer, which share a hash tag and so one
+    slot: the call goes to the primary serving that slot (from ``CLUSTER SLOTS``). A ``MOVED``
+    reply or a lost connection (failover) reloads the slot map and retries once: the scripts
+    are idempotent. ``ASK`` (a slot in migration) raises :class:`ClusterRedirect`.
+    """
+
+    def __init__(self, url: str, *, timeout_s: float = 0.5) -> None:
+        parsed = urlparse(url)
+        if parsed.scheme not in ("redis", "rediss"):
+            raise ValueError(f"unsupported Redis URL scheme {parsed.scheme!r}")
+        self.scheme = parsed.scheme
+        self.userinfo = parsed.netloc.rpartition("@")[0]
+        self.seeds = [(parsed.hostname or "127.0.0.1", parsed.port or 6379)]
+        self.timeout_s = timeout_s
+        self._nodes: dict[tuple[str, int], ScriptChannel] = {}
+        self._slots: list[tuple[str, int] | None] = [None] * REDIS_CLUSTER_HASH_SLOTS
+        self._refreshing: asyncio.Lock | None = None
+        self._loaded = False
+
+    def _node(self, address: tuple[str, int]) -> ScriptChannel:
+        channel = self._nodes.get(address)
+        if channel is None:
+            host = f"[{address[0]}]" if ":" in address[0] else address[0]
+            auth = f"{self.userinfo}@" if self.userinfo else ""
+            url = f"{self.scheme}://{auth}{quote(host, safe='[]:')}:{address[1]}/0"
+            channel = self._nodes[address] = ScriptChannel(url, timeout_s=self.timeout_s)
+        return channel
+
+    async def refresh(self) -> None:
+        """Reload the slot map from any reachable node."""
+        if self._refreshing is None:
+            self._refreshing = asyncio.Lock()
+        async with self._refreshing:
+            candidates = [*self._nodes, *self.seeds]
+            last: Exception | None = None
+            for address in dict.fromkeys(candidates):
+                try:
+                    reply = await self._node(address).execute("CLUSTER", "SLOTS")
+                except (RedisConnectionError, RedisTimeoutError, ResponseError) as error:
+                    last = error
+                    continue
+                slots: list[tuple[str, int] | None] = [None] * REDIS_CLUSTER_HASH_SLOTS
+                for start, end, primary, *_ in reply:
+                    host = primary[0].decode() if isinstance(primary[0], bytes) else primary[0]
+                    target = (host or address[0], int(primary[1]))
+                    for slot in range(int(start), int(end) + 1):
+                        slots[slot] = target
+                self._slots, self._loaded = slots, True
+                return
+            raise RedisConnectionError(f"no Redis Cluster node answered CLUSTER SLOTS: {last!r}")
+
+    async def evalsha(self, sha: str, script: str, keys: list[str], args: list[Any]) -> Any:
+        if not self._loaded:
+            await self.refresh()
+        slot = key_slot(keys[0].encode())
+        for attempt in range(2):
+            address = self._slots[slot]
+            if address is None:
+                raise RedisConnectionError(f"slot {slot} is not served by any node")
+            try:
+                return await self._node(address).evalsha(sha, script, keys, args)
+            except RedisConnectionError:
+                if attempt:
+                    raise
+            except ResponseError as error:
+                message = str(error)
+                if message.startswith("ASK "):
+                    raise ClusterRedirect(message) from None
+                if not message.startswith("MOVED ") or attempt:
+                    raise
+            await self.refresh()
+        raise AssertionError("unreachable")
+
+    async def close(self) -> None:
+        for channel in self._nodes.values():
+            await channel.close()
+        self._nodes.clear()

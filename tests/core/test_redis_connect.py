@@ -129,6 +129,7 @@ async def test_each_url_gives_its_client() -> None:
         "redis://h:7000/0", cluster=True, health_check_interval=10, max_connections=5
     )
     assert isinstance(cluster, redis.asyncio.cluster.RedisCluster)
+    assert cluster.nodes_manager.connection_kwargs["max_connections"] == 5  # per node, kept
     await cluster.aclose()
 
     sentinel = redis_connect.connect(

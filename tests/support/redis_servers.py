@@ -44,7 +44,7 @@ import redis.asyncio.cluster
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from spendgate.script_channel import ScriptChannel
+from spendgate.script_channel import ClusterScriptChannel, ScriptChannel
 
 HOST = "127.0.0.1"
 STARTUP_TIMEOUT_S = 10.0
@@ -358,15 +358,19 @@ class RedisTarget:
     ``ScriptChannel`` instead of redis-py.
     """
 
-    kind: Literal["single", "pipelined", "cluster"]
+    kind: Literal["single", "pipelined", "cluster", "cluster_pipelined"]
     url: str
 
-    def script_channel(self) -> ScriptChannel | None:
-        return ScriptChannel(self.url) if self.kind == "pipelined" else None
+    def script_channel(self) -> ScriptChannel | ClusterScriptChannel | None:
+        if self.kind == "pipelined":
+            return ScriptChannel(self.url)
+        if self.kind == "cluster_pipelined":
+            return ClusterScriptChannel(self.url)
+        return None
 
     @property
     def cluster(self) -> bool:
-        return self.kind == "cluster"
+        return self.kind in ("cluster", "cluster_pipelined")
 
     def async_client(self) -> redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster:
         if self.cluster:
@@ -431,11 +435,18 @@ async def redis_client(redis_url: str) -> AsyncIterator[redis.asyncio.Redis]:
     await client.aclose()
 
 
-@pytest.fixture(params=["single", "pipelined", pytest.param("cluster", marks=pytest.mark.cluster)])
+@pytest.fixture(
+    params=[
+        "single",
+        "pipelined",
+        pytest.param("cluster", marks=pytest.mark.cluster),
+        pytest.param("cluster_pipelined", marks=pytest.mark.cluster),
+    ]
+)
 def ledger_redis_target(request: pytest.FixtureRequest) -> RedisTarget:
     # Resolved lazily so that `-m "not cluster"` never starts the cluster.
-    if request.param == "cluster":
-        return RedisTarget("cluster", request.getfixturevalue("redis_cluster_url"))
+    if request.param in ("cluster", "cluster_pipelined"):
+        return RedisTarget(request.param, request.getfixturevalue("redis_cluster_url"))
     return RedisTarget(request.param, request.getfixturevalue("redis_url"))
 
 

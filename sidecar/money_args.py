@@ -1,0 +1,50 @@
+"""The sidecar's money-path flags: Redis pool size, hold grace and the expired-hold sweep."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping
+from typing import Any
+
+from spendgate.durations import parse_duration
+
+# flag, environment variable, SidecarSettings field, kind ("count" or "duration"), help
+_FLAGS = (
+    ("--redis-pool-size", "SPENDGATE_REDIS_POOL_SIZE", "redis_pool_size", "count",
+     "Redis calls in flight at once (per node on a Cluster); more wait up to the Redis"
+     " timeout, then get 503 (default 256)"),
+    ("--hold-grace", "SPENDGATE_HOLD_GRACE", "hold_grace_ms", "duration",
+     "a hold outlives its rule's timeout by this much (default 30s)"),
+    ("--hold-sweep-interval", "SPENDGATE_HOLD_SWEEP_INTERVAL", "hold_sweep_interval_ms",
+     "duration", "release expired holds of every customer this often, 0 = never (default 10s)"),
+)  # fmt: skip
+
+
+class MoneyArgError(ValueError):
+    pass
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    for flag, env, _, _, help_text in _FLAGS:
+        parser.add_argument(flag, help=f"{help_text} (env {env})")
+
+
+def overrides(ns: argparse.Namespace, environ: Mapping[str, str]) -> dict[str, Any]:
+    """SidecarSettings fields given by flags or environment; absent ones keep their defaults."""
+    values: dict[str, Any] = {}
+    for flag, env, name, kind, _ in _FLAGS:
+        raw = getattr(ns, flag.lstrip("-").replace("-", "_"), None)
+        if raw is None:
+            raw = environ.get(env)
+        if raw is None or raw == "":
+            continue
+        if kind == "count":
+            if not str(raw).isdigit() or int(raw) <= 0:
+                raise MoneyArgError(f"{flag} {raw!r}: expected a positive integer")
+            values[name] = int(raw)
+        else:
+            try:
+                values[name] = parse_duration(int(raw) if str(raw).isdigit() else raw)
+            except ValueError as error:
+                raise MoneyArgError(f"{flag} {raw!r}: {error}") from None
+    return values
