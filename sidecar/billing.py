@@ -12,7 +12,6 @@ from spendgate.ledger import RateInfo, Usage
 from spendgate.models import FailureCharge, PriceRule, UsageHeaders
 from spendgate.pricing import PricingForm, RequestFacts, Used
 
-from .expression_pricing import ExpressionHold, charge
 from .metering import ResponseTap, TokenUsage, response_payload, usage_from_headers
 
 
@@ -37,9 +36,6 @@ class Metered:
     upstream_started: float = 0.0
     cut_off: bool = False
     events_sent: int = 0
-    expression: ExpressionHold | None = None  # set when the rule is priced by expressions
-    absorbed: int = 0  # what the cost expression asked beyond the hold (never charged)
-    cost_error: str | None = None
 
     def elapsed_ms(self) -> int:
         start = self.upstream_started or self.started
@@ -89,27 +85,19 @@ def price_outcome(
     )
     if free:
         cost = 0
-    elif metered.expression is not None:
-        result = charge(
-            metered.expression,
-            status=status,
-            headers=headers,
-            payload=response_payload(tap),
-            upstream_ms=upstream_ms,
-            input_tokens=measured.input_tokens,
-            output_tokens=measured.output_tokens,
-            rule_name=rule.name,
-            customer=metered.owner.customer_id,
-            request_id=metered.request_id,
-        )
-        cost, metered.absorbed, metered.cost_error = result.charged, result.absorbed, result.error
     elif tap is None or (failed and not tap.events):
-        cost = metered.form.cost(Used(0, 0, upstream_ms))  # metered, no response: its time
+        # metered, no answer: what it used (its time)
+        cost = metered.form.cost(Used(0, 0, upstream_ms, status=status, headers=headers))
     else:
-        used = Used(measured.input_tokens, measured.output_tokens, upstream_ms)
+        used = Used(
+            measured.input_tokens, measured.output_tokens, upstream_ms,
+            status=status, response=response_payload(tap), headers=headers,
+        )  # fmt: skip
         cost = metered.form.cost(used)
     if metered.cut_off and metered.reserved:
         cost = min(cost, metered.hold)
+    if not metered.reserved:  # served without a hold: the ledger cannot cap it, so cap here
+        cost = min(cost, metered.form.max_cost)
     usage = Usage(
         model=metered.facts.model or "",
         input_tokens=measured.input_tokens,

@@ -31,7 +31,10 @@ from spendgate.models import (
 from spendgate.pricing import (
     BadRequestBody,
     Bound,
+    ExpressionForm,
+    NotPriceable,
     OutputLimitTooHigh,
+    PricingForm,
     RequestFacts,
     RulePricing,
     Used,
@@ -42,8 +45,7 @@ from spendgate.pricing import (
 from . import errors
 from .billing import Metered, measure, price_outcome
 from .config_cache import ConfigCache
-from .expression_pricing import ExpressionHold, Unpriceable
-from .expression_pricing import hold as hold_by_expression
+from .expression_pricing import report_cost_error
 from .headers import extract_api_key, forward_headers, response_headers
 from .metering import ResponseTap, sse_error_event
 from .metrics import SidecarMetrics
@@ -56,12 +58,6 @@ SMALL_BODY = 64 * 1024  # bodies up to this size with a known length are sent in
 
 _FREE_RULE = PriceRule(name="unmatched", price=Price())
 OUTPUT_LIMIT_HEADER = "X-Spendgate-Output-Limit"
-
-
-def expression_bound(expression: ExpressionHold) -> Bound:
-    """A rule priced by expressions holds its bound expression's amount, never less."""
-    amount = expression.held.amount
-    return Bound(hold=amount, minimum=amount, input_tokens=expression.input_tokens)
 
 
 def output_limit_change(facts: RequestFacts, bound: Bound, limit: int | None) -> str | None:
@@ -155,10 +151,21 @@ class Proxy:
                 errors.error_response(400, "invalid_request_error", "invalid_body", str(error)),
             ) from None
         rule = self._rule_for(pricebook, request, facts)
-        form = RulePricing(rule, clamp=pricebook.clamp_output)
-        expression = self._hold_by_expression(rule, request, body, facts, form)
+        form = self._form_for(rule, pricebook, request, body, facts)
         try:
-            bound = form.bound(facts) if expression is None else expression_bound(expression)
+            bound = form.bound(facts)
+        except BadRequestBody as error:
+            raise self._refuse(
+                "bad_request",
+                errors.error_response(400, "invalid_request_error", "invalid_body", str(error)),
+            ) from None
+        except NotPriceable as error:
+            raise self._refuse(
+                "unpriceable",
+                errors.error_response(
+                    400, "invalid_request_error", "unpriceable_request", str(error)
+                ),
+            ) from None
         except OutputLimitTooHigh as error:
             raise self._refuse(
                 "bad_request",
@@ -193,31 +200,26 @@ class Proxy:
             reserved=reservation is not None,
             body=body,
             rate=reservation.rate if reservation is not None else None,
-            expression=expression,
             input_tokens=bound.input_tokens,
             output_limit=output_limit,
             output_change=clamped,
         )
 
-    def _hold_by_expression(
-        self,
+    @staticmethod
+    def _form_for(
         rule: PriceRule,
+        pricebook: PriceBookSpec,
         request: web.Request,
         body: bytes,
         facts: RequestFacts,
-        form: RulePricing,
-    ) -> ExpressionHold | None:
+    ) -> PricingForm:
+        simple = RulePricing(rule, clamp=pricebook.clamp_output)
         if rule.pricing is None:
-            return None
-        try:
-            return hold_by_expression(
-                rule.pricing, rule.name, request, body, facts,
-                input_estimate=form.input_tokens(facts),
-                output_estimate=rule.estimate.output_tokens,
-                timeout_ms=rule.timeout,
-            )  # fmt: skip
-        except Unpriceable as refused:
-            raise self._refuse("unpriceable", refused.response) from None
+            return simple
+        return ExpressionForm(
+            rule, rule.pricing, request.method, request.path, request.headers, body,
+            request.headers.get("Content-Type", ""), simple.input_tokens(facts),
+        )  # fmt: skip
 
     async def _read_body(self, request: web.Request) -> bytes:
         limit = self.settings.max_body_bytes
@@ -507,10 +509,10 @@ class Proxy:
         cost, usage = price_outcome(
             metered, measured, tap, outcome, self.settings.pod, status=status, headers=headers
         )
-        if metered.absorbed:
-            self.metrics.absorbed.labels(metered.currency, metered.rule.name).inc(metered.absorbed)
-        if metered.cost_error is not None:
-            self.metrics.cost_expression_errors.labels(metered.rule.name).inc()
+        report_cost_error(
+            metered.form, self.metrics,
+            customer=metered.owner.customer_id, request_id=metered.request_id,
+        )  # fmt: skip
         task = asyncio.create_task(self._settle(metered, cost, usage))
         self.background.add(task)
         task.add_done_callback(self.background.discard)

@@ -1,10 +1,12 @@
 """Pricing a request: read its body, bound its cost before the model runs, price it after.
 
 ``form`` is the interface (:class:`PricingForm`: a :class:`Bound` before, a cost after);
-``rule`` implements it for PriceBook rules; ``request`` reads bodies; ``tokens`` bounds or
+``rule`` implements it for PriceBook rules' simple prices, ``expression`` for price
+expressions; ``request`` reads bodies; ``tokens`` bounds or
 counts input tokens.
 """
 
+from .expression import ExpressionForm, NotPriceable
 from .form import Bound, OutputLimitTooHigh, PricingForm, Used
 from .request import (
     OUTPUT_LIMIT_FIELDS,
@@ -23,6 +25,8 @@ __all__ = [
     "TOKENS_PER_PRICE_UNIT",
     "BadRequestBody",
     "Bound",
+    "ExpressionForm",
+    "NotPriceable",
     "OutputLimitTooHigh",
     "PricingForm",
     "Prompt",

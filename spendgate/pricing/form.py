@@ -9,8 +9,9 @@ implementing :class:`PricingForm`.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from .request import RequestFacts
 
@@ -22,6 +23,10 @@ class Used:
     input_tokens: int = 0
     output_tokens: int = 0
     upstream_ms: int = 0
+    # The answer, for forms that price what the model returned (price expressions):
+    status: int = 0
+    response: Mapping[str, Any] | None = None  # JSON body, or a stream's last JSON event
+    headers: Mapping[str, str] | None = None  # case-insensitive
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,14 @@ from spendgate.expressions.inputs import parse_request_body
 from spendgate.expressions.scan import MAX_EXPRESSION_CHARS, fields_read
 from spendgate.expressions.simple import SIMPLE_COST, simple_prices
 from spendgate.models import ManifestError, PriceRule, parse_resource
-from spendgate.pricing import cost_of
+from spendgate.pricing import (
+    BadRequestBody,
+    ExpressionForm,
+    NotPriceable,
+    RequestFacts,
+    Used,
+    cost_of,
+)
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 MICRO = 1_000_000
@@ -387,3 +394,44 @@ def test_simple_prices_and_their_expression_agree(
 def test_simple_cost_is_a_valid_cost_expression_in_docs() -> None:
     docs = (Path(__file__).resolve().parents[2] / "docs" / "pricing.md").read_text()
     assert textwrap.dedent(SIMPLE_COST) in " ".join(docs.split())
+
+
+# --------------------------------------------------------------------------- the pricing form
+
+
+def images_form(body: bytes, content_type: str = "application/json") -> ExpressionForm:
+    rule = PriceRule.model_validate(
+        {
+            "name": "images",
+            "expression": {
+                "prices": {"image": "0.04"},
+                "defaults": {"n": 1},
+                "bound": "int(request.n) * prices.image",
+                "cost": "size(response.data) * prices.image",
+            },
+        }
+    )
+    assert rule.pricing is not None
+    return ExpressionForm(
+        rule, rule.pricing, "POST", "/v1/images/generations", CIMultiDict(), body,
+        content_type, input_tokens=0,
+    )  # fmt: skip
+
+
+def test_expression_rules_share_the_pricing_interface() -> None:
+    form = images_form(b'{"n": 2}')
+    bound = form.bound(RequestFacts())
+    assert (bound.hold, bound.minimum, bound.clampable) == (80_000, 80_000, False)
+    assert form.output_for(bound, bound.hold) is None
+    assert form.max_cost == 80_000
+    # The full cost, even beyond the bound: the ledger charges the hold and absorbs the rest.
+    assert form.cost(Used(response={"data": [{}, {}, {}]})) == 120_000
+    assert form.cost(Used(response={"data": [{}]})) == 40_000
+    assert form.cost(Used(response=None)) == 80_000 and form.error is not None
+
+
+def test_the_form_refuses_what_it_cannot_price() -> None:
+    with pytest.raises(NotPriceable, match="rule 'images': bound: "):
+        images_form(b'{"n": "many"}').bound(RequestFacts())
+    with pytest.raises(BadRequestBody):
+        images_form(b"[1]").bound(RequestFacts())

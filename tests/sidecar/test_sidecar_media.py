@@ -160,7 +160,9 @@ async def test_a_cost_beyond_the_bound_is_absorbed_not_charged(redis_url: str) -
         assert await spent(plane) == 40_000
         metrics = plane.sidecar.metrics
         assert metrics.absorbed.labels("USD", "images")._value.get() == 80_000
-        assert (await usage_entries(plane))[0]["cost"] == "40000"
+        [entry] = await usage_entries(plane)
+        assert (entry["cost"], entry["absorbed"]) == ("40000", "80000")
+        assert (await plane.account()).absorbed == 80_000
 
 
 async def test_a_failing_cost_expression_charges_the_bound(redis_url: str) -> None:

@@ -1,0 +1,95 @@
+"""Price expressions as a :class:`~spendgate.pricing.form.PricingForm`.
+
+One :class:`ExpressionForm` prices one request: its bound is the rule's ``bound`` expression
+over the request (held, never lowered: an expression form has no output limit to clamp), its
+cost the ``cost`` expression over the answer. ``cost`` returns what the expression asked, even
+beyond the bound: the ledger charges at most the hold and records the rest as *absorbed*. A
+cost expression that fails for an answer costs the bound (``error`` says why).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from ..expressions import (
+    BodyError,
+    EvaluationError,
+    ExpressionPricing,
+    Held,
+    RequestView,
+    ResponseView,
+)
+from ..models import PriceRule
+from .form import Bound, Used
+from .request import BadRequestBody, RequestFacts
+
+
+class NotPriceable(ValueError):
+    """The rule's bound expression cannot price this request (refused before the model)."""
+
+
+@dataclass
+class ExpressionForm:
+    rule: PriceRule
+    pricing: ExpressionPricing
+    method: str
+    path: str
+    headers: Mapping[str, str]  # case-insensitive
+    body: bytes
+    content_type: str  # with its parameters (a multipart boundary)
+    input_tokens: int  # the prompt's token bound, as the token rules compute it
+    held: Held | None = field(default=None, init=False)
+    error: str | None = field(default=None, init=False)
+
+    @property
+    def name(self) -> str:
+        return self.rule.name
+
+    @property
+    def max_cost(self) -> int:
+        return self.held.amount if self.held is not None else self.rule.max_cost
+
+    def bound(self, facts: RequestFacts) -> Bound:
+        output = facts.max_tokens if facts.max_tokens is not None else None
+        view = RequestView(
+            method=self.method,
+            path=self.path,
+            headers=self.headers,
+            body=self.body,
+            content_type=self.content_type,
+            input_tokens=self.input_tokens,
+            output_tokens=output if output is not None else self.rule.estimate.output_tokens,
+            timeout_ms=self.rule.timeout,
+        )
+        try:
+            self.held = self.pricing.hold(view)
+        except BodyError as error:
+            raise BadRequestBody(str(error)) from None
+        except EvaluationError as error:
+            raise NotPriceable(
+                f"This request cannot be priced by rule {self.rule.name!r}: {error}."
+            ) from None
+        amount = self.held.amount
+        return Bound(hold=amount, minimum=amount, input_tokens=self.input_tokens)
+
+    def output_for(self, bound: Bound, held: int) -> int | None:
+        return None  # the bound is held whole; the request is never rewritten
+
+    def cost(self, used: Used) -> int:
+        if self.held is None:
+            raise RuntimeError("cost() before bound()")
+        answer = ResponseView(
+            status=used.status,
+            headers=used.headers if used.headers is not None else {},
+            payload=used.response,
+            upstream_ms=used.upstream_ms,
+            input_tokens=used.input_tokens,
+            output_tokens=used.output_tokens,
+        )
+        charge = self.pricing.charge(self.held, answer)
+        self.error = charge.error
+        return charge.charged + charge.absorbed
+
+
+__all__ = ["ExpressionForm", "NotPriceable"]
