@@ -22,7 +22,8 @@ from spendgate.operator import cli_args
 from spendgate.operator.main import make_redis
 from spendgate.operator.settings import OperatorSettings
 from spendgate.redis_connect import SentinelRedis, SentinelTarget, parse_redis_url
-from spendgate.sidecar.server import Sidecar, pipelined
+from spendgate.script_channel import ClusterScriptChannel, ScriptChannel
+from spendgate.sidecar.server import Sidecar, pipelined, script_channel
 from spendgate.sidecar.settings import SidecarSettings
 from tests.support.redis_servers import HOST, RedisServer, _die_with_parent, _free_ports, _libc
 
@@ -106,7 +107,12 @@ def test_plain_urls_are_what_the_pipelined_channel_speaks() -> None:
     base = SidecarSettings(upstream="http://127.0.0.1:8000")
     assert pipelined(base)
     assert not pipelined(SidecarSettings(upstream="x", redis_url="redis+sentinel://h1/m"))
-    assert not pipelined(SidecarSettings(upstream="x", cluster=True))
+    # Redis Cluster: one pipelined channel per primary (issue 8), so it is pipelined too.
+    cluster = SidecarSettings(upstream="x", cluster=True)
+    assert pipelined(cluster)
+    assert isinstance(script_channel(cluster), ClusterScriptChannel)
+    assert isinstance(script_channel(base), ScriptChannel)
+    assert script_channel(SidecarSettings(upstream="x", pipelined_scripts=False)) is None
 
 
 # --------------------------------------------------------------------------- clients

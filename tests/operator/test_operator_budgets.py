@@ -694,7 +694,7 @@ async def test_threshold_events_and_alerts_through_reconcile(store: ConfigStore)
     again = await b.refresh_budget(body, store=store, read_secret=secrets)
     assert again.events == [] and again.alerts == []  # a restart or refresh never re-alerts
 
-    await store.ledger.settle("acme", "r2", parse_amount("20.00"), key_id="main")
+    await store.ledger.settle("acme", "r2", parse_amount("15.00"), key_id="main")
     result = await b.refresh_budget(body, store=store, read_secret=secrets)
     assert result.status["state"] == "Exhausted"
     kinds = sorted((e.reason, e.type) for e in result.events)
@@ -710,7 +710,7 @@ async def test_threshold_events_and_alerts_through_reconcile(store: ConfigStore)
     result = await b.refresh_budget(body, store=store, read_secret=secrets)
     assert result.status["state"] == "Active"
     assert result.status["alertedThreshold"] == 0
-    assert result.status["alertBaseline"] == {"balance": "45.00", "charged": "105.00"}
+    assert result.status["alertBaseline"] == {"balance": "50.00", "charged": "100.00"}
     assert [a.severity for a in result.alerts] == ["info"]
 
 
