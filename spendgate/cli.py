@@ -311,11 +311,11 @@ def cmd_sidecar(ns: argparse.Namespace) -> int:
 
 def cmd_operator(ns: argparse.Namespace) -> int:
     # The operator package (never kopf: that is main's) is imported only for this command.
-    from spendgate.operator.cli_args import operator_settings_from_args
+    from spendgate.operator.runtime.cli_args import operator_settings_from_args
 
     settings = operator_settings_from_args(ns)
     _setup_logging(ns)
-    from spendgate.operator.main import run  # kopf is imported only when the operator runs
+    from spendgate.operator.runtime.main import run  # kopf is imported only when the operator runs
 
     run(settings)
     return 0

@@ -16,8 +16,6 @@ from typing import Any
 
 from spendgate import __version__
 
-from .settings import InjectionDefaults
-
 INJECT_LABEL = "spendgate.dev/inject"
 UPSTREAM_PORT = "spendgate.dev/upstream-port"
 PORT = "spendgate.dev/port"
@@ -43,6 +41,27 @@ _QUANTITY = re.compile(
 )
 _BINARY = {"Ki": 1, "Mi": 2, "Gi": 3, "Ti": 4, "Pi": 5, "Ei": 6}
 _DECIMAL = {"m": -3, "k": 3, "M": 6, "G": 9, "T": 12, "P": 15, "E": 18}
+
+
+@dataclass(frozen=True)
+class InjectionDefaults:
+    """What the admission webhook puts into opted-in pods unless annotations say otherwise."""
+
+    image: str = "ghcr.io/spendgate/spendgate:0.1.0"
+    image_pull_policy: str = "IfNotPresent"
+    port: int = 8080
+    fail_mode: str = "closed"
+    pricebook: str = "default"  # a PriceBook name in the pod's namespace
+    cpu_request: str = "100m"
+    memory_request: str = "128Mi"
+    cpu_limit: str = "1"
+    memory_limit: str = "256Mi"
+    redis_secret: str = "spendgate-redis"  # Secret with key "url" (may hold a password)
+    redis_secret_key: str = "url"
+    redis_cluster: bool = False
+    # Native sidecar (init container with restartPolicy Always, Kubernetes >= 1.29):
+    # None = detect from the API server's /version; True/False forces it.
+    native_sidecars: bool | None = None
 
 
 @dataclass(frozen=True)

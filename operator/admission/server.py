@@ -1,33 +1,28 @@
 """The mutating admission webhook: ``POST /mutate-pods`` injects the sidecar, over HTTPS.
 
 Served by every operator replica (it has no state of its own). The decision is
-:func:`spendgate.operator.injection.plan_injection`; this module speaks AdmissionReview v1,
-serves TLS from rotating files (:mod:`.webhook_tls`) and finds two facts in the cluster through
+:func:`.injection.plan_injection`; this module speaks AdmissionReview v1,
+serves TLS from rotating files (:mod:`.tls`) and finds two facts in the cluster through
 injected callables: a namespace's labels and the API server's version (native sidecars need
-Kubernetes >= 1.29). In production both come from :class:`InClusterApi`; tests pass their own.
+Kubernetes >= 1.29). In production both come from
+:class:`~spendgate.operator.kube.service_account.InClusterApi`; tests pass their own.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import logging
-import os
-import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
-from urllib.parse import quote
+from typing import Any, Protocol
 
-import aiohttp
 from aiohttp import web
 
-from .injection import Refusal, plan_injection, pod_decides
-from .settings import OperatorSettings
-from .webhook_tls import ReloadingTLS
+from .injection import InjectionDefaults, Refusal, plan_injection, pod_decides
+from .tls import ReloadingTLS
 
 log = logging.getLogger("spendgate.operator.admission")
 
@@ -35,7 +30,23 @@ NamespaceLabels = Callable[[str], Awaitable[Mapping[str, str]]]
 ServerVersion = Callable[[], Awaitable[tuple[int, int]]]
 REVIEW_API = "admission.k8s.io/v1"
 NATIVE_SIDECARS_SINCE = (1, 29)
-SERVICE_ACCOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
+
+
+class AdmissionSettings(Protocol):
+    """What the webhook reads of the operator's settings (``AdmissionSettings`` has it all)."""
+
+    @property
+    def injection(self) -> InjectionDefaults: ...
+    @property
+    def namespace(self) -> str: ...  # the operator's own: never injected
+    @property
+    def webhook_host(self) -> str: ...
+    @property
+    def webhook_port(self) -> int: ...
+    @property
+    def webhook_cert_file(self) -> str | None: ...
+    @property
+    def webhook_key_file(self) -> str | None: ...
 
 
 class MalformedReview(ValueError):
@@ -94,7 +105,7 @@ def _refuse(uid: str, code: int, message: str) -> web.Response:
 
 class PodMutator:
     def __init__(
-        self, settings: OperatorSettings, namespace_labels: NamespaceLabels, native: NativeSidecars
+        self, settings: AdmissionSettings, namespace_labels: NamespaceLabels, native: NativeSidecars
     ) -> None:
         self.settings, self.namespace_labels, self.native = settings, namespace_labels, native
 
@@ -143,7 +154,7 @@ async def _healthz(request: web.Request) -> web.Response:
 
 
 def create_app(
-    settings: OperatorSettings, namespace_labels: NamespaceLabels, server_version: ServerVersion
+    settings: AdmissionSettings, namespace_labels: NamespaceLabels, server_version: ServerVersion
 ) -> web.Application:
     native = NativeSidecars(server_version, settings.injection.native_sidecars)
     mutator = PodMutator(settings, namespace_labels, native)
@@ -162,7 +173,7 @@ class AdmissionServer:
 
 @asynccontextmanager
 async def start_admission(
-    settings: OperatorSettings, namespace_labels: NamespaceLabels, server_version: ServerVersion
+    settings: AdmissionSettings, namespace_labels: NamespaceLabels, server_version: ServerVersion
 ) -> AsyncIterator[AdmissionServer]:
     """Serve the webhook over HTTPS while the context is open."""
     if not settings.webhook_cert_file or not settings.webhook_key_file:
@@ -181,65 +192,3 @@ async def start_admission(
         yield AdmissionServer(runner, tls, port)
     finally:
         await runner.cleanup()
-
-
-async def serve_admission(settings: OperatorSettings, api: InClusterApi | None = None) -> None:
-    """Run the webhook until cancelled, next to ``kopf.operator()``; in-cluster by default."""
-    api = api or InClusterApi.from_environment()
-    try:
-        async with start_admission(settings, api.namespace_labels, api.server_version):
-            await asyncio.Event().wait()
-    finally:
-        await api.close()
-
-
-class InClusterApi:
-    """The two reads the webhook needs, with the pod's service account (RBAC: ``get``
-    namespaces; ``/version`` is open to every authenticated client). The token file is read
-    again for each request: the kubelet rotates bound tokens."""
-
-    def __init__(self, base_url: str, token_file: str, ca_file: str, cache_s: float = 5.0):
-        self.base_url, self.token_file, self.cache_s = base_url.rstrip("/"), token_file, cache_s
-        self._ssl = ssl.create_default_context(cafile=ca_file)
-        self._session: aiohttp.ClientSession | None = None
-        self._labels: dict[str, tuple[float, dict[str, str]]] = {}
-
-    @classmethod
-    def from_environment(
-        cls, environ: Mapping[str, str] = os.environ, directory: str = SERVICE_ACCOUNT
-    ) -> InClusterApi:
-        host, port = environ.get("KUBERNETES_SERVICE_HOST"), environ.get("KUBERNETES_SERVICE_PORT")
-        if not host or not port:
-            raise RuntimeError("not in a cluster: KUBERNETES_SERVICE_HOST/PORT are not set")
-        host = f"[{host}]" if ":" in host else host
-        return cls(f"https://{host}:{port}", f"{directory}/token", f"{directory}/ca.crt")
-
-    def _token(self) -> str:
-        with open(self.token_file, encoding="utf-8") as handle:
-            return handle.read().strip()
-
-    async def _get(self, path: str) -> Any:
-        if self._session is None:
-            timeout = aiohttp.ClientTimeout(total=5)
-            self._session = aiohttp.ClientSession(timeout=timeout, raise_for_status=True)
-        headers = {"Authorization": f"Bearer {self._token()}", "Accept": "application/json"}
-        async with self._session.get(self.base_url + path, headers=headers, ssl=self._ssl) as rsp:
-            return await rsp.json()
-
-    async def namespace_labels(self, name: str) -> dict[str, str]:
-        cached = self._labels.get(name)
-        if cached is not None and time.monotonic() - cached[0] < self.cache_s:
-            return cached[1]
-        body = await self._get(f"/api/v1/namespaces/{quote(name, safe='')}")
-        labels = dict((body.get("metadata") or {}).get("labels") or {})
-        self._labels[name] = (time.monotonic(), labels)
-        return labels
-
-    async def server_version(self) -> tuple[int, int]:
-        body = await self._get("/version")
-        major, minor = ("".join(filter(str.isdigit, body[k])) for k in ("major", "minor"))
-        return int(major), int(minor)  # GKE/EKS say "29+"
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()

@@ -1,13 +1,13 @@
 """What runs beside kopf: the admission webhook (every replica) and the meter bypass check
 (leader only). ``main.run_operator`` starts them; both are plain classes, tested alone.
 
-- :class:`AdmissionService`: :func:`~spendgate.operator.admission.start_admission` (HTTPS, with
+- :class:`AdmissionService`: :func:`.server.start_admission` (HTTPS, with
   certificate reload) with the in-cluster reads it needs; ``readiness()`` says whether it
   listens, so a replica joins the webhook's Service only once it can answer.
 - :class:`BypassCheck`: every ``bypass_check_interval_s`` it lists the Services (of the watched
   namespaces, or of the cluster) and, in each namespace where a Service selects pods, the
   pods; every Service port that targets the model's port of a spendgate-injected pod
-  (:func:`~spendgate.operator.service_check.bypassing_services`) gets a Warning Event
+  (:func:`~spendgate.operator.admission.service_check.bypassing_services`) gets a Warning Event
   ``SpendgateMeterBypassed`` on the Service, again after ``bypass_rewarn_s`` if it persists.
   It needs ``list`` on services and pods, nothing else (no watch: a periodic check is enough
   for a warning, and watching every pod of a cluster would cost far more).
@@ -20,17 +20,39 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
-from . import metrics
-from .admission import InClusterApi, start_admission
+from prometheus_client import Gauge
+
+from spendgate.loops import run_every
+
+from ..kube.client import KubeClient
+from ..kube.service_account import InClusterApi
 from .injection import SKIPPED_NAMESPACES
-from .kube import KubeClient
-from .loops import run_every
+from .server import AdmissionSettings, start_admission
 from .service_check import bypassing_services
-from .settings import OperatorSettings
 
 log = logging.getLogger("spendgate.operator")
+
+METER_BYPASSES = Gauge(
+    "spendgate_meter_bypasses",
+    "Service ports reaching the model port of injected pods directly (last check)",
+)
+
+
+class BypassCheckSettings(Protocol):
+    """What the bypass check reads of the operator's settings."""
+
+    @property
+    def namespace(self) -> str: ...  # the operator's own: not checked
+    @property
+    def namespaces(self) -> tuple[str, ...]: ...  # watched; empty = cluster-wide
+    @property
+    def pod_name(self) -> str: ...  # Event reportingInstance
+    @property
+    def bypass_check_interval_s(self) -> float: ...
+    @property
+    def bypass_rewarn_s(self) -> float: ...
 
 
 class AdmissionService:
@@ -42,7 +64,7 @@ class AdmissionService:
         self.api_factory = api_factory
         self.port: int | None = None
 
-    async def __call__(self, settings: OperatorSettings) -> None:
+    async def __call__(self, settings: AdmissionSettings) -> None:
         api = self.api_factory()
         try:
             async with start_admission(settings, api.namespace_labels, api.server_version) as srv:
@@ -61,7 +83,7 @@ class BypassCheck:
 
     def __init__(
         self,
-        settings: OperatorSettings,
+        settings: BypassCheckSettings,
         kube: KubeClient,
         *,
         clock: Callable[[], float] = time.monotonic,
@@ -128,7 +150,7 @@ class BypassCheck:
                     extra={"service": f"{namespace}/{warning.service}", "port": warning.port},
                 )
         self.warned = {k: v for k, v in self.warned.items() if k in seen}  # fixed ones forgotten
-        metrics.METER_BYPASSES.set(found)
+        METER_BYPASSES.set(found)
         return posted
 
     async def run(self, stop: asyncio.Event) -> None:

@@ -18,8 +18,10 @@ from spendgate.keys import check_customer_id
 from spendgate.manifests import MIN_KEY_LENGTH, Secret, parse_secret
 from spendgate.models import CustomerBudget, ManifestError, parse_resource
 
-from . import conditions as cond
-from .reconciling import INVALID_SPEC, READY, object_ref, plain, redis_call
+from ..kube import conditions as cond
+from ..kube.conditions import INVALID_SPEC, READY
+from ..kube.objects import object_ref, plain
+from ..kube.retry import redis_call
 
 # Ready=False reasons, most fundamental first: the first one present names the condition.
 CUSTOMER_ID_CONFLICT = "CustomerIdConflict"

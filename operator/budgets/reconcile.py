@@ -1,7 +1,7 @@
 """Reconciling CustomerBudgets: spec and Secrets into Redis, Redis back into status.
 
 Plain async functions over plain dicts (a budget's body as the API server returns it), so they
-are tested without Kubernetes; ``spendgate.operator.handlers`` wires them to kopf.
+are tested without Kubernetes; ``spendgate.operator.runtime.handlers`` wires them to kopf.
 
 - :func:`reconcile_budget` validates the spec, reads the referenced Secrets through an injected
   :class:`SecretReader`, checks the claimed ``customerId`` and the named PriceBooks, applies the
@@ -11,7 +11,7 @@ are tested without Kubernetes; ``spendgate.operator.handlers`` wires them to kop
   the budget is not Ready or Redis lost its configuration.
 - :func:`finalize_budget` runs when a budget is deleted: keys revoked, account frozen.
 
-With Stripe enabled, a :class:`StripeHooks` (operator/stripe_wiring.py) links each applied
+With Stripe enabled, a :class:`StripeHooks` (operator/stripe/wiring.py) links each applied
 budget to its Stripe customer (``StripeCustomerConflict`` when another budget holds it), fills
 ``status.lastStripeSync`` and ``status.exportLagSeconds``, and releases the link on deletion.
 
@@ -23,8 +23,8 @@ temporary, so it shows as ``Ready=Unknown`` (``RedisUnavailable``) and the calle
 applied and the budget reports ``SecretMissing``/``SecretInvalid``. Deleting a key's Secret thus
 stops that key at once, which is the safe reading of an ambiguous situation.
 
-What a budget refers to is checked in :mod:`.budget_checks`; its status is computed from the
-account in Redis by :mod:`.budget_status`.
+What a budget refers to is checked in :mod:`.checks`; its status is computed from the
+account in Redis by :mod:`.status`.
 """
 
 from __future__ import annotations
@@ -40,9 +40,12 @@ from spendgate.config_store import BudgetApplied, ConfigConflict, ConfigStore
 from spendgate.models import BudgetState, CustomerBudget, ManifestError, Mode
 from spendgate.money import format_amount
 
-from . import conditions as cond
-from .alerts import Alert
-from .budget_checks import (
+from ..alerts.sender import Alert
+from ..kube import conditions as cond
+from ..kube.conditions import INVALID_SPEC, READY
+from ..kube.objects import EventSpec, generation_of, object_ref, plain, status_patch
+from ..kube.retry import RetryableError, redis_call
+from .checks import (
     API_KEY_CONFLICT,
     CUSTOMER_ID_CONFLICT,
     STRIPE_CUSTOMER_CONFLICT,
@@ -54,23 +57,12 @@ from .budget_checks import (
     ready_condition,
     resolve_keys,
 )
-from .budget_status import (
+from .status import (
     ACCOUNT_FIELDS,
     PAYMENT_METHOD_SOURCE,
     clear_account_status,
     fill_account_status,
     transition_events,
-)
-from .reconciling import (
-    INVALID_SPEC,
-    READY,
-    EventSpec,
-    RetryableError,
-    generation_of,
-    object_ref,
-    plain,
-    redis_call,
-    status_patch,
 )
 
 

@@ -17,9 +17,9 @@ from spendgate.models import BudgetState, CustomerBudget, Mode
 from spendgate.money import AmountError, format_amount, parse_amount
 from spendgate.periods import current_period, period_start_ms
 
-from . import conditions as cond
-from .alerts import Alert
-from .reconciling import EventSpec, ready_events
+from ..alerts.sender import Alert
+from ..kube import conditions as cond
+from ..kube.objects import EventSpec, ready_events
 
 # Suspension sources (fields of the customer's ``susp`` hash in Redis) and what they mean.
 SPEC_SOURCE = "spec"  # spec.policy.suspended (written by the configure script)

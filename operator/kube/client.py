@@ -6,18 +6,18 @@ kopf watches and patches the objects it handles; the operator additionally
   own namespace),
 - *annotates CustomerBudgets* to have kopf reconcile them again when a Secret or PriceBook
   they use changes (or Stripe changed the account),
-- *holds a Lease* (coordination.k8s.io/v1) for leader election (operator/leader.py),
+- *holds a Lease* (coordination.k8s.io/v1) for leader election (operator/runtime/leader.py),
 - *lists Services and Pods* for the meter bypass check and *posts Events* from outside kopf's
   handlers (Stripe events on budgets, bypass warnings on Services),
 - *lists and creates CustomerBudgets* for the budgets synced from Stripe
-  (operator/stripe_import.py; create only, never update or delete).
+  (operator/stripe/budget_import.py; create only, never update or delete).
 
 This client uses the same credentials kopf logged in with (:meth:`KubeClient.configure` is
 called from the login handler), so there is one source of cluster credentials; code that runs
 beside kopf waits for that with :meth:`KubeClient.wait_configured`.
 
 Every request is bounded by ``timeout_s``. 404 is "absent"; 409 raises :class:`Conflict`;
-other failures raise :class:`~spendgate.operator.reconciling.KubernetesUnavailable`, which the
+other failures raise :class:`~spendgate.operator.kube.retry.KubernetesUnavailable`, which the
 handlers retry. Secret contents are never logged.
 """
 
@@ -33,12 +33,17 @@ from urllib.parse import quote, urlencode
 
 import aiohttp
 
-from .reconciling import KubernetesUnavailable
+from .retry import KubernetesUnavailable
 
 log = logging.getLogger("spendgate.operator.kube")
 
 GROUP = "spendgate.dev"
 VERSION = "v1alpha1"
+BUDGETS = "customerbudgets"
+PRICEBOOKS = "pricebooks"
+# Outside kopf's prefix on purpose: kopf ignores its own annotations when diffing, and this
+# one must count as a change so that kopf calls the update handler.
+REFRESH_ANNOTATION = "refresh.spendgate.dev/trigger"
 LEASES = "/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases"
 PAGE = 500
 

@@ -16,6 +16,8 @@ from typing import Any, Literal
 ConditionStatus = Literal["True", "False", "Unknown"]
 Condition = dict[str, Any]
 
+READY = "Ready"  # the one condition type every spendgate object reports
+INVALID_SPEC = "InvalidSpec"  # the Ready=False reason of a spec that does not validate
 MAX_MESSAGE = 32_768  # metav1.Condition.message maxLength
 _REASON_RE = re.compile(r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
 
@@ -111,6 +113,8 @@ def transitioned(old: Iterable[Mapping[str, Any]] | None, new: Mapping[str, Any]
 
 
 __all__ = [
+    "INVALID_SPEC",
+    "READY",
     "Condition",
     "ConditionStatus",
     "find",

@@ -1,62 +1,14 @@
-"""What the CustomerBudget and PriceBook reconcilers share.
-
-Retryable errors (Redis or the Kubernetes API unreachable: ``Ready=Unknown``, try again later),
-the Events they post, reading the bodies kopf hands over, and the status merge patch.
-"""
+"""Our objects as the reconcilers see them: the bodies kopf hands over, the status merge
+patch, and the Events a change of the Ready condition posts."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Any, Literal, TypeVar
-
-from redis.exceptions import RedisClusterException, RedisError
-
-from spendgate.logs import redact
+from typing import Any, Literal
 
 from . import conditions as cond
-
-T = TypeVar("T")
-
-READY = "Ready"
-INVALID_SPEC = "InvalidSpec"  # the Ready=False reason of a spec that does not validate
-REDIS_UNAVAILABLE = "RedisUnavailable"
-KUBERNETES_UNAVAILABLE = "KubernetesApiUnavailable"
-
-
-class RetryableError(Exception):
-    """A temporary failure: report it, then try the whole reconciliation again later."""
-
-    reason = "Retrying"
-
-    def __init__(self, message: str, delay_s: float | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.delay_s = delay_s
-
-    def ready_condition(self, generation: int | None, now: datetime) -> cond.Condition:
-        """``Ready=Unknown`` with this error's reason: the outcome is not known yet."""
-        return cond.make_condition(
-            READY, "Unknown", self.reason, self.message, generation=generation, now=now
-        )
-
-
-class RedisUnavailable(RetryableError):
-    reason = REDIS_UNAVAILABLE
-
-
-class KubernetesUnavailable(RetryableError):
-    reason = KUBERNETES_UNAVAILABLE
-
-
-async def redis_call(awaitable: Awaitable[T]) -> T:
-    """Await a Redis operation; unreachable Redis (or any Redis error) becomes retryable."""
-    try:
-        return await awaitable
-    except (RedisError, RedisClusterException, OSError) as error:
-        text = redact(str(error)) or type(error).__name__
-        raise RedisUnavailable(f"Redis is unavailable: {type(error).__name__}: {text}") from None
+from .conditions import READY
 
 
 @dataclass(frozen=True)
@@ -122,16 +74,10 @@ def status_patch(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> dict[
 
 
 __all__ = [
-    "INVALID_SPEC",
-    "READY",
     "EventSpec",
-    "KubernetesUnavailable",
-    "RedisUnavailable",
-    "RetryableError",
     "generation_of",
     "object_ref",
     "plain",
     "ready_events",
-    "redis_call",
     "status_patch",
 ]

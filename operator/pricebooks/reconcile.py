@@ -11,19 +11,10 @@ from typing import Any
 from spendgate.config_store import ConfigStore
 from spendgate.models import ManifestError, PriceBook, parse_resource
 
-from . import conditions as cond
-from .reconciling import (
-    INVALID_SPEC,
-    READY,
-    EventSpec,
-    RetryableError,
-    generation_of,
-    object_ref,
-    plain,
-    ready_events,
-    redis_call,
-    status_patch,
-)
+from ..kube import conditions as cond
+from ..kube.conditions import INVALID_SPEC, READY
+from ..kube.objects import EventSpec, generation_of, object_ref, plain, ready_events, status_patch
+from ..kube.retry import RetryableError, redis_call
 
 
 @dataclass

@@ -17,8 +17,8 @@ from spendgate import redis_connect
 from spendgate.cli import TRUE_WORDS, UsageError, redis_settings
 from spendgate.logs import redact
 
+from ..stripe.settings import StripeSettings
 from .settings import InjectionDefaults, OperatorSettings
-from .stripe.settings import StripeSettings
 
 FALSE_WORDS = {"0", "false", "no", "off"}
 N = TypeVar("N", int, float)
@@ -160,7 +160,7 @@ def stripe_settings_from_env(
     except ValueError as error:  # int("x") included
         raise UsageError(f"SPENDGATE_STRIPE_*: {error}") from None
     if settings.import_enabled:
-        from .stripe.sync import load_import_template  # never kopf: that is main's
+        from ..stripe.sync import load_import_template  # never kopf: that is main's
 
         try:
             load_import_template(settings, watched)

@@ -1,4 +1,5 @@
-"""kopf handlers: thin wiring of :mod:`.budgets` and :mod:`.pricebooks` to the cluster.
+"""kopf handlers: thin wiring of :mod:`..budgets.reconcile` and :mod:`..pricebooks.reconcile`
+to the cluster.
 
 :func:`build_registry` returns a ``kopf.OperatorRegistry`` holding every handler, bound to one
 :class:`Runtime` (Redis, the API client, alerting, the Stripe hooks when Stripe is enabled).
@@ -14,12 +15,12 @@ startup ``configure``    production kopf settings (:func:`configure_kopf`)
 cleanup                  ``Runtime.cleanups`` (main: the leader's work stops, Lease released)
 index ``budget_refs``    ``("Secret"|"PriceBook", namespace, name)`` → budgets using it
 CustomerBudget
-  create/update/resume   :func:`.budgets.reconcile_budget`; status patch, Events, alerts
-  timer ``status``       :func:`.budgets.refresh_budget` every ``status_interval_s``
-  delete (finalizer)     :func:`.budgets.finalize_budget`: keys revoked, account frozen
+  create/update/resume   :func:`..budgets.reconcile.reconcile_budget`; status patch, Events, alerts
+  timer ``status``       :func:`..budgets.reconcile.refresh_budget` every ``status_interval_s``
+  delete (finalizer)     :func:`..budgets.reconcile.finalize_budget`: keys revoked, account frozen
 PriceBook
-  create/update/resume   :func:`.pricebooks.reconcile_pricebook`
-  delete (finalizer)     :func:`.pricebooks.finalize_pricebook`
+  create/update/resume   :func:`..pricebooks.reconcile.reconcile_pricebook`
+  delete (finalizer)     :func:`..pricebooks.reconcile.finalize_pricebook`
 v1 Secret event          budgets referencing the Secret are annotated, so kopf reconciles
                          them at once (a rotated key takes effect in about a second)
 =======================  ===================================================================
@@ -44,23 +45,23 @@ import kopf
 
 from spendgate.config_store import ConfigStore
 
-from . import budget_checks, budgets, metrics, pricebooks
-from . import conditions as cond
-from .alerts import AlertSender
-from .budgets import KeyedLocks, Reconciled, StripeHooks
-from .kube import GROUP, VERSION, KubeClient
-from .reconciling import READY, EventSpec, RetryableError
+from ..alerts.sender import AlertSender
+from ..budgets import checks as budget_checks
+from ..budgets import reconcile as budgets
+from ..budgets.reconcile import KeyedLocks, Reconciled, StripeHooks
+from ..kube import conditions as cond
+from ..kube.client import BUDGETS, GROUP, PRICEBOOKS, REFRESH_ANNOTATION, VERSION, KubeClient
+from ..kube.conditions import READY
+from ..kube.objects import EventSpec
+from ..kube.retry import RetryableError
+from ..pricebooks import reconcile as pricebooks
+from . import metrics
 from .settings import OperatorSettings
 
 log = logging.getLogger("spendgate.operator")
 
-BUDGETS = "customerbudgets"
-PRICEBOOKS = "pricebooks"
 PREFIX = "spendgate.dev"  # kopf's progress and diff-base annotations: spendgate.dev/...
 FINALIZER = "spendgate.dev/finalizer"
-# Outside kopf's prefix on purpose: kopf ignores its own annotations when diffing, and this
-# one must count as a change so that kopf calls the update handler.
-REFRESH_ANNOTATION = "refresh.spendgate.dev/trigger"
 BUDGET_REFS = "budget_refs"  # the index's id, and the kwarg name handlers receive it by
 
 LoginFn = Callable[..., Any]
@@ -74,7 +75,7 @@ class Runtime:
     store: ConfigStore
     kube: KubeClient
     alerts: AlertSender | None = None
-    stripe: StripeHooks | None = None  # with Stripe enabled (operator/stripe_wiring.py)
+    stripe: StripeHooks | None = None  # with Stripe enabled (operator/stripe/wiring.py)
     locks: KeyedLocks = field(default_factory=KeyedLocks)
     # uid -> monotonic time of the last full reconcile (the timer re-reads Secrets sometimes)
     last_full: dict[str, float] = field(default_factory=dict)

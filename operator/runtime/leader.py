@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from .kube import Conflict
+from ..kube.client import Conflict
 
 log = logging.getLogger("spendgate.operator.leader")
 
@@ -43,7 +43,7 @@ LeaderTask = Callable[[asyncio.Event], Awaitable[None]]
 
 
 class LeaseApi(Protocol):
-    """What the elector needs of the API (:class:`~spendgate.operator.kube.KubeClient`)."""
+    """What the elector needs of the API (:class:`~spendgate.operator.kube.client.KubeClient`)."""
 
     async def get_lease(self, namespace: str, name: str) -> dict[str, Any] | None: ...
 

@@ -10,10 +10,10 @@ handler registry and runs, in one event loop:
   settings -- by default (:func:`default_services`) the admission webhook, when its certificate
   and key files are configured;
 - with ``settings.stripe``, the Stripe webhook receiver on every replica
-  (:mod:`.stripe_wiring`);
+  (:mod:`..stripe.wiring`);
 - **leader election** on a Lease (:mod:`.leader`): the holder runs the singleton work --
   Stripe's processor, reconciliation, usage export, grace timer and budget import
-  (:mod:`.stripe_import`), and the Service bypass check (:mod:`.services`);
+  (:mod:`..stripe.budget_import`), and the Service bypass check (:mod:`..admission.services`);
 - a health server on ``health_port``:
 
   ``/healthz``      liveness: the process and kopf are alive;
@@ -47,15 +47,15 @@ from spendgate import redis_connect
 from spendgate.config_store import ConfigStore
 from spendgate.logs import redact
 
+from ..admission.services import AdmissionService, BypassCheck
+from ..alerts.sender import AlertSender
+from ..kube.client import KubeClient
+from ..stripe.budget_import import TemplateFile, load_import_template
+from ..stripe.wiring import StripeService
 from . import metrics
-from .alerts import AlertSender
 from .handlers import LoginFn, Runtime, build_registry
-from .kube import KubeClient
 from .leader import LeaderElector, LeaderTask, LeaseConfig
-from .services import AdmissionService, BypassCheck
 from .settings import OperatorSettings
-from .stripe_import import TemplateFile, load_import_template
-from .stripe_wiring import StripeService
 
 log = logging.getLogger("spendgate.operator")
 

@@ -56,10 +56,12 @@ from prometheus_client import (
     generate_latest,
 )
 
-from .conditions import status_of
-
-# The exporter registers spendgate_stripe_export_lag_seconds and the meter event counter.
-from .stripe import exporter as _exporter  # noqa: F401
+# Metrics defined beside the code that updates them, imported so that all are registered
+# before the first scrape: the Stripe receiver's, importer's and exporter's, and the bypass check's.
+from ..admission import services as _admission  # noqa: F401
+from ..kube.conditions import status_of
+from ..stripe import exporter as _exporter  # noqa: F401
+from ..stripe import metrics as _stripe  # noqa: F401
 
 RECONCILES = Counter(
     "spendgate_operator_reconciles",
@@ -79,32 +81,6 @@ LEADER_ACQUIRED = Counter(
 BUDGET_EXPORT_LAG = Summary(
     "spendgate_budget_export_lag_seconds",
     "Export lag of Stripe-linked budgets (status.exportLagSeconds) at each status refresh",
-)
-STRIPE_WEBHOOKS = Counter(
-    "spendgate_stripe_webhook_requests",
-    "Requests to the Stripe webhook receiver by outcome (accepted, rejected, failed)",
-    ["outcome"],
-)
-STRIPE_CONFIGURED = Gauge(
-    "spendgate_stripe_configured", "1 once the Stripe API key and signing secrets are loaded"
-)
-STRIPE_EVENTS_POSTED = Counter(
-    "spendgate_stripe_events_posted",
-    "Kubernetes Events on budgets for Stripe events, by outcome (posted, no_budget, failed)",
-    ["outcome"],
-)
-STRIPE_IMPORTS = Counter(
-    "spendgate_stripe_imports",
-    "Marked Stripe customers by import outcome (created, skipped, failed)",
-    ["outcome"],
-)
-STRIPE_IMPORT_LAST_SUCCESS = Gauge(
-    "spendgate_stripe_import_last_success_timestamp",
-    "Unix time at the end of the last complete import pass of budgets from Stripe",
-)
-METER_BYPASSES = Gauge(
-    "spendgate_meter_bypasses",
-    "Service ports reaching the model port of injected pods directly (last check)",
 )
 REDIS_UP = Gauge("spendgate_operator_redis_up", "1 if Redis answered the last deep readiness check")
 
@@ -141,27 +117,6 @@ def leader_changed(leading: bool) -> None:
         LEADER_ACQUIRED.inc()
 
 
-def webhook_outcome(status: int) -> str:
-    if status < 400:
-        return "accepted"
-    return "rejected" if status < 500 else "failed"
-
-
-@web.middleware
-async def count_stripe_webhooks(request: web.Request, handler: web.Handler) -> web.StreamResponse:
-    """aiohttp middleware on the Stripe receiver: one count per request, by outcome."""
-    try:
-        response = await handler(request)
-    except web.HTTPException as error:
-        STRIPE_WEBHOOKS.labels(webhook_outcome(error.status)).inc()
-        raise
-    except Exception:
-        STRIPE_WEBHOOKS.labels("failed").inc()
-        raise
-    STRIPE_WEBHOOKS.labels(webhook_outcome(response.status)).inc()
-    return response
-
-
 async def serve_metrics(_request: web.Request) -> web.Response:
     return web.Response(
         body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST}
@@ -171,16 +126,9 @@ async def serve_metrics(_request: web.Request) -> web.Response:
 __all__ = [
     "BUDGET_EXPORT_LAG",
     "LEADER",
-    "METER_BYPASSES",
     "RECONCILES",
     "RECONCILE_SECONDS",
     "REDIS_UP",
-    "STRIPE_CONFIGURED",
-    "STRIPE_EVENTS_POSTED",
-    "STRIPE_IMPORTS",
-    "STRIPE_IMPORT_LAST_SUCCESS",
-    "STRIPE_WEBHOOKS",
-    "count_stripe_webhooks",
     "counted",
     "leader_changed",
     "outcome_of",

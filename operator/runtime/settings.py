@@ -4,28 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .stripe.settings import StripeSettings
-
-
-@dataclass(frozen=True)
-class InjectionDefaults:
-    """What the admission webhook puts into opted-in pods unless annotations say otherwise."""
-
-    image: str = "ghcr.io/spendgate/spendgate:0.1.0"
-    image_pull_policy: str = "IfNotPresent"
-    port: int = 8080
-    fail_mode: str = "closed"
-    pricebook: str = "default"  # a PriceBook name in the pod's namespace
-    cpu_request: str = "100m"
-    memory_request: str = "128Mi"
-    cpu_limit: str = "1"
-    memory_limit: str = "256Mi"
-    redis_secret: str = "spendgate-redis"  # Secret with key "url" (may hold a password)
-    redis_secret_key: str = "url"
-    redis_cluster: bool = False
-    # Native sidecar (init container with restartPolicy Always, Kubernetes >= 1.29):
-    # None = detect from the API server's /version; True/False forces it.
-    native_sidecars: bool | None = None
+from ..admission.injection import InjectionDefaults
+from ..stripe.settings import StripeSettings
 
 
 @dataclass(frozen=True)
@@ -46,7 +26,7 @@ class OperatorSettings:
     health_port: int = 8081  # /healthz, /readyz
     health_host: str = "0.0.0.0"
     peering: str = "spendgate"  # kopf peering object name
-    # --- reconciliation (spendgate.operator.handlers)
+    # --- reconciliation (spendgate.operator.runtime.handlers)
     retry_delay_s: float = 5.0  # before retrying a reconcile that met Redis/API trouble
     reconcile_timeout_s: float = 30.0  # one reconcile attempt, all I/O included
     resync_interval_s: float = 600.0  # a full reconcile (Secrets re-read) at least this often
@@ -62,7 +42,8 @@ class OperatorSettings:
     injection: InjectionDefaults = field(default_factory=InjectionDefaults)
     # --- HA: singleton work outside kopf's handlers (Stripe processing, reconciliation, usage
     # export, grace timer; the Service bypass check) runs on the holder of a Lease
-    # (coordination.k8s.io/v1, operator/leader.py) in ``lease_namespace`` (default: namespace).
+    # (coordination.k8s.io/v1, operator/runtime/leader.py) in ``lease_namespace`` (default:
+    # namespace).
     leader_election: bool = True
     lease_name: str = "spendgate-leader"
     lease_namespace: str | None = None

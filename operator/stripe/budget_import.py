@@ -1,7 +1,7 @@
 """Budgets synced from Stripe: the leader's periodic import (``import_enabled``).
 
 Every ``import_interval_s`` the leader (a task of :meth:`StripeService.run_leader
-<spendgate.operator.stripe_wiring.StripeService.run_leader>`):
+<spendgate.operator.stripe.wiring.StripeService.run_leader>`):
 
 1. reads the template file (``import_template_file``, a mounted ConfigMap: re-read when its
    content changes; a template that became invalid is logged and nothing is imported until it
@@ -38,14 +38,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from spendgate.loops import run_every
+
+from ..kube.client import GROUP, VERSION, KubeClient
+from ..kube.retry import KubernetesUnavailable
 from . import metrics
-from .kube import GROUP, VERSION, KubeClient
-from .loops import run_every
-from .reconciling import KubernetesUnavailable
-from .stripe.client import StripeGateway
-from .stripe.mapping import linked_customers
-from .stripe.settings import StripeSettings
-from .stripe.sync import (
+from .client import StripeGateway
+from .mapping import linked_customers
+from .settings import StripeSettings
+from .sync import (
     CUSTOMER_ANNOTATION,
     MAX_PAGES,
     TemplateError,

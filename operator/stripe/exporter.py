@@ -53,8 +53,8 @@ from typing import Any
 from prometheus_client import Counter, Gauge
 
 from spendgate.keys import for_customer
+from spendgate.loops import run_every
 
-from ..loops import run_every
 from .apply import OnEvent
 from .client import StripeGateway, idempotency_key, is_permanent_rejection, to_dict
 from .mapping import linked_customers, load_link, micros_to_minor_ceil

@@ -30,8 +30,8 @@ from typing import Any
 import stripe
 
 from spendgate.ledger import Ledger
+from spendgate.loops import run_every
 
-from ..loops import run_every
 from .apply import Applier, OnEvent, payment_method_access
 from .client import StripeGateway, list_all, to_dict
 from .mapping import (

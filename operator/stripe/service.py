@@ -30,8 +30,8 @@ from typing import Any
 from aiohttp import web
 
 from spendgate.ledger import Ledger
+from spendgate.loops import run_every
 
-from ..loops import run_every
 from .apply import Applier, OnEvent
 from .client import SecretReader, StripeGateway, load_api_key, load_webhook_secrets
 from .exporter import Exporter

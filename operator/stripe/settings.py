@@ -72,9 +72,9 @@ class StripeSettings:
     export_interval_s: float = 5.0
     export_v2_stream: bool = False  # /v2/billing/meter_event_stream with a session token
     ledger_retention_s: int = 0  # keep exported entries this long before XTRIM
-    # -- budgets synced from Stripe (leader only; operator/stripe_import.py): marked customers
-    # (metadata[import_metadata_key] == import_metadata_value) get a CustomerBudget in
-    # import_namespace from the YAML template in import_template_file (sync.py: placeholders).
+    # -- budgets synced from Stripe (leader only; operator/stripe/budget_import.py): marked
+    # customers (metadata[import_metadata_key] == import_metadata_value) get a CustomerBudget
+    # in import_namespace from the YAML template in import_template_file (sync.py: placeholders).
     import_enabled: bool = False
     import_metadata_key: str = "spendgate"
     import_metadata_value: str = "true"

@@ -47,8 +47,8 @@ from aiohttp import web
 from redis.exceptions import RedisError, ResponseError
 
 from spendgate.ledger import Ledger
+from spendgate.loops import sleep_or_stop
 
-from ..loops import sleep_or_stop
 from .apply import Applier, OnEvent
 from .client import StripeGateway, list_all
 from .mapping import HANDLED_EVENTS

@@ -1,6 +1,6 @@
 """Stripe inside the running operator: what ``main`` starts when ``settings.stripe`` is set.
 
-- :class:`BudgetLinks` (the budgets' :class:`~spendgate.operator.budgets.StripeHooks`): a
+- :class:`BudgetLinks` (the budgets' :class:`~spendgate.operator.budgets.reconcile.StripeHooks`): a
   reconciled budget is linked to its Stripe customer (``mapping.link_budget``), its status gets
   ``lastStripeSync`` and ``exportLagSeconds``; a deleted budget's link is released only once its
   usage is exported (see :meth:`BudgetLinks.unlink`).
@@ -11,7 +11,7 @@
   (rotation). On the **leader** only (:meth:`StripeService.run_leader`, a leader task):
   ``StripeIntegration.run_leader`` (event processor, grace timer, reconciliation, usage export),
   the sweep that releases deleted budgets' links and, with ``import_enabled``, the import of
-  marked Stripe customers as CustomerBudgets (:mod:`.stripe_import`).
+  marked Stripe customers as CustomerBudgets (:mod:`.budget_import`).
 - :class:`BudgetEvents`: what Stripe did (``on_event``) becomes a Kubernetes Event on the
   budget, found by ``ConfigStore.owner_of``; the budget is also annotated so that its status is
   refreshed at once. Posting happens in the background: Stripe processing never waits on the
@@ -31,21 +31,20 @@ from typing import Any
 from aiohttp import web
 
 from spendgate.config_store import ConfigStore
+from spendgate.loops import run_every
 from spendgate.models import CustomerBudgetSpec
 
+from ..kube.client import BUDGETS, GROUP, REFRESH_ANNOTATION, VERSION, KubeClient
+from ..kube.retry import RetryableError
 from . import metrics
-from .handlers import BUDGETS, REFRESH_ANNOTATION
-from .kube import GROUP, VERSION, KubeClient
-from .loops import run_every
-from .reconciling import RetryableError
-from .stripe.client import StripeNotConfigured, load_webhook_secrets
-from .stripe.exporter import export_lag_seconds
-from .stripe.mapping import STRIPE_CUSTOMERS, StripeLinkConflict, link_budget, unlink_budget
-from .stripe.mapping import stripe_key as stripe_link_key
-from .stripe.reconcile import last_sync
-from .stripe.service import StripeIntegration
-from .stripe.settings import StripeSettings
-from .stripe_import import BudgetImport, TemplateFile, load_import_template
+from .budget_import import BudgetImport, TemplateFile, load_import_template
+from .client import StripeNotConfigured, load_webhook_secrets
+from .exporter import export_lag_seconds
+from .mapping import STRIPE_CUSTOMERS, StripeLinkConflict, link_budget, unlink_budget
+from .mapping import stripe_key as stripe_link_key
+from .reconcile import last_sync
+from .service import StripeIntegration
+from .settings import StripeSettings
 
 log = logging.getLogger("spendgate.operator.stripe")
 

@@ -383,8 +383,8 @@ def test_templated_crds_are_the_crd_files_and_are_kept() -> None:
 
 
 def _admission_routes() -> set[tuple[str, str]]:
-    from spendgate.operator.admission import create_app
-    from spendgate.operator.settings import OperatorSettings
+    from spendgate.operator.admission.server import create_app
+    from spendgate.operator.runtime.settings import OperatorSettings
 
     async def labels(_namespace: str) -> dict[str, str]:
         return {}
@@ -398,7 +398,7 @@ def _admission_routes() -> set[tuple[str, str]]:
 
 @pytest.mark.parametrize("name", SETS)
 def test_webhook_calls_what_the_operator_serves(name: str) -> None:
-    from spendgate.operator.injection import INJECT_LABEL, SKIPPED_NAMESPACES
+    from spendgate.operator.admission.injection import INJECT_LABEL, SKIPPED_NAMESPACES
 
     objects = render(name)
     configuration = one(objects, "MutatingWebhookConfiguration")
@@ -590,7 +590,7 @@ def _operator_settings(objects: list[dict[str, Any]]) -> Any:
     """What ``spendgate operator`` makes of the rendered Deployment; files it reads from
     mounted ConfigMaps (the Stripe import template) are written to a temporary directory."""
     from spendgate.cli import build_parser
-    from spendgate.operator.cli_args import operator_settings_from_args
+    from spendgate.operator.runtime.cli_args import operator_settings_from_args
 
     env = _resolve_env(objects, operator_container(objects))
     with tempfile.TemporaryDirectory() as root:
@@ -606,7 +606,7 @@ def _env_names_read_by_the_cli() -> set[str]:
         re.findall(
             r'"(SPENDGATE_[A-Z_]+|POD_NAME|POD_NAMESPACE)"',
             (ROOT / "spendgate" / "cli.py").read_text()
-            + (ROOT / "operator" / "cli_args.py").read_text(),
+            + (ROOT / "operator" / "runtime" / "cli_args.py").read_text(),
         )
     )
 
@@ -615,7 +615,7 @@ def _env_names_read_by_the_cli() -> set[str]:
 def test_every_operator_variable_is_read_by_spendgate(name: str) -> None:
     from dataclasses import fields
 
-    from spendgate.operator.settings import InjectionDefaults
+    from spendgate.operator.admission.injection import InjectionDefaults
     from spendgate.operator.stripe.settings import StripeSettings
 
     known = (
@@ -666,7 +666,7 @@ def test_operator_settings_from_the_rendered_deployment() -> None:
 def test_probes_use_the_operator_health_endpoints() -> None:
     from aiohttp import web
 
-    from spendgate.operator.main import Health
+    from spendgate.operator.runtime.main import Health
 
     app = Health(None, None, lambda: True).app()  # type: ignore[arg-type]
     served = {r.resource.canonical for r in app.router.routes() if r.method == "GET" and r.resource}
@@ -694,7 +694,7 @@ def test_sidecar_defaults_reach_the_injector() -> None:
 
 
 def test_sidecar_defaults_are_passed_as_injection_fields() -> None:
-    from spendgate.operator.settings import InjectionDefaults
+    from spendgate.operator.admission.injection import InjectionDefaults
 
     env = _resolve_env(render("default"), operator_container(render("default")))
     defaults = InjectionDefaults()
@@ -757,8 +757,8 @@ def test_stripe_import_from_the_rendered_chart(tmp_path: Path) -> None:
     namespace only."""
     from dataclasses import replace
 
+    from spendgate.operator.stripe.budget_import import load_import_template
     from spendgate.operator.stripe.settings import StripeSettings
-    from spendgate.operator.stripe_import import load_import_template
 
     objects = render("stripe")
     container = operator_container(objects)
@@ -928,7 +928,7 @@ def test_sentinel_url_parses_in_the_test_pod_script() -> None:
 
 
 def test_redis_network_policy_admits_only_spendgate_clients() -> None:
-    from spendgate.operator.injection import INJECT_LABEL
+    from spendgate.operator.admission.injection import INJECT_LABEL
 
     objects = render("everything")
     policy = one(objects, "NetworkPolicy")
@@ -969,7 +969,7 @@ def test_redis_network_policy_admits_only_spendgate_clients() -> None:
 def test_dashboard_queries_metrics_spendgate_exports() -> None:
     import prometheus_client
 
-    import spendgate.operator.metrics  # noqa: F401 (registers the operator's metrics)
+    import spendgate.operator.runtime.metrics  # noqa: F401 (registers the operator's metrics)
     from spendgate.sidecar.metrics import SidecarMetrics
 
     suffixes = ("", "_total", "_bucket", "_count", "_sum")
@@ -995,7 +995,7 @@ def test_dashboard_queries_metrics_spendgate_exports() -> None:
 
 
 def test_monitors_scrape_the_named_metrics_ports() -> None:
-    from spendgate.operator.injection import PORT_NAME
+    from spendgate.operator.admission.injection import PORT_NAME
 
     objects = render("everything")
     service_monitor = one(objects, "ServiceMonitor")
@@ -1111,8 +1111,11 @@ def test_dockerfile_copies_every_package_folder_and_dockerignore_lets_them_in() 
 
 
 def test_chart_runs_the_image_entry_points() -> None:
-    from spendgate.operator.injection import SidecarConfig, sidecar_container
-    from spendgate.operator.settings import InjectionDefaults
+    from spendgate.operator.admission.injection import (
+        InjectionDefaults,
+        SidecarConfig,
+        sidecar_container,
+    )
 
     assert operator_container(render("default"))["command"][0] == "spendgate"
     config = SidecarConfig(8000, 8080, "default", "closed", {"requests": {}, "limits": {}})

@@ -9,9 +9,8 @@ import jsonpatch
 import yaml
 
 from spendgate.manifests import load_files
-from spendgate.operator.injection import Injection, plan_injection
-from spendgate.operator.service_check import bypassing_services
-from spendgate.operator.settings import InjectionDefaults
+from spendgate.operator.admission.injection import Injection, InjectionDefaults, plan_injection
+from spendgate.operator.admission.service_check import bypassing_services
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 

@@ -22,6 +22,22 @@ def test_operator_from_the_checkout_root_is_the_standard_library() -> None:
 
 
 def test_the_package_name_is_spendgate_operator() -> None:
-    import spendgate.operator.settings
+    import spendgate.operator.runtime.settings
 
-    assert spendgate.operator.settings.__name__ == "spendgate.operator.settings"
+    assert spendgate.operator.runtime.settings.__name__ == "spendgate.operator.runtime.settings"
+
+
+def test_every_package_folder_is_in_the_wheel() -> None:
+    """pyproject lists the packages one by one (``package-dir`` maps operator/ and sidecar/);
+    a sub-package missing there would be missing from the image."""
+    import tomllib
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]
+    listed = set(config["setuptools"]["packages"])
+    folders = {"spendgate": "spendgate", **config["setuptools"]["package-dir"]}
+    found = set()
+    for package, folder in folders.items():
+        for init in (ROOT / folder).rglob("__init__.py"):
+            parts = init.parent.relative_to(ROOT / folder).parts
+            found.add(".".join((package, *parts)))
+    assert found - listed == set()

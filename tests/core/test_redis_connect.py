@@ -18,9 +18,9 @@ import redis.asyncio.cluster
 from spendgate import cli, redis_connect
 from spendgate.config_store import ConfigStore
 from spendgate.ledger import Ledger
-from spendgate.operator import cli_args
-from spendgate.operator.main import make_redis
-from spendgate.operator.settings import OperatorSettings
+from spendgate.operator.runtime import cli_args
+from spendgate.operator.runtime.main import make_redis
+from spendgate.operator.runtime.settings import OperatorSettings
 from spendgate.redis_connect import SentinelRedis, SentinelTarget, parse_redis_url
 from spendgate.script_channel import ClusterScriptChannel, ScriptChannel
 from spendgate.sidecar.server import Sidecar, pipelined, script_channel

@@ -18,9 +18,10 @@ import jsonpatch
 import pytest
 from cryptography import x509
 
-from spendgate.operator.admission import start_admission
-from spendgate.operator.settings import InjectionDefaults, OperatorSettings
-from spendgate.operator.webhook_tls import ReloadingTLS
+from spendgate.operator.admission.injection import InjectionDefaults
+from spendgate.operator.admission.server import start_admission
+from spendgate.operator.admission.tls import ReloadingTLS
+from spendgate.operator.runtime.settings import OperatorSettings
 from tests.support.model_pods import NAMESPACE, OPERATOR_NAMESPACE, sidecars, triton_pod, vllm_pod
 from tests.support.webhook_certs import WebhookCA
 

@@ -12,7 +12,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from spendgate.operator.admission import InClusterApi, NativeSidecars
+from spendgate.operator.admission.server import NativeSidecars
+from spendgate.operator.kube.service_account import InClusterApi
 from tests.support.webhook_certs import WebhookCA
 
 

@@ -10,14 +10,14 @@ from typing import Any
 import jsonpatch
 import pytest
 
-from spendgate.operator.injection import (
+from spendgate.operator.admission.injection import (
     Injection,
+    InjectionDefaults,
     Refusal,
     escape,
     parse_quantity,
     plan_injection,
 )
-from spendgate.operator.settings import InjectionDefaults
 from tests.support.model_pods import (
     NAMESPACE,
     OPERATOR_NAMESPACE,

@@ -1,4 +1,4 @@
-"""Leader election on a coordination.k8s.io/v1 Lease (operator/leader.py), against the API
+"""Leader election on a coordination.k8s.io/v1 Lease (operator/runtime/leader.py), against the API
 emulator of tests/support/kube_emulator.py: several electors share one Lease like replicas would."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from typing import Any
 import kopf
 import pytest
 
-from spendgate.operator.kube import Conflict, KubeClient
-from spendgate.operator.leader import LeaderElector, LeaseConfig
+from spendgate.operator.kube.client import Conflict, KubeClient
+from spendgate.operator.runtime.leader import LeaderElector, LeaseConfig
 from tests.support.kube_emulator import Kubectl, KubeEmulator, started_emulator
 
 NS = "spendgate-system"

@@ -1,4 +1,4 @@
-"""spendgate.operator.alerts: a local webhook receiver that fails on purpose."""
+"""spendgate.operator.alerts.sender: a local webhook receiver that fails on purpose."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 
-from spendgate.operator.alerts import Alert, AlertSender, redact_url
+from spendgate.operator.alerts.sender import Alert, AlertSender, redact_url
 
 ALERT = Alert(
     kind="ThresholdCrossed",

@@ -1,4 +1,4 @@
-"""spendgate.operator.budgets: reconciliation, status, state machine and alert thresholds,
+"""spendgate.operator.budgets.reconcile: reconciliation, status, state machine and alert thresholds,
 against a real Redis and an in-memory Secret reader (no Kubernetes)."""
 
 from __future__ import annotations
@@ -19,21 +19,17 @@ from spendgate.keys import hash_api_key
 from spendgate.ledger import Account, Outcome
 from spendgate.models import BudgetState, CustomerBudget
 from spendgate.money import parse_amount
-from spendgate.operator import budgets as b
-from spendgate.operator import conditions as cond
-from spendgate.operator.budget_checks import parse_budget, pricebook_names, secret_names
-from spendgate.operator.budget_status import (
+from spendgate.operator.budgets import reconcile as b
+from spendgate.operator.budgets.checks import parse_budget, pricebook_names, secret_names
+from spendgate.operator.budgets.status import (
     Thresholds,
     account_conditions,
     budget_state,
     evaluate_thresholds,
 )
-from spendgate.operator.reconciling import (
-    EventSpec,
-    KubernetesUnavailable,
-    RedisUnavailable,
-    status_patch,
-)
+from spendgate.operator.kube import conditions as cond
+from spendgate.operator.kube.objects import EventSpec, status_patch
+from spendgate.operator.kube.retry import KubernetesUnavailable, RedisUnavailable
 from tests.support.redis_servers import RedisServer
 
 KEY = "sk-test-acme-0123456789"

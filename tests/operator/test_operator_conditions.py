@@ -1,4 +1,4 @@
-"""spendgate.operator.conditions: metav1.Condition bookkeeping."""
+"""spendgate.operator.kube.conditions: metav1.Condition bookkeeping."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from spendgate.operator import conditions as cond
+from spendgate.operator.kube import conditions as cond
 
 T0 = datetime(2025, 3, 1, 12, 0, 0, tzinfo=UTC)
 T1 = T0 + timedelta(minutes=5)

@@ -24,9 +24,9 @@ from spendgate.config_store import ConfigStore
 from spendgate.keys import hash_api_key
 from spendgate.ledger import Outcome
 from spendgate.money import parse_amount
-from spendgate.operator import conditions as cond
-from spendgate.operator.main import run_operator
-from spendgate.operator.settings import OperatorSettings
+from spendgate.operator.kube import conditions as cond
+from spendgate.operator.runtime.main import run_operator
+from spendgate.operator.runtime.settings import OperatorSettings
 from tests.support.kube_emulator import (
     API_CALLS,
     Kubectl,

@@ -18,11 +18,11 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from spendgate import cli
-from spendgate.operator import cli_args, handlers
-from spendgate.operator.kube import KubeClient
-from spendgate.operator.main import Health, run_operator
-from spendgate.operator.reconciling import KubernetesUnavailable
-from spendgate.operator.settings import OperatorSettings
+from spendgate.operator.kube.client import KubeClient
+from spendgate.operator.kube.retry import KubernetesUnavailable
+from spendgate.operator.runtime import cli_args, handlers
+from spendgate.operator.runtime.main import Health, run_operator
+from spendgate.operator.runtime.settings import OperatorSettings
 from tests.support.kube_emulator import started_emulator
 from tests.support.redis_servers import RedisServer
 
@@ -336,7 +336,7 @@ def test_sidecar_injection_defaults_from_env() -> None:
 def test_admission_runs_when_its_certificate_is_configured(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    from spendgate.operator.main import AdmissionService, default_services
+    from spendgate.operator.runtime.main import AdmissionService, default_services
 
     assert default_services(OperatorSettings()) == []
     assert "the admission webhook is disabled" in caplog.text
@@ -354,7 +354,7 @@ async def test_admission_is_served_beside_kopf_and_gates_readiness(
     stays ready when Redis is gone."""
     import ssl
 
-    from spendgate.operator.main import AdmissionService
+    from spendgate.operator.runtime.main import AdmissionService
     from tests.support.redis_servers import _free_ports
     from tests.support.webhook_certs import WebhookCA
 

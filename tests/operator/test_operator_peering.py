@@ -16,8 +16,8 @@ from typing import Any
 import kopf
 import pytest
 
-from spendgate.operator.main import run_operator
-from spendgate.operator.settings import OperatorSettings
+from spendgate.operator.runtime.main import run_operator
+from spendgate.operator.runtime.settings import OperatorSettings
 from tests.operator.test_operator_e2e import BUDGETS, NS, SECRETS, budget, secret
 from tests.support.kube_emulator import (
     API_CALLS,

@@ -1,4 +1,4 @@
-"""spendgate.operator.pricebooks against a real Redis."""
+"""spendgate.operator.pricebooks.reconcile against a real Redis."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest_asyncio
 import redis.asyncio
 
 from spendgate.config_store import ConfigStore
-from spendgate.operator import conditions as cond
-from spendgate.operator import pricebooks as p
+from spendgate.operator.kube import conditions as cond
+from spendgate.operator.pricebooks import reconcile as p
 
 
 def pricebook_body(generation: int = 1, **spec: Any) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Stripe in the budgets' reconciliation (operator/stripe_wiring.py through operator/budgets.py),
+"""Stripe in the budgets' reconciliation (operator/stripe/wiring.py through operator/budgets/),
 against a real Redis and in-memory Secrets: links, conflicts, status fields, deletion, and
 Stripe events as Kubernetes Events."""
 
@@ -15,12 +15,12 @@ import redis.asyncio
 
 from spendgate.config_store import ConfigStore
 from spendgate.ledger import Usage
-from spendgate.operator import budgets as b
-from spendgate.operator.budget_checks import parse_budget
-from spendgate.operator.kube import KubeClient
+from spendgate.operator.budgets import reconcile as b
+from spendgate.operator.budgets.checks import parse_budget
+from spendgate.operator.kube.client import KubeClient
 from spendgate.operator.stripe.exporter import EXPORT_CURSORS
 from spendgate.operator.stripe.mapping import STRIPE_CUSTOMERS, stripe_key
-from spendgate.operator.stripe_wiring import (
+from spendgate.operator.stripe.wiring import (
     LAG_STEP_S,
     PENDING_UNLINKS,
     UNLINK_GRACE_S,

@@ -24,16 +24,18 @@ import pytest_asyncio
 import redis.asyncio
 import stripe
 
-from spendgate.operator import metrics, stripe_wiring
-from spendgate.operator.injection import Injection, plan_injection
-from spendgate.operator.kube import KubeClient
-from spendgate.operator.services import BypassCheck
-from spendgate.operator.settings import InjectionDefaults, OperatorSettings
+from spendgate.operator.admission.injection import Injection, InjectionDefaults, plan_injection
+from spendgate.operator.admission.services import METER_BYPASSES, BypassCheck
+from spendgate.operator.kube.client import KubeClient
+from spendgate.operator.runtime import metrics
+from spendgate.operator.runtime.settings import OperatorSettings
+from spendgate.operator.stripe import metrics as stripe_metrics
+from spendgate.operator.stripe import wiring as stripe_wiring
+from spendgate.operator.stripe.budget_import import BudgetImport, load_import_template
 from spendgate.operator.stripe.client import StripeGateway
 from spendgate.operator.stripe.settings import StripeSettings
 from spendgate.operator.stripe.sync import kubernetes_name
-from spendgate.operator.stripe_import import BudgetImport, load_import_template
-from spendgate.operator.stripe_wiring import PENDING_UNLINKS
+from spendgate.operator.stripe.wiring import PENDING_UNLINKS
 from tests.operator.test_operator_e2e import BUDGETS, NS, SECRETS, budget, running_operator, secret
 from tests.support.kube_emulator import Kubectl, started_emulator
 from tests.support.model_pods import vllm_pod
@@ -119,7 +121,7 @@ async def test_the_leader_warns_about_services_that_bypass_the_meter(redis_url: 
         assert event["involvedObject"]["uid"] == direct["metadata"]["uid"]  # type: ignore[index]
         assert "targetPort: spendgate" in event["message"]
         assert event["reportingComponent"] == "spendgate-operator"
-        assert metrics.METER_BYPASSES._value.get() == 2
+        assert METER_BYPASSES._value.get() == 2
         assert metrics.LEADER._value.get() == 1
     lease = env.kubectl.get(LEASES, OPERATOR_NS, "spendgate-leader")
     assert lease is not None and "holderIdentity" not in lease["spec"]  # released on shutdown
@@ -189,8 +191,8 @@ async def test_stripe_in_the_running_operator(
             SECRETS, stripe_secret(**{"api-key": API_KEY, "webhook-secret": WEBHOOK_SECRET})
         )
 
-    accepted = metrics.STRIPE_WEBHOOKS.labels("accepted")._value.get()
-    rejected = metrics.STRIPE_WEBHOOKS.labels("rejected")._value.get()
+    accepted = stripe_metrics.STRIPE_WEBHOOKS.labels("accepted")._value.get()
+    rejected = stripe_metrics.STRIPE_WEBHOOKS.labels("rejected")._value.get()
     async with running_operator(
         redis_url, before=cluster, stripe=settings, lease_retry_s=0.2, shutdown_drain_s=0
     ) as env:
@@ -228,9 +230,9 @@ async def test_stripe_in_the_running_operator(
                 "refresh.spendgate.dev/trigger"
             ]
         )
-        assert metrics.STRIPE_WEBHOOKS.labels("accepted")._value.get() == accepted + 1
-        assert metrics.STRIPE_WEBHOOKS.labels("rejected")._value.get() == rejected + 1
-        assert metrics.STRIPE_CONFIGURED._value.get() == 1
+        assert stripe_metrics.STRIPE_WEBHOOKS.labels("accepted")._value.get() == accepted + 1
+        assert stripe_metrics.STRIPE_WEBHOOKS.labels("rejected")._value.get() == rejected + 1
+        assert stripe_metrics.STRIPE_CONFIGURED._value.get() == 1
 
         # Another budget claiming the same Stripe customer: applied, but not linked.
         await env.kubectl.create(SECRETS, secret("copy-keys", "sk-e2e-copy-0123456789abcdef"))
@@ -266,7 +268,7 @@ async def test_stripe_without_its_secret_leaves_the_rest_running(
         await env.kubectl.create(SECRETS, secret())
         await env.kubectl.create(BUDGETS, budget())
         await env.wait(lambda: (env.ready() or {}).get("status") == "True", "Ready")
-        assert metrics.STRIPE_CONFIGURED._value.get() == 0
+        assert stripe_metrics.STRIPE_CONFIGURED._value.get() == 0
         with pytest.raises(aiohttp.ClientConnectionError):  # the receiver waits for its keys
             await post_event(settings, make_event("invoice.paid", {}))
         # The Secret arrives after the install: Stripe starts without a restart.
@@ -274,7 +276,7 @@ async def test_stripe_without_its_secret_leaves_the_rest_running(
         await env.kubectl.create(
             SECRETS, stripe_secret(**{"api-key": API_KEY, "webhook-secret": WEBHOOK_SECRET})
         )
-        await env.wait(lambda: metrics.STRIPE_CONFIGURED._value.get() == 1, "configured")
+        await env.wait(lambda: stripe_metrics.STRIPE_CONFIGURED._value.get() == 1, "configured")
         assert await post_event(settings, make_event("invoice.paid", {"id": "in_x"})) == 200
 
 
@@ -312,7 +314,7 @@ async def test_bypass_check_of_watched_namespaces() -> None:
                 {"spec": {"ports": [{"port": 80, "targetPort": 8080}]}},
             )
             assert await check.check() == 0 and check.warned == {}
-            assert metrics.METER_BYPASSES._value.get() == 0
+            assert METER_BYPASSES._value.get() == 0
         finally:
             await kube.aclose()
 
@@ -415,8 +417,8 @@ async def test_marked_stripe_customers_become_budgets_and_stay_when_deleted_in_s
         await kubectl.create(SECRETS, secret())
         await kubectl.create(BUDGETS, budget(stripe={"customerId": taken}))
 
-    created = metrics.STRIPE_IMPORTS.labels("created")._value.get()
-    skipped = metrics.STRIPE_IMPORTS.labels("skipped")._value.get()
+    created = stripe_metrics.STRIPE_IMPORTS.labels("created")._value.get()
+    skipped = stripe_metrics.STRIPE_IMPORTS.labels("skipped")._value.get()
     async with running_operator(
         redis_url, before=cluster, stripe=settings, lease_retry_s=0.2, shutdown_drain_s=0
     ) as env:
@@ -440,14 +442,14 @@ async def test_marked_stripe_customers_become_budgets_and_stay_when_deleted_in_s
 
         # Import rounds go on (every 0.3 s): nothing twice, nothing for the others.
         await env.wait(
-            lambda: metrics.STRIPE_IMPORTS.labels("skipped")._value.get() >= skipped + 4,
+            lambda: stripe_metrics.STRIPE_IMPORTS.labels("skipped")._value.get() >= skipped + 4,
             "more import rounds",
         )
         assert [b["metadata"]["name"] for b in imported_budgets(env.kubectl)] == [name]
-        assert metrics.STRIPE_IMPORTS.labels("created")._value.get() == created + 1
+        assert stripe_metrics.STRIPE_IMPORTS.labels("created")._value.get() == created + 1
         assert naming(env.kubectl, taken) == ["acme"]
         assert naming(env.kubectl, unmarked) == []
-        assert metrics.STRIPE_IMPORT_LAST_SUCCESS._value.get() > 0
+        assert stripe_metrics.STRIPE_IMPORT_LAST_SUCCESS._value.get() > 0
 
         # Deleted in Stripe: suspended by the leader's reconciliation; budget and ledger stay.
         await env.store.ledger.settle("acme-gpu", "req-1", 1_000_000)
@@ -455,9 +457,9 @@ async def test_marked_stripe_customers_become_budgets_and_stay_when_deleted_in_s
         await env.wait(lambda: env.status(name).get("state") == "Suspended", "Suspended")
         account = await env.store.ledger.account("acme-gpu")
         assert "stripe-deleted" in account.suspensions and account.configured
-        rounds = metrics.STRIPE_IMPORTS.labels("skipped")._value.get()
+        rounds = stripe_metrics.STRIPE_IMPORTS.labels("skipped")._value.get()
         await env.wait(
-            lambda: metrics.STRIPE_IMPORTS.labels("skipped")._value.get() >= rounds + 2,
+            lambda: stripe_metrics.STRIPE_IMPORTS.labels("skipped")._value.get() >= rounds + 2,
             "more import rounds after the deletion",
         )
         assert env.budget(name) is not None
@@ -495,7 +497,7 @@ async def test_importing_again_creates_no_duplicate(
             template=load_import_template(settings),
             instance="op-0",
         )
-        failed = metrics.STRIPE_IMPORTS.labels("failed")._value.get()
+        failed = stripe_metrics.STRIPE_IMPORTS.labels("failed")._value.get()
         try:
             first = await importer.import_once(gateway)
             assert first.created == [f"{NS}/{kubernetes_name(marked)}"]
@@ -506,7 +508,7 @@ async def test_importing_again_creates_no_duplicate(
                 " budget that does not name this Stripe customer"
             )
             assert misfits.startswith(f"{misfit}: ") and "spec.balance" in misfits
-            assert metrics.STRIPE_IMPORTS.labels("failed")._value.get() == failed + 2
+            assert stripe_metrics.STRIPE_IMPORTS.labels("failed")._value.get() == failed + 2
 
             again = await importer.import_once(gateway)  # listed: skipped before any POST
             assert (again.created, again.skipped) == ([], [marked])

@@ -6,9 +6,8 @@ from typing import Any
 
 import jsonpatch
 
-from spendgate.operator.injection import Injection, plan_injection
-from spendgate.operator.service_check import bypassing_services
-from spendgate.operator.settings import InjectionDefaults
+from spendgate.operator.admission.injection import Injection, InjectionDefaults, plan_injection
+from spendgate.operator.admission.service_check import bypassing_services
 from tests.support.model_pods import NAMESPACE, OPERATOR_NAMESPACE, triton_pod, vllm_pod
 
 

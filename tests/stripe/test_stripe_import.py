@@ -12,9 +12,10 @@ import pytest
 
 from spendgate import cli
 from spendgate.cli import UsageError
-from spendgate.operator import cli_args
-from spendgate.operator.main import run_operator
-from spendgate.operator.settings import OperatorSettings
+from spendgate.operator.runtime import cli_args
+from spendgate.operator.runtime.main import run_operator
+from spendgate.operator.runtime.settings import OperatorSettings
+from spendgate.operator.stripe.budget_import import TemplateFile, load_import_template
 from spendgate.operator.stripe.settings import StripeSettings
 from spendgate.operator.stripe.sync import (
     SOURCE_LABEL,
@@ -24,7 +25,6 @@ from spendgate.operator.stripe.sync import (
     load_template,
     validate_template,
 )
-from spendgate.operator.stripe_import import TemplateFile, load_import_template
 
 GOOD = """\
 apiVersion: spendgate.dev/v1alpha1

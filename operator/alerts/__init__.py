@@ -1,0 +1,1 @@
+"""Outgoing alerts: Slack-compatible JSON to a webhook URL, retried, never blocking."""

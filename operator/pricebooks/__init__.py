@@ -1,0 +1,1 @@
+"""PriceBook reconciliation: validate, store in Redis, report Ready."""
