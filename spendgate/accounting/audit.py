@@ -13,6 +13,7 @@ For each customer, from one atomic snapshot of its Redis state plus the ledger u
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from dataclasses import dataclass, field
 from importlib import resources
@@ -24,6 +25,7 @@ from .abnormal import state_key
 from .entries import LedgerEntry, entry_ms, scan
 
 TRIM_BATCH = 5_000
+AUDIT_ATTEMPTS = 10
 
 
 def ledger_base_key(customer_id: str) -> str:
@@ -143,13 +145,18 @@ async def _snapshot(redis: Any, customer_id: str) -> list[Any]:
 async def audit_customer(
     redis: Any, customer_id: str, currency: str | None, *, now_ms: int
 ) -> CustomerAudit:
-    """Check every invariant of one customer; retried once if the ledger was trimmed while it
+    """Check every invariant of one customer; read again if the ledger was trimmed while it
     was being read (the exporter trims concurrently)."""
-    for _attempt in range(3):
+    for attempt in range(AUDIT_ATTEMPTS):
         audit, base_upto = await _audit_once(redis, customer_id, currency, now_ms)
         after = await redis.hget(ledger_base_key(customer_id), "upto")
         if (_text(after) if after is not None else "") == base_upto:
             return audit
+        await asyncio.sleep(0.02 * (attempt + 1))
+    audit.fail(
+        "inconclusive",
+        f"the ledger was trimmed during each of {AUDIT_ATTEMPTS} attempts to read it",
+    )
     return audit
 
 
