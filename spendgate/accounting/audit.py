@@ -113,6 +113,7 @@ class _Sums:
         self.entries += 1
         if entry.kind == "usage":
             self.charged += entry.cost or 0
+            self.absorbed += entry.absorbed or 0
         elif entry.kind == "fund":
             self.funded += entry.amount or 0
         elif entry.kind == "adjust" and entry.source == "spec":
@@ -225,6 +226,7 @@ async def _audit_once(
         ("adjusted", adjusted),
         ("spec", spec),
         ("charged", charged),
+        ("absorbed", acct.get("absorbed", 0)),
     ):
         on_ledger = getattr(base_sums, name) + getattr(retained, name)
         if on_ledger != account_value:
@@ -284,6 +286,7 @@ async def _audit_once(
         "adjusted": _money(adjusted),
         "opening": _money(spec),
         "charged": _money(charged),
+        "absorbed": _money(acct.get("absorbed", 0)),
         "liveHolds": len(holds),
         "entries": {"retained": retained.entries, "trimmed": base_sums.entries},
     }

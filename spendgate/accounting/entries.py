@@ -20,11 +20,12 @@ LEDGER_SCHEMA_VERSION = 1
 PAGE = 1000
 
 # Every kind a ledger entry can have today. Unknown kinds are kept and shown as they are:
-# a newer writer may add one before this reader knows it.
+# a newer writer may add one before this reader knows it. "absorbed" selects usage entries
+# whose cost went beyond the request's bound (the excess is their ``absorbed`` field).
 KINDS = ("fund", "adjust", "usage", "absorbed")
 
 # Fields with a meaning of their own in an entry; everything else stays in ``extra``.
-_MONEY_FIELDS = ("cost", "estimate", "amount", "balance")
+_MONEY_FIELDS = ("cost", "estimate", "absorbed", "amount", "balance")
 _INT_FIELDS = ("input_tokens", "output_tokens", "upstream_ms")
 _TEXT_FIELDS = (
     "request_id", "funding_id", "key", "model", "outcome", "pod", "rule", "source", "note",
@@ -66,6 +67,7 @@ class LedgerEntry:
     note: str = ""
     cost: int | None = None
     estimate: int | None = None
+    absorbed: int | None = None
     amount: int | None = None
     balance: int | None = None
     input_tokens: int | None = None
@@ -144,7 +146,8 @@ class EntryFilter:
             return False
         if self.until_ms is not None and entry.ts_ms >= self.until_ms:
             return False
-        if self.kinds and entry.kind not in self.kinds:
+        over_bound = "absorbed" in self.kinds and entry.kind == "usage" and bool(entry.absorbed)
+        if self.kinds and entry.kind not in self.kinds and not over_bound:
             return False
         if self.keys and entry.key not in self.keys:
             return False

@@ -30,6 +30,7 @@ for _, entry in ipairs(entries) do
   local kind = f['type']
   if kind == 'usage' then
     sums.charged = sums.charged + (tonumber(f['cost']) or 0)
+    sums.absorbed = sums.absorbed + (tonumber(f['absorbed']) or 0)
   elseif kind == 'fund' then
     sums.funded = sums.funded + (tonumber(f['amount']) or 0)
   elseif kind == 'adjust' and f['source'] == 'spec' then

@@ -1,7 +1,8 @@
 """Usage totals: requests, tokens, cost and refusals, grouped by customer, key, model, time.
 
-Settled usage comes from the ledger (``usage`` entries; ``absorbed`` entries add to the
-absorbed total, never to cost), refusals from the per-hour counters of ``refusals``.
+Settled usage comes from the ledger (``usage`` entries; what a model used beyond the
+request's bound is their ``absorbed`` field, never part of the cost), refusals from the
+per-hour counters of ``refusals``.
 The numbers cover what the ledger retains: a Stripe-linked budget's ledger is trimmed after
 export (see docs/ledger.md).
 """
@@ -42,6 +43,7 @@ class Totals:
         self.input_tokens += entry.input_tokens or 0
         self.output_tokens += entry.output_tokens or 0
         self.cost += entry.cost or 0
+        self.absorbed += entry.absorbed or 0
 
     def add_absorbed(self, entry: LedgerEntry) -> None:
         self.absorbed += entry.amount if entry.amount is not None else (entry.cost or 0)
@@ -123,8 +125,8 @@ async def usage_rows(
             table[group] = (currency, Totals())
         return table[group][1]
 
-    money_kinds = {"usage", "absorbed"}
-    wanted = selection.kinds & money_kinds if selection.kinds else money_kinds
+    money_kinds = {"usage", "absorbed"}  # "absorbed": a kind of its own in older ledgers
+    wanted = money_kinds
     scan_filter = EntryFilter(
         selection.since_ms, selection.until_ms, selection.keys, selection.models, frozenset(wanted)
     )

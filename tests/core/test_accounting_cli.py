@@ -236,6 +236,21 @@ def test_usage_table_and_filters(
     assert code == 0 and "no usage in this range" in out  # the data is three days old
 
 
+def test_absorbed_usage_is_shown_and_selected(
+    target: tuple[str, bool], known: Known, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fields = {"type": "usage", "request_id": "req-over", "key": "prod", "model": "llama-3",
+              "cost": "1000", "absorbed": "250", "ts": str(T0 + 120_000)}  # fmt: skip
+    on_redis(target, lambda c: c.xadd(for_customer("acme").ledger, fields))
+    code, out, _ = run(
+        capsys, "ledger", "acme", "--kind", "absorbed", "--json", *redis_args(target)
+    )
+    assert code == 0 and [json.loads(line)["absorbed"] for line in out.splitlines()] == ["0.00025"]
+    code, out, _ = run(capsys, "usage", "acme", "--format", "json", *SINCE, *redis_args(target))
+    row = json.loads(out)
+    assert (row["requests"], row["cost"], row["absorbed"]) == (5, "5.751", "0.00025")
+
+
 def test_usage_bad_groups_exit_2(redis_url: str, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run(capsys, "usage", "--by", "planet", "--redis", redis_url)
     assert code == 2 and "cannot group by planet" in err

@@ -194,3 +194,30 @@ async def test_no_false_mismatch_under_concurrent_traffic_and_trimming(client: A
         stop.set()
         await asyncio.gather(*tasks)
     assert (await audit(client)).ok
+
+
+async def _absorbed_entry(client: Any) -> None:
+    """A usage entry whose model went beyond its bound, as settle records it."""
+    fields = {"type": "usage", "request_id": "req-over", "key": "prod", "cost": "1000",
+              "estimate": "1000", "absorbed": "250", "ts": "1"}  # fmt: skip
+    await client.xadd(ACME.ledger, fields)
+    for name, change in (("charged", 1000), ("balance", -1000), ("absorbed", 250)):
+        await client.hincrby(ACME.acct, name, change)
+
+
+async def test_absorbed_adds_up_and_is_checked(client: Any) -> None:
+    await _absorbed_entry(client)
+    result = await audit(client)
+    assert result.ok, result.mismatches
+    assert result.figures["absorbed"] == "0.00025"
+    await client.hincrby(ACME.acct, "absorbed", 1)
+    assert checks(await audit(client)) == {"ledger"}
+
+
+async def test_trim_counts_absorbed(client: Any) -> None:
+    await _absorbed_entry(client)
+    ms, seq = (await last_id(client, "acme")).split("-")
+    await trim_ledger(client, "acme", f"{ms}-{int(seq) + 1}")  # everything
+    assert not await client.xrange(ACME.ledger)
+    assert (await client.hget(ledger_base_key("acme"), "absorbed")) == b"250"
+    assert (await audit(client)).ok
