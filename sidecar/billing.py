@@ -32,6 +32,7 @@ class Metered:
     input_tokens: int = 0  # the bound (or exact count) the hold was computed with
     output_limit: int | None = None  # the output limit the request was sent with
     output_change: str | None = None  # why the sidecar set that limit (None: the client's own)
+    available: int | None = None  # what the customer could still spend after the hold
     started: float = field(default_factory=time.monotonic)
     upstream_started: float = 0.0
     cut_off: bool = False

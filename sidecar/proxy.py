@@ -45,11 +45,13 @@ from spendgate.pricing import (
 from . import errors
 from .billing import Metered, measure, price_outcome
 from .config_cache import ConfigCache
+from .customer_view import BALANCE_PATH, CustomerView, admission_headers, final_cost_headers
 from .expression_pricing import report_cost_error
 from .headers import extract_api_key, forward_headers, response_headers
 from .metering import ResponseTap, sse_error_event
 from .metrics import SidecarMetrics
 from .reconcile import PendingCharge, PendingCharges
+from .refusal_counts import RefusalCounter
 from .settings import FailMode, SidecarSettings
 
 log = logging.getLogger("spendgate.sidecar")
@@ -89,7 +91,11 @@ class Proxy:
         metrics: SidecarMetrics,
         pending: PendingCharges,
         session: aiohttp.ClientSession,
+        customer_view: CustomerView | None = None,
     ) -> None:
+        self.customer_view = customer_view or CustomerView(
+            ledger, config, metrics, RefusalCounter(ledger.redis)
+        )
         self.settings = settings
         self.ledger = ledger
         self.config = config
@@ -103,6 +109,8 @@ class Proxy:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         received = time.perf_counter()
+        if request.path == BALANCE_PATH:
+            return await self.customer_view.balance(request)
         try:
             metered = await self._admit(request)
         except _Refused as refused:
@@ -181,7 +189,9 @@ class Proxy:
                     "price book currency differs from the budget's",
                     extra={"customer": owner.customer_id, "budget_currency": reservation.detail},
                 )
-            raise self._refuse(reservation.outcome.value, errors.refusal(reservation))
+            outcome = reservation.outcome.value
+            self.customer_view.refused(owner.customer_id, owner.key_name, outcome, facts.model)
+            raise self._refuse(outcome, errors.refusal(reservation))
         self.metrics.decisions.labels("admitted" if reservation else "fail_open").inc()
         held = reservation.estimate if reservation is not None else bound.hold
         output_limit = form.output_for(bound, held)
@@ -200,6 +210,7 @@ class Proxy:
             reserved=reservation is not None,
             body=body,
             rate=reservation.rate if reservation is not None else None,
+            available=reservation.available if reservation is not None else None,
             input_tokens=bound.input_tokens,
             output_limit=output_limit,
             output_change=clamped,
@@ -344,6 +355,7 @@ class Proxy:
     ) -> web.StreamResponse:
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
         response.headers.update(response_headers(upstream))
+        admission_headers(response.headers, metered.currency, metered.hold, metered.available)
         response.headers["X-Spendgate-Request-Id"] = metered.request_id
         response.headers.update(errors.rate_limit_headers(metered.rate))
         if metered.output_change is not None:
@@ -425,7 +437,8 @@ class Proxy:
         response = web.Response(status=stream.status, reason=stream.reason, body=body)
         response.headers.update(stream.headers)
         outcome = "ok" if upstream.status < 400 else "upstream_status"
-        self._finish(metered, upstream, tap, outcome=outcome)
+        cost = self._finish(metered, upstream, tap, outcome=outcome)
+        final_cost_headers(response.headers, metered.hold, metered.available, cost)
         return response
 
     async def _write_paid(
@@ -502,7 +515,8 @@ class Proxy:
         tap: ResponseTap | None,
         *,
         outcome: str,
-    ) -> None:
+    ) -> int:
+        """Price how the request ended and settle it in the background; returns the cost."""
         headers = upstream.headers if upstream is not None else None
         measured = measure(metered, headers, tap, self._usage_headers())
         status = upstream.status if upstream is not None else 0
@@ -516,6 +530,7 @@ class Proxy:
         task = asyncio.create_task(self._settle(metered, cost, usage))
         self.background.add(task)
         task.add_done_callback(self.background.discard)
+        return cost
 
     def _usage_headers(self) -> UsageHeaders:
         pricebook = self.config.pricebook

@@ -115,6 +115,8 @@ class Sidecar:
             await asyncio.wait(self.proxy.background, timeout=self.settings.drain_timeout_s)
         await self.sweep.stop()
         await self.pending.stop(timeout_s=self.settings.drain_timeout_s)
+        if self.proxy is not None:
+            await self.proxy.customer_view.refusals.stop()
         await self.config.stop()
         if self.session is not None:
             await self.session.close()

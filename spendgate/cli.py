@@ -29,14 +29,13 @@ from spendgate.sidecar.money_args import overrides as money_path_overrides
 from spendgate.sidecar.settings import FailMode, SidecarSettings
 
 from . import redis_connect
+from .accounting.balance import balance_view
 from .config_store import ConfigStore
 from .keys import check_customer_id
 from .ledger import Account, Ledger, LedgerError, check_request_id
 from .logs import redact, setup_logging
 from .manifests import ApplyError, apply_resources, dry_run_results, load_resources
-from .models import BudgetState, Mode
 from .money import AmountError, format_amount, parse_amount
-from .periods import current_period
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_LISTEN = "0.0.0.0:8080"
@@ -168,31 +167,7 @@ async def cmd_credit(ns: argparse.Namespace) -> int:
 
 def balance_report(account: Account, now_ms: int) -> dict[str, Any]:
     """What ``spendgate balance`` shows; amounts as decimal strings."""
-    account = current_period(account, now_ms)
-    reasons = [f"{source}: {reason}" for source, reason in sorted(account.suspensions.items())]
-    if reasons:
-        state = BudgetState.suspended
-    elif account.available <= 0:
-        state = BudgetState.exhausted
-        noun = "spend cap" if account.mode == Mode.capped or account.limit else "balance"
-        reasons = [f"no {noun} available"]
-    else:
-        state = BudgetState.active
-    report: dict[str, Any] = {
-        "customerId": account.customer_id,
-        "state": state.value,
-        "reasons": reasons,
-        "currency": account.currency,
-        "mode": account.mode,
-        "balance": format_amount(account.balance),
-        "held": format_amount(account.held),
-        "available": format_amount(account.available),
-        "spentThisPeriod": format_amount(account.spent),
-    }
-    if account.limit:
-        report["limit"] = format_amount(account.limit)
-        report["period"] = account.period
-    return report
+    return balance_view(account, now_ms)
 
 
 async def cmd_balance(ns: argparse.Namespace) -> int:
