@@ -35,23 +35,19 @@ from spendgate.keys import CONFIG_CHANNEL, for_customer
 from spendgate.ledger import Ledger
 
 from .client import StripeGateway, to_dict
+from .currency import minor_to_micros
+from .links import SRC_PAYMENT_METHOD, Link, linked_customers, resolve_link, stripe_key
 from .mapping import (
-    SRC_PAYMENT_METHOD,
     Action,
     Adjust,
     CheckPaymentMethods,
     Fund,
-    Link,
     Notify,
     RefundTopup,
     ReverseGrant,
     SetAccess,
     actions_for_event,
     event_stripe_customer,
-    linked_customers,
-    minor_to_micros,
-    resolve_link,
-    stripe_key,
 )
 from .settings import StripeSettings
 

@@ -44,7 +44,7 @@ from ..kube.client import GROUP, VERSION, KubeClient
 from ..kube.retry import KubernetesUnavailable
 from . import metrics
 from .client import StripeGateway
-from .mapping import linked_customers
+from .links import linked_customers
 from .settings import StripeSettings
 from .sync import (
     CUSTOMER_ANNOTATION,

@@ -57,7 +57,8 @@ from spendgate.loops import run_every
 
 from .apply import OnEvent
 from .client import StripeGateway, idempotency_key, is_permanent_rejection, to_dict
-from .mapping import linked_customers, load_link, micros_to_minor_ceil
+from .currency import micros_to_minor_ceil
+from .links import linked_customers, load_link
 from .settings import StripeSettings
 
 log = logging.getLogger("spendgate.operator.stripe")

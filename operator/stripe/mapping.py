@@ -1,16 +1,7 @@
-"""Which budget a Stripe object belongs to, and what a Stripe event does to it.
+"""What a Stripe event does to a budget. Pure: no I/O.
 
-Redis (written by :func:`link_budget`, which the operator calls whenever it reconciles a
-CustomerBudget that has ``spec.stripe``; :func:`unlink_budget` when the link or the budget goes):
-
-- ``sg:stripe:customers`` (hash): Stripe customer id ``cus_...`` -> spendgate ``customerId``.
-- ``sg:{customerId}:stripe`` (hash, the customer's slot): the link (``customer``,
-  ``subscription``, ``currency``, ``mode``, ``limit``, the Stripe-relevant policy), and the
-  state of the state machine: ``ts:<source>`` (Stripe ``created`` of the last applied state
-  event per suspension source), ``grace:<source>`` (``deadline_ms|reason`` of a pending
-  suspension), ``refunded:<charge>`` (refund total already taken back).
-
-Everything else here is pure: :func:`actions_for_event` (an event, as a dict, and the budget's
+Which budget a Stripe object belongs to is kept in Redis by :mod:`.links`; amounts are
+converted by :mod:`.currency`. :func:`actions_for_event` (an event, as a dict, and the budget's
 :class:`Link` -> a list of actions) and :func:`grant_actions` / :func:`subscription_actions` /
 :func:`invoice_actions`, which reconciliation reuses on objects it pulls. ``apply.py`` carries
 the actions out, idempotently.
@@ -27,19 +18,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from spendgate.keys import for_customer
-from spendgate.models import CustomerBudgetSpec
-
+from .currency import currency_matches, minor_to_micros
+from .links import (
+    SRC_DELETED,
+    SRC_DISPUTE,
+    SRC_PAYMENT,
+    SRC_PAYMENT_METHOD,
+    SRC_SUBSCRIPTION,
+    Link,
+)
 from .settings import StripeSettings
-
-STRIPE_CUSTOMERS = "sg:stripe:customers"
-
-SRC_PAYMENT = "payment"
-SRC_SUBSCRIPTION = "subscription"
-SRC_DISPUTE = "dispute"
-SRC_DELETED = "stripe-deleted"
-SRC_PAYMENT_METHOD = "payment-method"
-SOURCES = (SRC_PAYMENT, SRC_SUBSCRIPTION, SRC_DISPUTE, SRC_DELETED, SRC_PAYMENT_METHOD)
 
 # Every event type the receiver acts on (configure the Stripe webhook endpoint with these).
 HANDLED_EVENTS = (
@@ -70,197 +58,6 @@ HANDLED_EVENTS = (
 
 SUSPENDING_SUBSCRIPTION_STATUSES = frozenset({"unpaid", "canceled", "paused", "incomplete_expired"})
 ACTIVE_SUBSCRIPTION_STATUSES = frozenset({"active", "trialing"})
-
-# Stripe's currencies whose minor unit is not 1/100 of the unit.
-ZERO_DECIMAL = frozenset(
-    [
-        "bif",
-        "clp",
-        "djf",
-        "gnf",
-        "jpy",
-        "kmf",
-        "krw",
-        "mga",
-        "pyg",
-        "rwf",
-        "ugx",
-        "vnd",
-        "vuv",
-        "xaf",
-        "xof",
-        "xpf",
-    ]
-)
-THREE_DECIMAL = frozenset(["bhd", "jod", "kwd", "omr", "tnd"])
-
-
-class StripeLinkConflict(ValueError):
-    """Two budgets claim the same Stripe customer."""
-
-
-# --------------------------------------------------------------------------- link
-
-
-def stripe_key(customer_id: str) -> str:
-    """``sg:{customerId}:stripe``: the link and the state machine's state (same slot as susp)."""
-    return f"{for_customer(customer_id).tag}:stripe"
-
-
-@dataclass(frozen=True)
-class Link:
-    """What the Stripe code needs to know about a budget (stored by :func:`link_budget`)."""
-
-    customer_id: str
-    stripe_customer: str
-    currency: str
-    subscription: str | None = None
-    mode: str = "prepaid"
-    limit: int = 0
-    on_payment_failure: str = "suspend"  # suspend | grace | alert
-    grace_ms: int = 0
-    suspend_on_dispute: bool = True
-    require_payment_method: bool = False
-
-    @classmethod
-    def from_spec(cls, spec: CustomerBudgetSpec) -> Link:
-        if spec.stripe is None:
-            raise ValueError(f"budget {spec.customer_id} has no spec.stripe")
-        policy = spec.policy
-        return cls(
-            customer_id=spec.customer_id,
-            stripe_customer=spec.stripe.customer_id,
-            subscription=spec.stripe.subscription_id,
-            currency=spec.currency,
-            mode=spec.mode.value,
-            limit=spec.limit or 0,
-            on_payment_failure=policy.on_payment_failure.action.value,
-            grace_ms=policy.on_payment_failure.grace_period or 0,
-            suspend_on_dispute=policy.suspend_on_dispute,
-            require_payment_method=policy.require_payment_method,
-        )
-
-    def fields(self) -> dict[str, str]:
-        return {
-            "customer": self.stripe_customer,
-            "subscription": self.subscription or "",
-            "currency": self.currency,
-            "mode": self.mode,
-            "limit": str(self.limit),
-            "on_payment_failure": self.on_payment_failure,
-            "grace_ms": str(self.grace_ms),
-            "suspend_on_dispute": "1" if self.suspend_on_dispute else "0",
-            "require_payment_method": "1" if self.require_payment_method else "0",
-        }
-
-    @classmethod
-    def from_fields(cls, customer_id: str, raw: Mapping[Any, Any]) -> Link | None:
-        data = {_text(k): _text(v) for k, v in raw.items()}
-        if not data.get("customer"):
-            return None
-        return cls(
-            customer_id=customer_id,
-            stripe_customer=data["customer"],
-            subscription=data.get("subscription") or None,
-            currency=data.get("currency", ""),
-            mode=data.get("mode", "prepaid"),
-            limit=int(data.get("limit") or 0),
-            on_payment_failure=data.get("on_payment_failure", "suspend"),
-            grace_ms=int(data.get("grace_ms") or 0),
-            suspend_on_dispute=data.get("suspend_on_dispute", "1") == "1",
-            require_payment_method=data.get("require_payment_method") == "1",
-        )
-
-
-LINK_FIELDS = tuple(Link("x", "cus_x", "USD").fields())
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-async def link_budget(redis: Any, spec: CustomerBudgetSpec) -> Link | None:
-    """Record (or refresh) a budget's Stripe link; call on every reconcile of a CustomerBudget.
-
-    Raises :class:`StripeLinkConflict` when another customerId already holds the Stripe
-    customer. A budget without ``spec.stripe`` is unlinked. With ``requirePaymentMethod`` and
-    nothing known yet about the customer's payment methods, the budget is suspended (source
-    ``payment-method``, state ``PendingPaymentMethod``) until an event or a reconciliation
-    shows one.
-    """
-    if spec.stripe is None:
-        await unlink_budget(redis, spec.customer_id)
-        return None
-    link = Link.from_spec(spec)
-    holder = await redis.hget(STRIPE_CUSTOMERS, link.stripe_customer)
-    if holder is not None and _text(holder) != link.customer_id:
-        raise StripeLinkConflict(
-            f"Stripe customer {link.stripe_customer} is already linked to customerId"
-            f" {_text(holder)!r}; one Stripe customer pays for one budget"
-        )
-    key = stripe_key(link.customer_id)
-    previous = await redis.hget(key, "customer")
-    if previous is not None and _text(previous) != link.stripe_customer:
-        # Re-linked to another Stripe customer: the old one's deletion no longer applies.
-        await redis.hdel(STRIPE_CUSTOMERS, _text(previous))
-        await redis.hdel(for_customer(link.customer_id).suspensions, SRC_DELETED)
-        await redis.hdel(key, f"ts:{SRC_DELETED}")
-    await redis.hset(STRIPE_CUSTOMERS, link.stripe_customer, link.customer_id)
-    await redis.hset(key, mapping=link.fields())
-    susp = for_customer(link.customer_id).suspensions
-    if link.require_payment_method:
-        if not await redis.hexists(key, f"ts:{SRC_PAYMENT_METHOD}"):
-            await redis.hsetnx(susp, SRC_PAYMENT_METHOD, "no payment method on file in Stripe yet")
-    else:
-        await redis.hdel(susp, SRC_PAYMENT_METHOD)
-        await redis.hdel(key, f"ts:{SRC_PAYMENT_METHOD}")
-    return link
-
-
-async def unlink_budget(redis: Any, customer_id: str) -> None:
-    """Forget a budget's Stripe link (its state and suspensions stay, as does the ledger)."""
-    key = stripe_key(customer_id)
-    previous = await redis.hget(key, "customer")
-    if previous is not None:
-        holder = await redis.hget(STRIPE_CUSTOMERS, _text(previous))
-        if holder is not None and _text(holder) == customer_id:
-            await redis.hdel(STRIPE_CUSTOMERS, _text(previous))
-    await redis.hdel(key, *LINK_FIELDS)
-    await redis.hdel(for_customer(customer_id).suspensions, SRC_PAYMENT_METHOD)
-
-
-async def load_link(redis: Any, customer_id: str) -> Link | None:
-    return Link.from_fields(customer_id, await redis.hgetall(stripe_key(customer_id)))
-
-
-async def linked_customers(redis: Any) -> dict[str, str]:
-    """customerId -> Stripe customer id, for every linked budget."""
-    raw = await redis.hgetall(STRIPE_CUSTOMERS)
-    return {_text(cid): _text(cus) for cus, cid in raw.items()}
-
-
-async def resolve_link(
-    redis: Any,
-    stripe_customer: str | None,
-    metadata: Any,
-    settings: StripeSettings,
-) -> Link | None:
-    """The budget a Stripe object belongs to: by its customer id, else by metadata
-    (``settings.customer_metadata_key`` = customerId, for objects without a customer)."""
-    if stripe_customer:
-        cid = await redis.hget(STRIPE_CUSTOMERS, stripe_customer)
-        if cid is not None:
-            return await load_link(redis, _text(cid))
-    cid = metadata.get(settings.customer_metadata_key) if isinstance(metadata, Mapping) else None
-    if cid:
-        try:
-            link = await load_link(redis, str(cid))
-        except ValueError:  # not a valid customer id
-            return None
-        if link is not None and (not stripe_customer or link.stripe_customer == stripe_customer):
-            return link
-    return None
-
 
 # --------------------------------------------------------------------------- actions
 
@@ -335,29 +132,6 @@ class CheckPaymentMethods:
 
 
 Action = Fund | Adjust | ReverseGrant | RefundTopup | SetAccess | Notify | CheckPaymentMethods
-
-
-def minor_to_micros(amount: int, currency: str) -> int:
-    """Stripe amounts are in the currency's minor unit; spendgate's in micro-units."""
-    if isinstance(amount, bool) or not isinstance(amount, int):
-        raise ValueError(f"Stripe amount must be an integer, got {amount!r}")
-    code = currency.lower()
-    if code in ZERO_DECIMAL:
-        return amount * 1_000_000
-    if code in THREE_DECIMAL:
-        return amount * 1_000
-    return amount * 10_000
-
-
-def micros_to_minor_ceil(micros: int, currency: str) -> int:
-    """Micro-units to the currency's minor unit, rounded up (never under-bill)."""
-    per = minor_to_micros(1, currency)
-    return -((-micros) // per)
-
-
-def currency_matches(stripe_currency: str | None, budget_currency: str) -> bool:
-    """Stripe writes ISO codes lower-case; budgets upper-case. Custom units never match."""
-    return bool(stripe_currency) and str(stripe_currency).upper() == budget_currency
 
 
 def _id(value: Any) -> str | None:

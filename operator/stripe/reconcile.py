@@ -34,18 +34,14 @@ from spendgate.loops import run_every
 
 from .apply import Applier, OnEvent, payment_method_access
 from .client import StripeGateway, list_all, to_dict
+from .links import SRC_DELETED, Link, linked_customers, load_link, stripe_key
 from .mapping import (
     ACTIVE_SUBSCRIPTION_STATUSES,
-    SRC_DELETED,
     Action,
-    Link,
     Notify,
     SetAccess,
     grant_actions,
     invoice_actions,
-    linked_customers,
-    load_link,
-    stripe_key,
     subscription_actions,
 )
 from .settings import StripeSettings

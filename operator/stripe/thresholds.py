@@ -16,7 +16,8 @@ from __future__ import annotations
 from typing import Any
 
 from .client import StripeGateway, idempotency_key, to_dict
-from .mapping import Link, minor_to_micros
+from .currency import minor_to_micros
+from .links import Link
 
 
 def threshold_amount(link: Link) -> int | None:

@@ -40,8 +40,8 @@ from . import metrics
 from .budget_import import BudgetImport, TemplateFile, load_import_template
 from .client import StripeNotConfigured, load_webhook_secrets
 from .exporter import export_lag_seconds
-from .mapping import STRIPE_CUSTOMERS, StripeLinkConflict, link_budget, unlink_budget
-from .mapping import stripe_key as stripe_link_key
+from .links import STRIPE_CUSTOMERS, StripeLinkConflict, link_budget, unlink_budget
+from .links import stripe_key as stripe_link_key
 from .reconcile import last_sync
 from .service import StripeIntegration
 from .settings import StripeSettings

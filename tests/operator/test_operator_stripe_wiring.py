@@ -19,7 +19,7 @@ from spendgate.operator.budgets import reconcile as b
 from spendgate.operator.budgets.checks import parse_budget
 from spendgate.operator.kube.client import KubeClient
 from spendgate.operator.stripe.exporter import EXPORT_CURSORS
-from spendgate.operator.stripe.mapping import STRIPE_CUSTOMERS, stripe_key
+from spendgate.operator.stripe.links import STRIPE_CUSTOMERS, stripe_key
 from spendgate.operator.stripe.wiring import (
     LAG_STEP_S,
     PENDING_UNLINKS,

@@ -12,7 +12,7 @@ from typing import Any
 from aiohttp.test_utils import TestClient, TestServer
 
 from spendgate.models import parse_resource
-from spendgate.operator.stripe.mapping import link_budget
+from spendgate.operator.stripe.links import link_budget
 from spendgate.operator.stripe.settings import StripeSettings
 from spendgate.operator.stripe.webhook import create_webhook_app, run_processor
 from tests.support.sidecar_env import ACME_KEY, DataPlane, budget, data_plane

@@ -9,20 +9,22 @@ import pytest
 
 from spendgate.operator.stripe.apply import remaining_from_summary
 from spendgate.operator.stripe.client import idempotency_key, is_permanent_rejection, is_retryable
+from spendgate.operator.stripe.currency import (
+    currency_matches,
+    micros_to_minor_ceil,
+    minor_to_micros,
+)
+from spendgate.operator.stripe.links import Link
 from spendgate.operator.stripe.mapping import (
     Adjust,
     CheckPaymentMethods,
     Fund,
-    Link,
     Notify,
     RefundTopup,
     ReverseGrant,
     SetAccess,
     actions_for_event,
-    currency_matches,
     event_stripe_customer,
-    micros_to_minor_ceil,
-    minor_to_micros,
 )
 from spendgate.operator.stripe.reconcile import invoice_state, pick_subscription
 from spendgate.operator.stripe.settings import StripeSettings

@@ -21,7 +21,7 @@ from spendgate.ledger import Ledger
 from spendgate.models import parse_resource
 from spendgate.operator.stripe import reconcile as reconcile_module
 from spendgate.operator.stripe.client import StripeGateway
-from spendgate.operator.stripe.mapping import link_budget, linked_customers, load_link
+from spendgate.operator.stripe.links import link_budget, linked_customers, load_link
 from spendgate.operator.stripe.reconcile import Reconciler, last_sync
 from spendgate.operator.stripe.settings import StripeSettings
 from spendgate.operator.stripe.sync import customers_to_import

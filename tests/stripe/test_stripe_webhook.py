@@ -19,7 +19,7 @@ from spendgate.ledger import Ledger
 from spendgate.models import parse_resource
 from spendgate.operator.stripe.apply import GRACE_INDEX, Applier
 from spendgate.operator.stripe.client import StripeGateway
-from spendgate.operator.stripe.mapping import STRIPE_CUSTOMERS, StripeLinkConflict, link_budget
+from spendgate.operator.stripe.links import STRIPE_CUSTOMERS, StripeLinkConflict, link_budget
 from spendgate.operator.stripe.settings import StripeSettings
 from spendgate.operator.stripe.webhook import (
     DEAD_EVENTS_STREAM,

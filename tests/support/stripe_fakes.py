@@ -656,7 +656,7 @@ async def apply_linked_budget(client: Any, ledger: Any, balance: str) -> Any:
     """Configure customer ``acme`` (USD, ``balance``) and link it to Stripe's ``cus_ACME``."""
     from spendgate.config_store import ConfigStore
     from spendgate.models import parse_resource
-    from spendgate.operator.stripe.mapping import link_budget
+    from spendgate.operator.stripe.links import link_budget
 
     budget = parse_resource(
         {
