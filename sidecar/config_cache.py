@@ -22,6 +22,7 @@ log = logging.getLogger("spendgate.sidecar.config")
 
 _NEGATIVE_TTL_S = 5.0
 _NEGATIVE_MAX = 10_000
+_LISTED_PRICEBOOKS = 20
 
 
 class ConfigCache:
@@ -42,7 +43,18 @@ class ConfigCache:
         self._unknown.clear()
         self.loaded = True
         if self.pricebook is None:
-            log.warning("pricebook not found", extra={"pricebook": self.pricebook_ref})
+            await self._report_missing_pricebook()
+
+    async def _report_missing_pricebook(self) -> None:
+        """Name the PriceBooks that do exist: a typo in --pricebook is then plain to see."""
+        existing = await self.store.list_pricebooks()
+        shown = ", ".join(existing[:_LISTED_PRICEBOOKS]) or "none"
+        if len(existing) > _LISTED_PRICEBOOKS:
+            shown += f" (and {len(existing) - _LISTED_PRICEBOOKS} more)"
+        log.warning(
+            f"pricebook {self.pricebook_ref} not found; PriceBooks in Redis: {shown}",
+            extra={"pricebook": self.pricebook_ref, "existing": existing[:_LISTED_PRICEBOOKS]},
+        )
 
     async def owner(self, digest: str) -> KeyOwner | None:
         """The owner of a key hash; a miss asks Redis once and is remembered briefly."""
@@ -117,10 +129,18 @@ class ConfigCache:
             except asyncio.CancelledError:
                 raise
             except Exception as error:  # reconnect on any Redis failure
+                # "Lost" only if it was made: a first subscribe that fails is not a loss.
+                lost = self._subscribed.is_set()
                 self._subscribed.clear()
                 log.warning(
-                    "config subscription lost; retrying",
-                    extra={"error": repr(error), "retry_in_s": backoff},
+                    "config subscription lost; retrying"
+                    if lost
+                    else "config subscription not established; retrying",
+                    extra={
+                        "channel": rkeys.CONFIG_CHANNEL,
+                        "error": repr(error),
+                        "retry_in_s": backoff,
+                    },
                 )
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)

@@ -18,6 +18,8 @@ from spendgate import redis_connect
 from spendgate.backpressure import CallLimiter
 from spendgate.config_store import ConfigStore
 from spendgate.ledger import Ledger
+from spendgate.listening import bind_listener
+from spendgate.logs import redact
 from spendgate.script_channel import ClusterScriptChannel, ScriptChannel
 
 from .config_cache import ConfigCache
@@ -103,6 +105,8 @@ class Sidecar:
             "sidecar started",
             extra={
                 "upstream": self.settings.upstream,
+                "redis": redact(self.settings.redis_url),
+                "redis_cluster": self.settings.cluster,
                 "pricebook": self.settings.pricebook,
                 "fail_mode": self.settings.fail_mode.value,
                 "keys": len(self.config.keys),
@@ -191,13 +195,14 @@ async def run(settings: SidecarSettings, *, stop: asyncio.Event | None = None) -
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
+    # Bound before anything starts: a port in use is a ListenError, never "started" first.
+    sock = bind_listener(settings.listen_host, settings.listen_port, what="the sidecar")
     app = create_app(settings)
     runner = web.AppRunner(
         app, shutdown_timeout=settings.drain_timeout_s, access_log=None, handle_signals=False
     )
     await runner.setup()
-    site = web.TCPSite(runner, settings.listen_host, settings.listen_port, reuse_address=True)
-    await site.start()
+    await web.SockSite(runner, sock).start()
     log.info("listening", extra={"host": settings.listen_host, "port": settings.listen_port})
     await stop.wait()
     log.info("shutting down: draining in-flight requests")

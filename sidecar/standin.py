@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import random
+import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -30,6 +31,8 @@ from typing import Any, Literal
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
+
+from spendgate.listening import ListenError, bind_listener
 
 Json = dict[str, Any]
 log = logging.getLogger("spendgate.standin")
@@ -43,6 +46,10 @@ class StandinConfig:
     usage_mode: Literal["body", "header", "none"] = "body"
     fail_status: int | None = None  # answer every request with this status
     models: tuple[str, ...] = ("standin",)
+    # Its own bounds, as a real model server has them: a request beyond one is refused (400,
+    # 413) before any work is done, so no input makes it allocate without bound.
+    max_output_tokens: int = 8192
+    max_body_bytes: int = 1024 * 1024
 
 
 @dataclass
@@ -57,10 +64,18 @@ STATE = web.AppKey("standin_state", StandinState)
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 
 
+# Bounds of the test helpers and of embeddings (OpenAI's own input limit is 2048 items).
+MAX_HELPER_BYTES = 64 * 1024 * 1024
+MAX_SLOW_MS = 600_000
+MAX_EMBEDDING_INPUTS = 2048
+MAX_EMBEDDING_DIMENSIONS = 4096
+
+
 class BadRequest(Exception):
-    def __init__(self, message: str, code: str = "invalid_request") -> None:
+    def __init__(self, message: str, code: str = "invalid_request", status: int = 400) -> None:
         super().__init__(message)
         self.code = code
+        self.status = status
 
 
 def error_response(status: int, type_: str, code: str, message: str) -> web.Response:
@@ -81,17 +96,31 @@ def count_words(value: Any) -> int:
     return 0
 
 
-def _int_field(body: Json, name: str, default: int | None) -> int | None:
+def _int_field(
+    body: Json, name: str, default: int | None, maximum: int | None = None
+) -> int | None:
     value = body.get(name, default)
     if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
         raise BadRequest(f"'{name}' must be a non-negative integer", "invalid_value")
+    if value is not None and maximum is not None and value > maximum:
+        raise BadRequest(
+            f"'{name}' is too large: {value}; this model allows at most {maximum}",
+            "invalid_value",
+        )
     return value
 
 
 async def read_json(request: web.Request) -> Json:
     try:
-        body = json.loads(await request.read())
-    except (ValueError, UnicodeDecodeError) as e:
+        raw = await request.read()  # at most client_max_size, decompressed
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.app[CONFIG].max_body_bytes
+        raise BadRequest(
+            f"request body is larger than {limit} bytes", "body_too_large", 413
+        ) from None
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise BadRequest(f"request body is not valid JSON: {e}", "invalid_json") from e
     if not isinstance(body, dict):
         raise BadRequest("request body must be a JSON object", "invalid_json")
@@ -108,7 +137,7 @@ async def standin_middleware(request: web.Request, handler: Handler) -> web.Stre
     try:
         return await handler(request)
     except BadRequest as e:
-        return error_response(400, "invalid_request_error", e.code, str(e))
+        return error_response(e.status, "invalid_request_error", e.code, str(e))
 
 
 class Generation:
@@ -119,8 +148,9 @@ class Generation:
         self.request = request
         self.kind = kind  # "chat.completion" | "text_completion"
         self.model = str(body.get("model") or self.config.models[0])
-        max_tokens = _int_field(body, "max_completion_tokens", None)
-        max_tokens = _int_field(body, "max_tokens", max_tokens)
+        most = self.config.max_output_tokens
+        max_tokens = _int_field(body, "max_completion_tokens", None, most)
+        max_tokens = _int_field(body, "max_tokens", max_tokens, most)
         self.max_tokens = self.config.default_max_tokens if max_tokens is None else max_tokens
         stop_after = _int_field(body, "stop_after", None)
         self.n_out = self.max_tokens if stop_after is None else min(stop_after, self.max_tokens)
@@ -213,7 +243,9 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
     body = await read_json(request)
     inputs = body.get("input")
     inputs = inputs if isinstance(inputs, list) else [inputs]
-    dims = _int_field(body, "dimensions", 8) or 8
+    if len(inputs) > MAX_EMBEDDING_INPUTS:
+        raise BadRequest(f"'input' has more than {MAX_EMBEDDING_INPUTS} items", "invalid_value")
+    dims = _int_field(body, "dimensions", 8, MAX_EMBEDDING_DIMENSIONS) or 8
     await asyncio.sleep(config.latency_ms / 1000)
     data = []
     for i, item in enumerate(inputs):
@@ -245,16 +277,20 @@ async def echo(request: web.Request) -> web.StreamResponse:
     return web.json_response({**info, "headers": headers, "body": body, "json": parsed})
 
 
-def _query_int(request: web.Request, name: str, default: int) -> int:
+def _query_int(request: web.Request, name: str, default: int, maximum: int) -> int:
     value = request.query.get(name, str(default))
-    if not value.isdigit():
+    if not value.isascii() or not value.isdigit():
         raise BadRequest(f"'{name}' must be a non-negative integer", "invalid_value")
+    if len(value) > len(str(maximum)) or int(value) > maximum:
+        raise BadRequest(f"'{name}' is too large: at most {maximum}", "invalid_value")
     return int(value)
 
 
 async def stream_bytes(request: web.Request) -> web.StreamResponse:
-    n, chunk = _query_int(request, "n", 1024), max(1, _query_int(request, "chunk", 4096))
-    interval, seed = _query_int(request, "interval_ms", 0), _query_int(request, "seed", 0)
+    n = _query_int(request, "n", 1024, MAX_HELPER_BYTES)
+    chunk = max(1, _query_int(request, "chunk", 4096, MAX_HELPER_BYTES))
+    interval = _query_int(request, "interval_ms", 0, MAX_SLOW_MS)
+    seed = _query_int(request, "seed", 0, 2**63)
     await request.read()
     data = pseudo_random_bytes(n, seed)
     sha = {"X-Bytes-Sha256": hashlib.sha256(data).hexdigest()}
@@ -270,14 +306,17 @@ async def stream_bytes(request: web.Request) -> web.StreamResponse:
 
 
 async def slow(request: web.Request) -> web.StreamResponse:
-    ms = _query_int(request, "ms", 1000)
+    ms = _query_int(request, "ms", 1000, MAX_SLOW_MS)
     await asyncio.sleep(ms / 1000)
     return web.json_response({"slept_ms": ms})
 
 
 def create_app(config: StandinConfig | None = None) -> web.Application:
-    app = web.Application(middlewares=[standin_middleware])
-    app[CONFIG] = config or StandinConfig()
+    config = config or StandinConfig()
+    # aiohttp stops reading a body at client_max_size; the JSON routes answer that in the
+    # OpenAI error shape (413), the test helpers with aiohttp's own 413.
+    app = web.Application(middlewares=[standin_middleware], client_max_size=config.max_body_bytes)
+    app[CONFIG] = config
     app[STATE] = StandinState()
     app.router.add_post("/v1/chat/completions", completions)
     app.router.add_post("/v1/completions", completions)
@@ -293,25 +332,123 @@ def create_app(config: StandinConfig | None = None) -> web.Application:
     return app
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m spendgate.sidecar.standin", description=__doc__)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8001)
-    p.add_argument("--latency-ms", type=float, default=0)
-    p.add_argument("--token-interval-ms", type=float, default=0)
-    p.add_argument("--default-max-tokens", type=int, default=16)
-    p.add_argument("--usage-mode", choices=["body", "header", "none"], default="body")
-    p.add_argument("--fail-status", type=int, default=None)
-    p.add_argument("--model", action="append", dest="models", help="repeatable")
+DESCRIPTION = """\
+A deterministic OpenAI-compatible model server with no model and no GPU, for the demo, tests
+and benchmarks. It answers /v1/chat/completions, /v1/completions (both also streaming),
+/v1/embeddings and /v1/models.
+
+Prompt tokens are the words of the messages or prompt; a completion is max_tokens words (or
+--default-max-tokens), fewer if the request has "stop_after": N. Usage is reported as OpenAI
+"usage" in the body (and a final stream chunk when stream_options.include_usage is set), as
+X-Usage-Input-Tokens / X-Usage-Output-Tokens headers, or not at all (--usage-mode).
+
+Like a real server it bounds its own work: max_tokens above --max-output-tokens is a 400 and a
+body above --max-body-bytes a 413, both in the OpenAI error shape.
+
+Test helpers: /echo (the request back as JSON), /bytes?n=N&chunk=C&interval_ms=I&seed=S
+(N pseudo-random bytes, chunked) and /slow?ms=N.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="spendgate standin-model",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        metavar="HOST",
+        help="address to listen on (default %(default)s)",
+    )
+    p.add_argument(
+        "--port",
+        type=int,
+        default=8001,
+        metavar="PORT",
+        help="port to listen on, 0 for any free one (default %(default)s)",
+    )
+    p.add_argument(
+        "--latency-ms",
+        type=float,
+        default=0,
+        metavar="MS",
+        help="delay before the first token or response (default %(default)s)",
+    )
+    p.add_argument(
+        "--token-interval-ms",
+        type=float,
+        default=0,
+        metavar="MS",
+        help="delay between streamed tokens (default %(default)s)",
+    )
+    p.add_argument(
+        "--default-max-tokens",
+        type=int,
+        default=16,
+        metavar="N",
+        help="completion length when a request has no max_tokens (default %(default)s)",
+    )
+    p.add_argument(
+        "--max-output-tokens",
+        type=_positive,
+        default=StandinConfig.max_output_tokens,
+        metavar="N",
+        help="largest max_tokens a request may ask for; more is a 400 (default %(default)s)",
+    )
+    p.add_argument(
+        "--max-body-bytes",
+        type=_positive,
+        default=StandinConfig.max_body_bytes,
+        metavar="BYTES",
+        help="largest request body, after decompression; more is a 413 (default %(default)s)",
+    )
+    p.add_argument(
+        "--usage-mode",
+        choices=["body", "header", "none"],
+        default="body",
+        help="how token usage is reported (default %(default)s)",
+    )
+    p.add_argument(
+        "--fail-status",
+        type=int,
+        default=None,
+        metavar="STATUS",
+        help="answer every request with this HTTP status (for failure tests)",
+    )
+    p.add_argument(
+        "--model",
+        action="append",
+        dest="models",
+        metavar="NAME",
+        help="a model name /v1/models lists, repeatable (default: standin)",
+    )
     p.add_argument("--access-log", action="store_true", help="log every request (slow)")
-    opts = vars(p.parse_args(argv))
+    return p
+
+
+def _positive(text: str) -> int:
+    if not text.isascii() or not text.isdigit() or int(text) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return int(text)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    opts = vars(build_parser().parse_args(argv))
     host, port, access_log = opts.pop("host"), opts.pop("port"), opts.pop("access_log")
     config = StandinConfig(**{**opts, "models": tuple(opts["models"] or ("standin",))})
+    try:  # bound before it says it started: a port in use is this one line, not a traceback
+        sock = bind_listener(host, port, what="the stand-in model")
+    except ListenError as error:
+        print(f"spendgate standin-model: {error}", file=sys.stderr)
+        return 1
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    line = {"event": "standin_start", "host": host, "port": port, **asdict(config)}
+    bound_port = sock.getsockname()[1]
+    line = {"event": "standin_start", "host": host, "port": bound_port, **asdict(config)}
     log.info(json.dumps(line))
     access = logging.getLogger("aiohttp.access") if access_log else None
-    web.run_app(create_app(config), host=host, port=port, print=None, access_log=access)
+    web.run_app(create_app(config), sock=sock, print=None, access_log=access)
     return 0
 
 

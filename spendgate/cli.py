@@ -1,8 +1,9 @@
 """The ``spendgate`` command: apply manifests, fund and inspect customers, run the sidecar.
 
-Exit codes: 0 success · 1 runtime failure (Redis unreachable, unknown customer) ·
-2 invalid input or usage (bad manifests, bad amounts, bad flags) ·
-3 `audit` found a mismatch.
+Exit codes: 0 success · 1 runtime failure (Redis unreachable, unknown customer, a port in
+use) · 2 invalid input or usage (bad manifests, bad amounts, bad flags, a refused fund or
+adjust) · 3 `audit` found a mismatch · 141 the reader of the output went away (as when killed
+by SIGPIPE).
 """
 
 from __future__ import annotations
@@ -31,8 +32,10 @@ from spendgate.sidecar.settings import FailMode, SidecarSettings
 from . import redis_connect
 from .accounting.balance import balance_view
 from .config_store import ConfigStore
+from .credits import CreditRefused
 from .keys import check_customer_id
 from .ledger import Account, Ledger, LedgerError, check_request_id
+from .listening import ListenError
 from .logs import redact, setup_logging
 from .manifests import ApplyError, apply_resources, dry_run_results, load_resources
 from .money import AmountError, format_amount, parse_amount
@@ -40,6 +43,7 @@ from .money import AmountError, format_amount, parse_amount
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_LISTEN = "0.0.0.0:8080"
 TRUE_WORDS = {"1", "true", "yes", "on"}
+EXIT_BROKEN_PIPE = 128 + 13  # SIGPIPE
 
 
 class UsageError(Exception):
@@ -113,12 +117,16 @@ async def cmd_apply(ns: argparse.Namespace) -> int:
 
 def _amount(text: str, *, signed: bool) -> int:
     try:
-        micros = parse_amount(text, allow_negative=signed)
+        micros = parse_amount(text, allow_negative=True)
     except AmountError as error:
-        kind = "a decimal amount like 10.00 or -2.50" if signed else "a positive decimal like 10.00"
-        raise UsageError(f"AMOUNT must be {kind}: {error}") from None
-    if micros == 0:
-        raise UsageError("AMOUNT must not be zero")
+        raise UsageError(f"AMOUNT {error}") from None
+    if signed and micros == 0:
+        raise UsageError(f"AMOUNT {text!r} is zero: an adjustment adds or removes money")
+    if not signed and micros <= 0:
+        raise UsageError(
+            f"AMOUNT {text!r}: a funding must be more than zero (to take money away, use"
+            " adjust with a negative amount)"
+        )
     return micros
 
 
@@ -144,8 +152,22 @@ async def cmd_credit(ns: argparse.Namespace) -> int:
     async with connect(ns) as client:
         ledger = Ledger(client)
         account = await _configured(ledger, ns.customer)
-        change = ledger.adjust if signed else ledger.fund
-        credit = await change(ns.customer, ns.id, amount, source="cli", note=ns.note or "")
+        try:
+            if signed:
+                credit = await ledger.adjust(
+                    ns.customer,
+                    ns.id,
+                    amount,
+                    source="cli",
+                    note=ns.note or "",
+                    allow_negative=ns.allow_negative,
+                )
+            else:
+                credit = await ledger.fund(
+                    ns.customer, ns.id, amount, source="cli", note=ns.note or ""
+                )
+        except CreditRefused as error:
+            raise UsageError(f"{error}; nothing changed") from None
     currency = account.currency or ""
     balance = f"balance {format_amount(credit.balance)} {currency}".rstrip()
     if credit.duplicate:
@@ -337,6 +359,12 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("amount", metavar="AMOUNT", help='decimal string, e.g. "10.00"')
         cmd.add_argument("--id", required=True, help="idempotency id: applied once per id")
         cmd.add_argument("--note", help="kept on the ledger entry")
+        if signed:
+            cmd.add_argument(
+                "--allow-negative",
+                action="store_true",
+                help="apply even if the balance ends below zero (refused otherwise)",
+            )
 
     balance = sub.add_parser("balance", parents=[common], help="show a customer's account")
     balance.add_argument("customer", metavar="CUSTOMER", help="customerId")
@@ -464,10 +492,33 @@ _ASYNC_COMMANDS = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    if args[:1] == ["standin-model"]:
-        from spendgate.sidecar.standin import main as standin_main
+    try:
+        code = _run_command(args)
+        sys.stdout.flush()  # inside the try: a closed pipe is reported here, not at exit
+    except BrokenPipeError:
+        # The reader went away (`spendgate balance --json | head -1`): stop quietly, as a
+        # process killed by SIGPIPE would, and keep Python's exit-time flush from failing.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_BROKEN_PIPE
+    return code
 
-        return standin_main(args[1:])
+
+def _run_command(args: list[str]) -> int:
+    command = args[0] if args else ""
+    try:
+        if command == "standin-model":
+            from spendgate.sidecar.standin import main as standin_main
+
+            return standin_main(args[1:])
+        return _run_parsed(args)
+    except ListenError as error:
+        print(f"spendgate {command}: {error}", file=sys.stderr)
+        return 1
+
+
+def _run_parsed(args: list[str]) -> int:
     parser = build_parser()
     try:
         ns = parser.parse_args(args)

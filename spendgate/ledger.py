@@ -18,6 +18,7 @@ from typing import Any
 from redis.exceptions import MaxConnectionsError
 
 from .backpressure import CallLimiter, LocalExhaustion
+from .credits import Credit, credit_result
 from .keys import for_customer
 from .models import CustomerBudgetSpec, Mode, RateLimit
 from .script_channel import ClusterRedirect, ClusterScriptChannel, ScriptChannel
@@ -87,13 +88,6 @@ class Settlement:
     entry_id: str | None = None
     charged: int = 0  # the cost, capped at the hold (or at what was available without one)
     absorbed: int = 0  # the cost above that bound: never charged, recorded
-
-
-@dataclass(frozen=True)
-class Credit:
-    duplicate: bool
-    balance: int
-    entry_id: str
 
 
 @dataclass(frozen=True)
@@ -360,25 +354,45 @@ class Ledger:
     async def fund(
         self, customer_id: str, funding_id: str, amount: int, *, source: str = "", note: str = ""
     ) -> Credit:
+        """Add prepaid money once per ``funding_id``; refused for a capped customer."""
         if amount <= 0:
             raise LedgerError(f"funding amount must be positive, got {amount}")
-        return await self._credit("fund", customer_id, funding_id, amount, source, note)
+        return await self._credit("fund", customer_id, funding_id, amount, source, note, True)
 
     async def adjust(
-        self, customer_id: str, adjustment_id: str, amount: int, *, source: str = "", note: str = ""
+        self,
+        customer_id: str,
+        adjustment_id: str,
+        amount: int,
+        *,
+        source: str = "",
+        note: str = "",
+        allow_negative: bool = True,
     ) -> Credit:
+        """Add or remove money once per ``adjustment_id``; with ``allow_negative=False`` an
+        adjustment that would take the balance below zero is refused."""
         if amount == 0:
             raise LedgerError("an adjustment of zero changes nothing")
-        return await self._credit("adjust", customer_id, adjustment_id, amount, source, note)
+        return await self._credit(
+            "adjust", customer_id, adjustment_id, amount, source, note, allow_negative
+        )
 
     async def _credit(
-        self, kind: str, customer_id: str, funding_id: str, amount: int, source: str, note: str
+        self,
+        kind: str,
+        customer_id: str,
+        funding_id: str,
+        amount: int,
+        source: str,
+        note: str,
+        allow_negative: bool,
     ) -> Credit:
         keys = for_customer(customer_id)
         fid = check_request_id(funding_id)
-        args = [self._now(), fid, amount, kind, "source", source, "note", note]
+        flag = "1" if allow_negative else "0"
+        args = [self._now(), fid, amount, kind, flag, "source", source, "note", note]
         result = await self._run("credit", keys.script_keys(keys.funding(fid)), args)
-        return Credit(result[0] == "duplicate", int(result[1]), _text(result[2]).split("@")[-1])
+        return credit_result(kind, customer_id, fid, amount, result)
 
     # ----------------------------------------------------------------- configuration
 

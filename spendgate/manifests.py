@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import io
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -71,12 +72,55 @@ class Resources:
 # --------------------------------------------------------------------------- loading
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """Safe YAML that refuses a key given twice in one mapping (as kubectl does), instead of
+    silently keeping the last value. Keys brought in by a merge (``<<: *base``) may be
+    overridden, as YAML intends."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Mark] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.setdefault(key, key_node.start_mark)
+            except TypeError:
+                continue  # an unhashable key: the base class reports it
+            if first is not key_node.start_mark:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"key {key!r} is given twice (first on line {first.line + 1})",
+                    key_node.start_mark,
+                )
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_problem(name: str, error: yaml.YAMLError) -> str:
+    """One line naming the input and the place: ``f.yaml: invalid YAML at line 3 column 5: ...``."""
+    if isinstance(error, yaml.MarkedYAMLError) and error.problem_mark is not None:
+        mark = error.problem_mark
+        line = f"{name}: invalid YAML at line {mark.line + 1} column {mark.column + 1}:"
+        line += f" {error.problem}"
+        if error.context:
+            start = error.context_mark
+            at = f" at line {start.line + 1}" if start is not None else ""
+            line += f" ({error.context}{at})"
+        return line
+    return f"{name}: invalid YAML: {' '.join(str(error).split())}"
+
+
 def read_documents(name: str, text: str) -> list[tuple[str, Any]]:
     """Split a YAML stream into ``(location, document)``; ``kind: List`` items are expanded."""
+    stream = io.StringIO(text)
+    stream.name = name  # type: ignore[misc]  # what PyYAML's own messages call the input
     try:
-        documents = list(yaml.safe_load_all(text))
+        documents = list(yaml.load_all(stream, Loader=_StrictLoader))
     except yaml.YAMLError as error:
-        raise ApplyError([f"{name}: invalid YAML: {error}"]) from None
+        raise ApplyError([_yaml_problem(name, error)]) from None
+    except RecursionError:
+        raise ApplyError([f"{name}: invalid YAML: nested too deeply"]) from None
     found: list[tuple[str, Any]] = []
     for index, document in enumerate(documents, start=1):
         where = f"{name} document {index}"
@@ -179,10 +223,15 @@ def resolve_api_keys(
 
 
 def load_resources(inputs: Iterable[tuple[str, str]]) -> Resources:
-    """Validate ``(name, yaml text)`` inputs completely; raise ApplyError listing every problem."""
+    """Validate ``(name, yaml text)`` inputs completely; raise ApplyError listing every problem.
+
+    Input without a single CustomerBudget or PriceBook is an error too (as ``kubectl apply``
+    of an empty file is): a wrong file or an empty pipe must not look like a success."""
     problems: list[str] = []
     documents: list[tuple[str, Any]] = []
+    names: list[str] = []
     for name, text in inputs:
+        names.append(name)
         try:
             documents += read_documents(name, text)
         except ApplyError as error:
@@ -239,9 +288,21 @@ def load_resources(inputs: Iterable[tuple[str, str]]) -> Resources:
                     f" by {first}; every key must be unique"
                 )
         resources.budgets.append(PlannedBudget(resource, source, keys))
+    if not problems and not parsed:
+        problems.append(_nothing_to_apply(names, bool(resources.secrets)))
     if problems:
         raise ApplyError(problems)
     return resources
+
+
+def _nothing_to_apply(names: list[str], secrets: bool) -> str:
+    where = ", ".join(names) or "the input"
+    if secrets:
+        return (
+            f"{where}: no CustomerBudget or PriceBook, only Secrets (they are read for the API"
+            " keys of budgets in the same input, never stored): nothing to apply"
+        )
+    return f"{where}: no CustomerBudget or PriceBook (empty input?): nothing to apply"
 
 
 def load_files(paths: Iterable[str]) -> Resources:

@@ -13,7 +13,11 @@ MICROS_PER_UNIT = 1_000_000
 
 # An amount is a plain decimal string with at most six fractional digits: no exponent,
 # no thousands separators, no currency sign. Sign is only allowed where the caller says so.
-_AMOUNT_RE = re.compile(r"^(?P<sign>[+-])?(?P<int>\d{1,15})(?:\.(?P<frac>\d{1,6}))?$", re.ASCII)
+# The pattern takes any number of digits so that a long amount is reported as too large (or as
+# too precise), not as "not a decimal"; the range check below bounds it.
+_AMOUNT_RE = re.compile(r"^(?P<sign>[+-])?(?P<int>\d+)(?:\.(?P<frac>\d+))?$", re.ASCII)
+MAX_DECIMALS = 6
+_MAX_INT_DIGITS = 15  # as AMOUNT_PATTERN in models.py; beyond MAX_MICROS anyway
 
 # The Lua ledger computes in doubles: amounts must stay integers below 2^53 to be exact
 # (a larger one would be rounded silently, or make HINCRBY fail). About 9 billion units.
@@ -46,14 +50,24 @@ def parse_amount(text: str | int, *, allow_negative: bool = False) -> int:
     match = _AMOUNT_RE.match(text.strip())
     if match is None:
         raise AmountError(
-            f"{text!r} is not a decimal amount (expected digits with at most 6 decimals,"
-            ' like "12.50")'
+            f"{text!r} is not a decimal amount (expected digits with at most"
+            f' {MAX_DECIMALS} decimals, like "12.50")'
         )
-    units = int(match["int"])
-    frac = (match["frac"] or "").ljust(6, "0")
-    micros = units * MICROS_PER_UNIT + int(frac)
+    frac = match["frac"] or ""
+    if len(frac) > MAX_DECIMALS:
+        raise AmountError(
+            f"{text!r} has {len(frac)} decimals; amounts have at most {MAX_DECIMALS}"
+            " (micro-units), and are never rounded"
+        )
+    digits = match["int"]
+    too_large = f"{text!r} is too large (at most {format_amount(MAX_MICROS)})"
+    if len(digits) > _MAX_INT_DIGITS:  # never int() an unbounded string
+        if len(digits.lstrip("0")) > _MAX_INT_DIGITS:
+            raise AmountError(too_large)
+        raise AmountError(f"{text!r} has more than {_MAX_INT_DIGITS} digits before the point")
+    micros = int(digits) * MICROS_PER_UNIT + int(frac.ljust(MAX_DECIMALS, "0"))
     if micros > MAX_MICROS:
-        raise AmountError(f"{text!r} is out of range (at most {format_amount(MAX_MICROS)})")
+        raise AmountError(too_large)
     if match["sign"] == "-":
         micros = -micros
     if micros < 0 and not allow_negative:

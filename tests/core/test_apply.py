@@ -15,7 +15,6 @@ from spendgate.keys import hash_api_key
 from spendgate.ledger import Ledger
 from spendgate.manifests import (
     ApplyError,
-    Resources,
     apply_resources,
     load_files,
     load_resources,
@@ -334,5 +333,13 @@ def test_unreadable_file(tmp_path: Path) -> None:
         load_files([str(tmp_path / "missing.yaml")])
 
 
-def test_empty_input_is_valid() -> None:
-    assert load_resources([("empty.yaml", "")]) == Resources()
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [("", "empty input?"), ("---\n# nothing\n---\n", "empty input?"), (secret(), "only Secrets")],
+)
+def test_input_without_resources_is_an_error(text: str, says: str) -> None:
+    with pytest.raises(ApplyError) as raised:
+        load_resources([("empty.yaml", text)])
+    (problem,) = raised.value.problems
+    assert problem.startswith("empty.yaml: no CustomerBudget or PriceBook")
+    assert says in problem and problem.endswith("nothing to apply")
