@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from .config_store import ConfigConflict, ConfigStore
+from .currency_check import currency_problems
 from .keys import hash_api_key
 from .models import (
     DNS_SUBDOMAIN_PATTERN,
@@ -260,7 +261,9 @@ def load_resources(inputs: Iterable[tuple[str, str]]) -> Resources:
             problems += [f"{error.source}: {problem}" for problem in error.problems]
             continue
         if ident in seen:
-            problems.append(f"{source}: duplicate {ident[0]} {ident[1]}, also in {seen[ident]}")
+            problems.append(
+                f"{source}: metadata.name: duplicate {ident[0]} {ident[1]}, also in {seen[ident]}"
+            )
         seen[ident] = where
 
     owners: dict[str, str] = {}  # customerId -> budget ref
@@ -322,11 +325,30 @@ def load_files(paths: Iterable[str]) -> Resources:
 # --------------------------------------------------------------------------- applying
 
 
+async def known_currencies(store: ConfigStore, resources: Resources) -> dict[str, str]:
+    """``namespace/name`` -> currency of every PriceBook in Redis or in the input (which wins)."""
+    known: dict[str, str] = {}
+    for ref in await store.list_pricebooks():
+        try:
+            spec = await store.get_pricebook(ref)
+        except ValueError:  # stored by an older version: the operator reports it
+            continue
+        if spec is not None:
+            known[ref] = spec.currency
+    known.update({pricebook.ref: pricebook.spec.currency for pricebook, _ in resources.pricebooks})
+    return known
+
+
 async def check_conflicts(store: ConfigStore, resources: Resources) -> list[str]:
-    """Problems with what Redis already holds (claimed customer ids, keys of other customers)."""
+    """Problems with what Redis already holds (claimed customer ids, keys of other customers,
+    PriceBooks in another currency)."""
     problems: list[str] = []
+    currencies = await known_currencies(store, resources) if resources.budgets else {}
     for planned in resources.budgets:
         budget = planned.budget
+        problems += [
+            f"{planned.source}: {problem}" for problem in currency_problems(budget, currencies)
+        ]
         owner = await store.owner_of(budget.spec.customer_id)
         if owner is not None and owner != budget.ref:
             problems.append(

@@ -875,13 +875,19 @@ class PriceBook(_Model):
 # --------------------------------------------------------------------------- parsing
 
 
+_PLAIN_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
+
+
 def _format_loc(loc: tuple[int | str, ...]) -> str:
+    """``spec.rules[0].price``; a key that is not a plain name is quoted: ``price['']``."""
     text = ""
     for part in loc:
         if isinstance(part, int):
             text += f"[{part}]"
         elif part.startswith(("function-after", "function-before", "function-plain")):
             continue
+        elif not _PLAIN_KEY.match(part):
+            text += f"[{part[:64]!r}]"
         else:
             text += f".{part}" if text else str(part)
     return text

@@ -204,7 +204,7 @@ async def test_multi_document_list_and_base64(store: ConfigStore) -> None:
             metadata: {{name: acme}}
             spec:
               customerId: acme
-              currency: credits
+              currency: USD
               balance: 100
               apiKeys: [{{name: main, secretRef: {{name: acme-keys}}}}]
         """)
@@ -290,7 +290,10 @@ def test_duplicates_within_the_input() -> None:
         two_customers
     )
     twice = problems_of(docs(secret(), budget()), budget(customer="other"))
-    assert "in2.yaml document 1 (CustomerBudget default/acme): duplicate CustomerBudget" in twice
+    assert (
+        "in2.yaml document 1 (CustomerBudget default/acme): metadata.name: duplicate CustomerBudget"
+        in twice
+    )
     shared_key = problems_of(docs(secret(), budget("one", "one"), budget("two", "two")))
     assert "the same key is already used by default/one spec.apiKeys[0]" in shared_key
     assert "duplicate Secret default/acme-keys" in problems_of(secret(), secret())
