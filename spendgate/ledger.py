@@ -367,10 +367,11 @@ class Ledger:
         *,
         source: str = "",
         note: str = "",
-        allow_negative: bool = True,
+        allow_negative: bool = False,
     ) -> Credit:
-        """Add or remove money once per ``adjustment_id``; with ``allow_negative=False`` an
-        adjustment that would take the balance below zero is refused."""
+        """Add or remove money once per ``adjustment_id``. An adjustment that would take the
+        balance below zero is refused (:class:`NegativeBalance`) unless ``allow_negative``:
+        money Stripe took back (refunds, disputes, ended grants) is gone either way."""
         if amount == 0:
             raise LedgerError("an adjustment of zero changes nothing")
         return await self._credit(

@@ -14,6 +14,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from spendgate.config_store import ConfigStore
+from spendgate.currency_check import currency_problems
 from spendgate.keys import check_customer_id
 from spendgate.manifests import MIN_KEY_LENGTH, Secret, parse_secret
 from spendgate.models import CustomerBudget, ManifestError, parse_resource
@@ -198,11 +199,20 @@ def _bad_key(value: str) -> str | None:
 
 
 async def check_pricebooks(budget: CustomerBudget, store: ConfigStore) -> list[Problem]:
-    """The PriceBooks named in ``spec.priceBooks`` exist (are configured) and share the currency.
+    """The PriceBooks named in ``spec.priceBooks`` exist (are configured) and share the currency;
+    a budget that names none is in a currency at least one configured PriceBook charges in
+    (:func:`spendgate.currency_check.currency_problems`, as ``spendgate apply`` checks it).
 
     Redis is asked, not the API server: what the sidecars will price with is what counts, and a
     PriceBook that exists but is invalid is not configured either.
     """
+    if not budget.spec.price_books:
+        currencies: dict[str, str] = {}
+        for ref in await redis_call(store.list_pricebooks()):
+            pricebook = await redis_call(store.get_pricebook(ref))
+            if pricebook is not None:
+                currencies[ref] = pricebook.currency
+        return [Problem(CURRENCY_MISMATCH, text) for text in currency_problems(budget, currencies)]
     problems = []
     namespace = budget.metadata.namespace
     for index, name in enumerate(budget.spec.price_books):

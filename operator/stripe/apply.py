@@ -150,7 +150,12 @@ class Applier:
             if action.only_if_applied and not await self._applied(cid, action.only_if_applied):
                 return f"skip:{action.adjustment_id}"
             credit = await self.ledger.adjust(
-                cid, action.adjustment_id, action.amount, source="stripe", note=action.note
+                cid,
+                action.adjustment_id,
+                action.amount,
+                source="stripe",
+                note=action.note,
+                allow_negative=True,  # money Stripe took back is gone, balance or not
             )
             return f"adjust:{action.adjustment_id}:{'dup' if credit.duplicate else action.amount}"
         if isinstance(action, ReverseGrant):
@@ -198,7 +203,12 @@ class Applier:
             await self.redis.set(for_customer(cid).funding(reverse_id), "0@nothing-left", nx=True)
             return f"grant-void:{action.grant_id}:0"
         credit = await self.ledger.adjust(
-            cid, reverse_id, -amount, source="stripe", note=f"credit grant {action.grant_id} ended"
+            cid,
+            reverse_id,
+            -amount,
+            source="stripe",
+            note=f"credit grant {action.grant_id} ended",
+            allow_negative=True,
         )
         if not credit.duplicate:
             await self._notify(
@@ -250,6 +260,7 @@ class Applier:
             -delta,
             source="stripe",
             note=f"refund of {action.payment_intent}",
+            allow_negative=True,
         )
         await self.redis.hset(stripe_key(cid), field, str(action.total_refunded))
         return f"refund:{action.charge_id}:{-delta}"

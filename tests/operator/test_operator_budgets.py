@@ -345,6 +345,34 @@ async def test_pricebooks_missing_and_in_another_currency(store: ConfigStore) ->
     assert ready(result.status)["status"] == "True"
 
 
+async def test_a_currency_no_pricebook_charges_in_is_a_condition(store: ConfigStore) -> None:
+    """Without spec.priceBooks, some configured PriceBook must charge in the budget's currency:
+    "usd" against "USD" PriceBooks answers every request 500 otherwise."""
+    from spendgate.models import parse_resource
+
+    secrets = Secrets(secret())
+    body = budget_body(currency="usd")
+    result = await b.reconcile_budget(body, store=store, read_secret=secrets)
+    assert ready(result.status)["status"] == "True"  # no PriceBook yet: nothing to compare
+    pricebook = {
+        "apiVersion": "spendgate.dev/v1alpha1",
+        "kind": "PriceBook",
+        "metadata": {"name": "gpu", "namespace": NS},
+        "spec": {"currency": "USD", "rules": [{"name": "all", "price": {"flat": 1}}]},
+    }
+    await store.apply_pricebook(parse_resource(pricebook))  # type: ignore[arg-type]
+    result = await b.reconcile_budget(body, store=store, read_secret=secrets)
+    condition = ready(result.status)
+    assert (condition["status"], condition["reason"]) == ("False", "CurrencyMismatch")
+    assert condition["message"].startswith(
+        "spec.currency: 'usd' is charged by no PriceBook (they charge in 'USD') -- did you mean"
+        " 'USD'?"
+    )
+    fixed = budget_body(currency="USD")
+    result = await b.reconcile_budget(fixed, store=store, read_secret=secrets)
+    assert ready(result.status)["status"] == "True"
+
+
 async def test_problems_order_the_reason_and_all_are_listed(store: ConfigStore) -> None:
     keys = [
         {"name": "main", "secretRef": {"name": "acme-keys"}},

@@ -407,6 +407,17 @@ async def test_dispute_takes_the_money_and_suspends_until_won(env: Env) -> None:
     assert await env.suspensions() == {}
 
 
+async def test_money_taken_back_applies_even_below_zero(env: Env) -> None:
+    """A dispute of a top-up already spent: the money is gone, so the balance goes negative
+    (Ledger.adjust refuses that by default; the Stripe path allows it explicitly)."""
+    await env.deliver(topup())
+    await env.ledger.settle("acme", "r1", 4_000_000)
+    dispute = {"id": "du_2", "object": "dispute", "customer": "cus_ACME", "charge": "ch_1"}
+    dispute |= {"payment_intent": "pi_1", "amount": 1000, "currency": "usd"}
+    await env.deliver(make_event("charge.dispute.created", dispute, created=10))
+    assert await env.balance() == -4_000_000
+
+
 async def test_voided_grant_reverses_the_full_amount_without_stripe(env: Env) -> None:
     await env.deliver(grant_event())
     await env.deliver(grant_event(voided_at=int(time.time())))
