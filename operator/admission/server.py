@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -20,6 +21,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from aiohttp import web
+
+from spendgate.listening import bind_listener
 
 from .injection import InjectionDefaults, Refusal, plan_injection, pod_decides
 from .tls import ReloadingTLS
@@ -173,9 +176,14 @@ class AdmissionServer:
 
 @asynccontextmanager
 async def start_admission(
-    settings: AdmissionSettings, namespace_labels: NamespaceLabels, server_version: ServerVersion
+    settings: AdmissionSettings,
+    namespace_labels: NamespaceLabels,
+    server_version: ServerVersion,
+    *,
+    sock: socket.socket | None = None,
 ) -> AsyncIterator[AdmissionServer]:
-    """Serve the webhook over HTTPS while the context is open."""
+    """Serve the webhook over HTTPS while the context is open: on ``sock`` if it was bound
+    already (the operator binds every port first), else on the configured host and port."""
     if not settings.webhook_cert_file or not settings.webhook_key_file:
         raise ValueError("the admission webhook needs webhook_cert_file and webhook_key_file")
     tls = ReloadingTLS(settings.webhook_cert_file, settings.webhook_key_file)
@@ -183,10 +191,11 @@ async def start_admission(
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5)
     await runner.setup()
     try:
-        site = web.TCPSite(
-            runner, settings.webhook_host, settings.webhook_port, ssl_context=tls.context
-        )
-        await site.start()
+        if sock is None:
+            sock = bind_listener(
+                settings.webhook_host, settings.webhook_port, what="the admission webhook"
+            )
+        await web.SockSite(runner, sock, ssl_context=tls.context).start()
         port = runner.addresses[0][1]
         log.info("admission webhook listening", extra={"port": port})
         yield AdmissionServer(runner, tls, port)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping
@@ -24,6 +25,7 @@ from typing import Any, Protocol
 
 from prometheus_client import Gauge
 
+from spendgate.listening import bind_listener
 from spendgate.loops import run_every
 
 from ..kube.client import KubeClient
@@ -63,15 +65,32 @@ class AdmissionService:
     def __init__(self, api_factory: Callable[[], Any] = InClusterApi.from_environment) -> None:
         self.api_factory = api_factory
         self.port: int | None = None
+        self.sock: socket.socket | None = None
+
+    def bind(self, settings: AdmissionSettings) -> None:
+        """Take the webhook's port now, before the operator starts (ListenError if in use)."""
+        self.sock = bind_listener(
+            settings.webhook_host, settings.webhook_port, what="the admission webhook"
+        )
+
+    def release(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
 
     async def __call__(self, settings: AdmissionSettings) -> None:
         api = self.api_factory()
+        sock, self.sock = self.sock, None
         try:
-            async with start_admission(settings, api.namespace_labels, api.server_version) as srv:
+            async with start_admission(
+                settings, api.namespace_labels, api.server_version, sock=sock
+            ) as srv:
                 self.port = srv.port
                 await asyncio.Event().wait()
         finally:
             self.port = None
+            if sock is not None:
+                sock.close()
             await api.close()
 
     def readiness(self) -> str | None:

@@ -45,6 +45,7 @@ from redis.retry import Retry
 
 from spendgate import redis_connect
 from spendgate.config_store import ConfigStore
+from spendgate.listening import ListenError, bind_listener, describe
 from spendgate.logs import redact
 
 from ..admission.services import AdmissionService, BypassCheck
@@ -171,15 +172,41 @@ class Health:
 
 
 @contextlib.asynccontextmanager
-async def serve_health(health: Health, host: str, port: int) -> Any:
+async def serve_health(health: Health, sock: socket.socket) -> Any:
+    """Serve the health endpoints on ``sock`` (bound by :func:`bind_ports`)."""
     runner = web.AppRunner(health.app(), access_log=None, handle_signals=False)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port)
-        await site.start()
+        await web.SockSite(runner, sock).start()
         yield runner
     finally:
         await runner.cleanup()
+
+
+def bind_ports(
+    settings: OperatorSettings, services: Sequence[Service], *, health: bool
+) -> socket.socket | None:
+    """Every port this replica listens on, bound before anything starts or says it started:
+    the health endpoints' (returned) and each service's with a ``bind`` method (the admission
+    webhook). A port in use is a :class:`ListenError`, with nothing left bound."""
+    sock = None
+    try:
+        if health:
+            what = "the operator's health endpoints"
+            sock = bind_listener(settings.health_host, settings.health_port, what=what)
+        for service in services:
+            bind = getattr(service, "bind", None)
+            if callable(bind):
+                bind(settings)
+    except ListenError:
+        if sock is not None:
+            sock.close()
+        for service in services:
+            release = getattr(service, "release", None)
+            if callable(release):
+                release()
+        raise
+    return sock
 
 
 def leader_tasks(
@@ -233,6 +260,17 @@ async def run_operator(
     if settings.stripe is not None and settings.stripe.enabled and settings.stripe.import_enabled:
         # Before anything starts: an invalid import template stops the operator here.
         template = load_import_template(settings.stripe, settings.namespaces)
+    services = default_services(settings) if services is None else list(services)
+    health_sock = bind_ports(settings, services, health=health)
+    log.info(
+        "operator starting",
+        extra={
+            "redis": redact(settings.redis_url),
+            "redis_cluster": settings.redis_cluster,
+            "namespaces": list(settings.namespaces) or "all",
+            "health": describe(settings.health_host, settings.health_port) if health else None,
+        },
+    )
     own_redis = redis_client is None
     redis_client = redis_client if redis_client is not None else make_redis(settings)
     runtime = make_runtime(settings, redis_client)
@@ -265,7 +303,6 @@ async def run_operator(
         ),
         name="kopf operator",
     )
-    services = default_services(settings) if services is None else list(services)
     extra = [
         asyncio.create_task(service(settings), name=f"service {getattr(service, '__name__', '?')}")
         for service in services
@@ -290,9 +327,8 @@ async def run_operator(
                     checks=[*_checks(services), companions.readiness],
                     info=_checks([stripe]),
                 )
-                await stack.enter_async_context(
-                    serve_health(checker, settings.health_host, settings.health_port)
-                )
+                assert health_sock is not None
+                await stack.enter_async_context(serve_health(checker, health_sock))
                 log.info("health endpoints listening", extra={"port": settings.health_port})
             done, _ = await asyncio.wait(
                 [operator, *companions.tasks()], return_when=asyncio.FIRST_COMPLETED
