@@ -54,7 +54,9 @@ async def send(receiver: TestClient, event: dict[str, Any]) -> None:
 async def status_within(plane: DataPlane, wanted: int, limit_s: float) -> tuple[float, Any]:
     started = time.monotonic()
     while True:
-        response = await plane.post_chat()
+        # One output token: a request without max_tokens is given the rule's output limit
+        # (4096 tokens here, 5.00), and two of those would spend the whole balance.
+        response = await plane.post_chat(max_tokens=1)
         body = await response.json()
         if response.status == wanted:
             return time.monotonic() - started, body
