@@ -183,24 +183,6 @@ def start_stack(procs: Processes) -> Stack:
 
 
 @dataclass
-class Tally:
-    served: int = 0
-    insufficient: int = 0  # 402
-    limited: int = 0  # 429
-    other: int = 0
-
-    def count(self, status: int) -> None:
-        if status < 400:
-            self.served += 1
-        elif status == 402:
-            self.insufficient += 1
-        elif status == 429:
-            self.limited += 1
-        else:
-            self.other += 1
-
-
-@dataclass
 class Answer:
     status: int
     headers: dict[str, str]
@@ -223,7 +205,6 @@ class Driver:
         self.session = session
         self.redis = redis
         self.ledger = Ledger(redis)
-        self.tallies: dict[str, Tally] = {name: Tally() for name in [*CUSTOMERS, "(unknown)"]}
 
     @staticmethod
     def chat(prompt: str, max_tokens: int | None = None, stream: bool = False) -> dict[str, Any]:
@@ -246,7 +227,6 @@ class Driver:
             payload = json.loads(text) if text else {}
         except ValueError:
             payload = {"raw": text[:200]}
-        self.tallies[who].count(response.status)
         return Answer(response.status, dict(response.headers), payload)
 
     async def charged(self, customer: str, request_id: str) -> int | None:
@@ -296,7 +276,6 @@ class Driver:
         """Open a streamed request of ``who``: the 200 response and its request id."""
         headers = {"Authorization": f"Bearer {KEYS[who]}"}
         async with self.session.post(self.url, json=body, headers=headers) as response:
-            self.tallies[who].count(response.status)
             if response.status != 200:
                 raise DemoFailure(f"{who} stream refused: {response.status}")
             out.event(who, "stream", note, tone="info")
@@ -463,26 +442,23 @@ class Driver:
             raise DemoFailure(f"an unknown key should get 401, got {answer.status}")
         out.event("(unknown)", "401 denied", answer.error(), tone="bad")
 
-    async def summary(self) -> None:
-        out.section("summary")
-        header = f"{'customer':<10} {'served':>6} {'402':>4} {'429':>4} {'other':>5}"
-        header += f" {'spent':>14} {'balance left':>20}"
-        print(header)
-        print("-" * len(header))
-        for name, tally in self.tallies.items():
-            spent, left = "-", "-"
-            if name in KEYS:
-                account = await self.ledger.account(name)
-                unit = f" {account.currency}"
-                spent = format_amount(account.spent) + unit
-                if account.mode == "capped":
-                    left = f"{format_amount(account.available)}{unit} of cap"
-                else:
-                    left = format_amount(account.balance) + unit
-            print(
-                f"{name:<10} {tally.served:>6} {tally.insufficient:>4} {tally.limited:>4}"
-                f" {tally.other:>5} {spent:>14} {left:>20}"
-            )
+    async def summary(self, redis_url: str) -> None:
+        """What the operators of the platform and the customers see, from spendgate itself."""
+        out.section("what acme's application sees: GET /v1/spendgate/balance with its own key")
+        url = self.url.replace("/v1/chat/completions", "/v1/spendgate/balance")
+        headers = {"Authorization": f"Bearer {KEYS['acme']}"}
+        async with self.session.get(url, headers=headers) as response:
+            view = await response.json()
+        if response.status != 200 or view.get("customerId") != "acme":
+            raise DemoFailure(f"the balance endpoint answered {response.status}: {view}")
+        fields = ("state", "balance", "held", "available", "spentThisPeriod")
+        print("  ".join(f"{name} {view[name]}" for name in fields))
+        for name in CUSTOMERS:  # settlements run after the responses: wait for them
+            run_cli("balance", name, "--wait-settled", "--timeout", "10s", redis_url=redis_url)
+        out.section("spendgate usage --since 1h --by customer,model")
+        out.raw(run_cli("usage", "--since", "1h", "--by", "customer,model", redis_url=redis_url))
+        out.section("spendgate audit")
+        out.raw(run_cli("audit", redis_url=redis_url))  # exit 3 on a mismatch fails the demo
 
 
 async def sse_data(response: aiohttp.ClientResponse) -> Any:
@@ -508,7 +484,7 @@ async def drive(stack: Stack) -> None:
             await driver.tinyco_exhausted(stack.redis_url)
             await driver.postpaid_served()
             await driver.unknown_key()
-            await driver.summary()
+            await driver.summary(stack.redis_url)
     finally:
         await client.aclose()
 

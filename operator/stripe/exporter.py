@@ -52,7 +52,8 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge
 
-from spendgate.keys import for_customer
+from spendgate.accounting.audit import record_export, trim_ledger
+from spendgate.keys import STRIPE_EXPORT_CURSORS, for_customer
 from spendgate.loops import run_every
 
 from .apply import OnEvent
@@ -63,7 +64,7 @@ from .settings import StripeSettings
 
 log = logging.getLogger("spendgate.operator.stripe")
 
-EXPORT_CURSORS = "sg:stripe:export"
+EXPORT_CURSORS = STRIPE_EXPORT_CURSORS
 V2_BATCH = 100
 
 EXPORTED = Counter(
@@ -203,6 +204,7 @@ class Exporter:
         ]
         outcomes = await self._send(customer_id, items)
         done_upto: str | None = None
+        sent_cost = rejected_cost = 0
         for item in items:
             outcome = outcomes.get(item.entry_id, "skip")
             if outcome == "fail":
@@ -211,17 +213,22 @@ class Exporter:
                 result.skipped += 1
             elif outcome == "ok":
                 result.sent += 1
+                sent_cost += int(item.fields.get("cost") or 0)
             else:  # permanently rejected: the error text
                 result.dead += 1
+                rejected_cost += int(item.fields.get("cost") or 0)
                 await self._dead_letter(customer_id, item, outcome)
             done_upto = item.entry_id
         result.failed = sum(1 for o in outcomes.values() if o == "fail")
         EXPORTED.labels("sent").inc(result.sent)
         EXPORTED.labels("rejected").inc(result.dead)
         if done_upto is not None:
+            # The totals first: `spendgate audit` checks them against the ledger up to their
+            # own cursor, so a crash between the two writes only resends the batch.
+            await record_export(self.redis, customer_id, done_upto, sent_cost, rejected_cost)
             await self.redis.hset(EXPORT_CURSORS, customer_id, done_upto)
             result.cursor = done_upto
-            await self._trim(ledger_key, done_upto)
+            await self._trim(customer_id, done_upto)
         return result
 
     def _item(
@@ -250,13 +257,15 @@ class Exporter:
         }
         return _Item(entry_id, fields, params)
 
-    async def _trim(self, ledger_key: str, cursor: str) -> None:
+    async def _trim(self, customer_id: str, cursor: str) -> None:
+        """Drop what is exported (beyond the retention window), keeping its totals in the
+        ledger base so the audit still adds it up."""
         minid = cursor
         if self.settings.ledger_retention_s > 0:
             horizon = int((self.clock() - self.settings.ledger_retention_s) * 1000)
             if horizon < _ms(cursor):
                 minid = f"{max(horizon, 0)}-0"
-        await self.redis.xtrim(ledger_key, minid=minid, approximate=False)
+        await trim_ledger(self.redis, customer_id, minid)
 
     async def _dead_letter(self, customer_id: str, item: _Item, error: str) -> None:
         await self.redis.xadd(

@@ -321,3 +321,20 @@ def _audit_stripe(
                 f" rejected (off by {_money(settled - sent - rejected)})",
             )
     audit.figures["stripe"] = figures
+
+
+async def record_export(
+    redis: Any, customer_id: str, cursor: str, sent: int, rejected: int
+) -> None:
+    """The exporter's totals (micro-units of usage Stripe accepted / refused for good), moved
+    with its cursor in one write. Only the leader's exporter writes it."""
+    key = exported_key(customer_id)
+    old = _pairs([item for pair in (await redis.hgetall(key)).items() for item in pair])
+    await redis.hset(
+        key,
+        mapping={
+            "cursor": cursor,
+            "sent": int(old.get("sent", 0)) + sent,
+            "rejected": int(old.get("rejected", 0)) + rejected,
+        },
+    )

@@ -229,3 +229,22 @@ async def test_retention_keeps_recent_entries(env: Env) -> None:
     await env.exporter(ledger_retention_s=3600).export_all()
     assert await env.ledger_length() == 4  # exported but younger than the retention window
     assert await export_lag_seconds(env.redis, "acme") == 0
+
+
+async def test_export_totals_and_trimming_keep_the_audit_exact(env: Env) -> None:
+    from spendgate.accounting.audit import audit_customer, exported_key, ledger_base_key
+
+    await env.usage(3)
+    env.double.rejected_identifiers.add("req0001")
+    await env.exporter().export_all()
+    totals = await env.redis.hgetall(exported_key("acme"))
+    assert (totals[b"sent"], totals[b"rejected"]) == (b"24690", b"12345")
+    assert int((await env.redis.hgetall(ledger_base_key("acme")))[b"entries"]) >= 3
+    await env.usage(2, start=3)  # not exported yet: the audit reports the lag, no mismatch
+    result = await audit_customer(env.redis, "acme", "USD", now_ms=int(time.time() * 1000) + 5000)
+    assert result.ok, result.mismatches
+    assert result.figures["stripe"]["exported"] == "0.02469"
+    assert result.figures["stripe"]["lagSeconds"] >= 5
+    await env.redis.hincrby(exported_key("acme"), "sent", -1)  # an export that went missing
+    result = await audit_customer(env.redis, "acme", "USD", now_ms=int(time.time() * 1000))
+    assert [m.check for m in result.mismatches] == ["stripe_export"]
