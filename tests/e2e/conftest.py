@@ -1,0 +1,98 @@
+"""Fixtures of the real-API-server tier (marker ``e2e``).
+
+One control plane (etcd + kube-apiserver 1.20 + kube-controller-manager) per test session, the
+chart's CRDs, RBAC, webhook Secret and MutatingWebhookConfiguration applied to it as a user's
+``helm install`` would, and a kubeconfig holding a token of the chart's ServiceAccount. Every
+test here is skipped, with one line saying why, on a machine where the binaries are not built
+(``make e2e`` builds them).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support import e2e_chart
+from tests.support.e2e_chart import ChartInstall
+from tests.support.helm_chart import NAMESPACE
+from tests.support.kube_control_plane import (
+    KUBE_VERSION,
+    ControlPlane,
+    free_port,
+    kubectl_binary,
+    missing_binaries,
+    start_control_plane,
+)
+
+HERE = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if Path(str(item.fspath)).resolve().is_relative_to(HERE):
+            item.add_marker(pytest.mark.e2e)
+
+
+@pytest.fixture(scope="session")
+def chart_objects() -> list[dict[str, Any]]:
+    """The chart rendered by the real Helm for the tier's server version."""
+    reason = missing_binaries()
+    if reason:
+        pytest.skip(reason)
+    try:
+        kubectl_binary()
+    except FileNotFoundError as error:
+        pytest.skip(str(error))
+    return e2e_chart.render(KUBE_VERSION)
+
+
+@pytest.fixture(scope="session")
+def kube_plane(chart_objects: list[dict[str, Any]]) -> Iterator[ControlPlane]:
+    directory = Path(tempfile.mkdtemp(prefix="spendgate-kube-"))
+    plane = start_control_plane(directory, webhook_hosts=e2e_chart.webhook_hostnames(chart_objects))
+    try:
+        yield plane
+    finally:
+        plane.stop()
+
+
+def apply(plane: ControlPlane, objects: list[dict[str, Any]], *args: str) -> str:
+    document = {"apiVersion": "v1", "kind": "List", "items": objects}
+    return plane.kubectl("apply", "-f", "-", *args, input=json.dumps(document)).stdout
+
+
+@pytest.fixture(scope="session")
+def chart_install(kube_plane: ControlPlane, chart_objects: list[dict[str, Any]]) -> ChartInstall:
+    """The chart's cluster objects applied; the webhook points at a loopback port by url:."""
+    port = free_port()
+    objects = []
+    for item in e2e_chart.install_objects(chart_objects):
+        if item["kind"] == "MutatingWebhookConfiguration":
+            item = e2e_chart.webhook_via_loopback(item, port)
+        objects.append(item)
+    kube_plane.kubectl("create", "namespace", NAMESPACE)
+    crds = [o for o in objects if o["kind"] == "CustomResourceDefinition"]
+    apply(kube_plane, crds)
+    for crd in crds:
+        kube_plane.kubectl(
+            "wait", "--for=condition=Established", "--timeout=30s", f"crd/{crd['metadata']['name']}"
+        )
+    apply(kube_plane, [o for o in objects if o["kind"] != "CustomResourceDefinition"])
+    account = e2e_chart.find(chart_objects, "ServiceAccount")
+    namespace = account["metadata"].get("namespace", NAMESPACE)
+    token = kube_plane.service_account_token(namespace, account["metadata"]["name"])
+    cert, key, ca = e2e_chart.webhook_tls(chart_objects, kube_plane.directory / "webhook-tls")
+    return ChartInstall(
+        objects=objects,
+        webhook_port=port,
+        cert_file=cert,
+        key_file=key,
+        ca_pem=ca,
+        service_account=(namespace, account["metadata"]["name"]),
+        kubeconfig=kube_plane.kubeconfig(token, name="operator"),
+    )
