@@ -19,6 +19,7 @@ import pytest
 
 from tests.support import e2e_chart
 from tests.support.e2e_chart import ChartInstall
+from tests.support.e2e_operator import OperatorProcess, running_operator
 from tests.support.helm_chart import NAMESPACE
 from tests.support.kube_control_plane import (
     KUBE_VERSION,
@@ -28,8 +29,10 @@ from tests.support.kube_control_plane import (
     missing_binaries,
     start_control_plane,
 )
+from tests.support.redis_servers import RedisServer
 
 HERE = Path(__file__).resolve().parent
+EXAMPLES = HERE.parents[1] / "examples"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -77,7 +80,9 @@ def chart_install(kube_plane: ControlPlane, chart_objects: list[dict[str, Any]])
         objects.append(item)
     kube_plane.kubectl("create", "namespace", NAMESPACE)
     crds = [o for o in objects if o["kind"] == "CustomResourceDefinition"]
-    apply(kube_plane, crds)
+    # As helm does for crds/: no client-side validation (kubectl's would refuse
+    # x-kubernetes-validations, which 1.20's server accepts and drops).
+    apply(kube_plane, crds, "--validate=false")
     for crd in crds:
         kube_plane.kubectl(
             "wait", "--for=condition=Established", "--timeout=30s", f"crd/{crd['metadata']['name']}"
@@ -96,3 +101,31 @@ def chart_install(kube_plane: ControlPlane, chart_objects: list[dict[str, Any]])
         service_account=(namespace, account["metadata"]["name"]),
         kubeconfig=kube_plane.kubeconfig(token, name="operator"),
     )
+
+
+@pytest.fixture(scope="session")
+def operator_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    socket_path = tmp_path_factory.mktemp("redis-socket") / "redis.sock"
+    server = RedisServer(extra_args=["--unixsocket", str(socket_path), "--unixsocketperm", "777"])
+    server.start()
+    server.socket_path = socket_path  # type: ignore[attr-defined]
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="session")
+def operator(
+    kube_plane: ControlPlane,
+    chart_install: ChartInstall,
+    chart_objects: list[dict[str, Any]],
+    operator_redis: RedisServer,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[OperatorProcess]:
+    directory = tmp_path_factory.mktemp("operator")
+    with running_operator(
+        kube_plane, chart_install, chart_objects, operator_redis.url, directory
+    ) as process:
+        kube_plane.kubectl(
+            "apply", "-f", str(EXAMPLES / "pricebook.yaml"), "-f", str(EXAMPLES / "budgets.yaml")
+        )
+        yield process

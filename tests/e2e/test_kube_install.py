@@ -66,7 +66,7 @@ def test_examples_apply_and_show_their_printer_columns(
     [
         ({"spec": {"mode": "free-for-all"}}, "spec.mode"),
         ({"spec": {"balance": "lots"}}, "spec.balance"),
-        ({"spec": {"currency": "usd"}}, "spec.currency"),
+        ({"spec": {"rateLimits": [{"requests": 1, "per": "fortnight"}]}}, "spec.rateLimits.per"),
         ({"spec": {"unknownField": 1}}, None),  # pruned, not stored
     ],
 )

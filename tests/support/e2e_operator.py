@@ -5,7 +5,9 @@ certificate, free loopback ports for the webhook and health servers."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import hashlib
 import json
 import os
 import signal
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from spendgate.config_store import ConfigStore
 from tests.support import e2e_chart
 from tests.support.e2e_chart import ChartInstall
 from tests.support.kube_control_plane import ControlPlane, free_port
@@ -151,3 +154,46 @@ def running_operator(*args: Any, ready: bool = True, **kwargs: Any) -> Iterator[
         yield process
     finally:
         process.stop()
+
+
+def eventually(check: Callable[[], Any], timeout_s: float = 30.0, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout_s
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+            if last:
+                return last
+        except AssertionError as error:
+            last = error
+        time.sleep(0.2)
+    raise AssertionError(f"not within {timeout_s}s: {what} (last: {last})")
+
+
+def store_lookup(redis_url: str, api_key: str) -> Any:
+    async def lookup() -> Any:
+        import redis.asyncio
+
+        client = redis.asyncio.Redis.from_url(redis_url)
+        try:
+            return await ConfigStore(client).lookup_key(
+                hashlib.sha256(api_key.encode()).hexdigest()
+            )
+        finally:
+            await client.aclose()
+
+    return asyncio.run(lookup())
+
+
+def budget(plane: ControlPlane, name: str) -> dict[str, Any]:
+    result: dict[str, Any] = plane.get_json(
+        f"customerbudgets.spendgate.dev/{name}", "-n", "default"
+    )
+    return result
+
+
+def condition(body: dict[str, Any], type_: str) -> dict[str, Any] | None:
+    for item in (body.get("status") or {}).get("conditions") or []:
+        if item.get("type") == type_:
+            return dict(item)
+    return None

@@ -21,8 +21,6 @@ Everything is stopped and removed by :meth:`ControlPlane.stop`.
 from __future__ import annotations
 
 import contextlib
-import datetime
-import ipaddress
 import json
 import os
 import shutil
@@ -39,10 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import NameOID
+from tests.support.kube_pki import serving_pki
 
 ROOT = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("SPENDGATE_E2E_CACHE", "/var/cache/spendgate-e2e"))
@@ -91,61 +86,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-# ------------------------------------------------------------------ certificates
-
-
-def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-
-
-def _pem_key(key: Any) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-
-
-def _serving_pki(directory: Path) -> None:
-    """ca.crt, apiserver.crt/key (for 127.0.0.1 and localhost) and sa.key/sa.pub."""
-    now = datetime.datetime.now(datetime.UTC)
-    start, end = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=2)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(_name("spendgate e2e CA"))
-        .issuer_name(_name("spendgate e2e CA"))
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(end)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name("kube-apiserver"))
-        .issuer_name(ca.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(end)
-        .add_extension(x509.SubjectAlternativeName(names), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    sa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pem = serialization.Encoding.PEM
-    (directory / "ca.crt").write_bytes(ca.public_bytes(pem))
-    (directory / "apiserver.crt").write_bytes(cert.public_bytes(pem))
-    (directory / "apiserver.key").write_bytes(_pem_key(key))
-    (directory / "sa.key").write_bytes(_pem_key(sa_key))
-    (directory / "sa.pub").write_bytes(
-        sa_key.public_key().public_bytes(pem, serialization.PublicFormat.SubjectPublicKeyInfo)
-    )
 
 
 # ------------------------------------------------------------------ processes
@@ -278,7 +218,11 @@ class ControlPlane:
         request = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
         try:
             with urllib.request.urlopen(request, context=context, timeout=15) as response:
-                return response.status, json.loads(response.read() or b"null")
+                payload = response.read()
+                try:
+                    return response.status, json.loads(payload or b"null")
+                except ValueError:
+                    return response.status, payload.decode(errors="replace")  # /readyz: "ok"
         except urllib.error.HTTPError as error:
             payload = error.read()
             try:
@@ -332,7 +276,7 @@ def start_control_plane(
 ) -> ControlPlane:
     """Start etcd, kube-apiserver (and kube-controller-manager); ready when this returns."""
     directory.mkdir(parents=True, exist_ok=True)
-    _serving_pki(directory)
+    serving_pki(directory)
     (directory / "tokens.csv").write_text(f"{ADMIN_TOKEN},admin,admin-uid,system:masters\n")
     hosts = directory / "hosts"
     hosts.write_text(
