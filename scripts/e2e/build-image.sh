@@ -68,8 +68,14 @@ mounts=()
 ca="${PIP_CERT:-${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}}"
 [ -f "$ca" ] && mounts+=(--volume "$(readlink -f "$ca"):/etc/ssl/certs/ca-certificates.crt:ro")
 [ -f /etc/pip.conf ] && mounts+=(--volume /etc/pip.conf:/etc/pip.conf:ro)
+digest="$(python3 scripts/e2e/source_digest.py)"
+label=dev.spendgate.source-digest
+if [ "$(podman image inspect --format "{{ index .Labels \"$label\" }}" "$IMAGE" 2>/dev/null)" = "$digest" ]; then
+  log "cached: $IMAGE is built from this checkout"
+  exit 0
+fi
 log "building $IMAGE on $BASE_IMAGE"
-buildah bud --quiet --isolation chroot --layers "${mounts[@]}" \
+buildah bud --quiet --isolation chroot --layers "${mounts[@]}" --label "$label=$digest" \
   --build-arg "PYTHON_IMAGE=$BASE_IMAGE" -t "$IMAGE" . >"$CACHE/image-build.log" 2>&1 || {
   tail -n 30 "$CACHE/image-build.log" >&2; log "build failed; log: $CACHE/image-build.log"; exit 1
 }

@@ -4,6 +4,7 @@ escalation. ``make image`` builds it (scripts/e2e/build-image.sh)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -19,6 +20,15 @@ import pytest
 
 from tests.support.kube_control_plane import CACHE, free_port
 from tests.support.redis_servers import RedisServer
+
+_digest = importlib.util.spec_from_file_location(
+    "source_digest", Path(__file__).resolve().parents[2] / "scripts" / "e2e" / "source_digest.py"
+)
+assert _digest is not None and _digest.loader is not None
+_digest_module = importlib.util.module_from_spec(_digest)
+_digest.loader.exec_module(_digest_module)
+source_digest = _digest_module.source_digest
+LABEL = _digest_module.LABEL
 
 IMAGE = os.environ.get("SPENDGATE_IMAGE", "localhost/spendgate:dev")
 CONTAINERS_CONF = CACHE / "containers.conf"
@@ -68,6 +78,9 @@ def image() -> str:
         pytest.skip("the image test runs podman as root (its storage is the system one)")
     if not CONTAINERS_CONF.is_file() or podman("image", "exists", IMAGE).returncode != 0:
         pytest.skip(f"image {IMAGE} is not built here: run `make image`")
+    label = podman("image", "inspect", "--format", f'{{{{ index .Labels "{LABEL}" }}}}', IMAGE)
+    if label.stdout.strip() != source_digest():
+        pytest.skip(f"image {IMAGE} is older than this checkout: run `make image`")
     return IMAGE
 
 
