@@ -453,6 +453,7 @@ def start_everything(procs: Processes, budgets: int) -> Setup:
     redis_child, redis_url = start_redis(procs, timeout=STARTUP_TIMEOUT_S)
 
     model_port, bare_port, sidecar_port = free_port(), free_port(), free_port()
+    probe_port = free_port()
     model = procs.start(
         "upstream", [sys.executable, __file__, "--role", "upstream", "--port", str(model_port)]
     )
@@ -475,14 +476,15 @@ def start_everything(procs: Processes, budgets: int) -> Setup:
         "sidecar",
         [
             SPENDGATE, "sidecar", "--upstream", f"http://{HOST}:{model_port}",
-            "--listen", f"{HOST}:{sidecar_port}", "--pricebook", "default/bench",
+            "--listen", f"{HOST}:{sidecar_port}", "--probe-listen", f"{HOST}:{probe_port}",
+            "--pricebook", "default/bench",
             "--redis", redis_url, "--pod", "bench", "--log-level", "WARNING",
         ],
     )  # fmt: skip
     wait_until(model, "listening", accepts(model_port), timeout=STARTUP_TIMEOUT_S)
     wait_until(bare, "listening", accepts(bare_port), timeout=STARTUP_TIMEOUT_S)
     wait_until(
-        sidecar, "ready", http_ok(f"http://{HOST}:{sidecar_port}/readyz"), timeout=STARTUP_TIMEOUT_S
+        sidecar, "ready", http_ok(f"http://{HOST}:{probe_port}/readyz"), timeout=STARTUP_TIMEOUT_S
     )
     return Setup(
         procs=procs,

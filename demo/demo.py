@@ -163,18 +163,20 @@ def start_stack(procs: Processes) -> Stack:
     for line in applied.splitlines():
         out.event("apply", "", line)
 
-    sidecar_port = free_port()
+    sidecar_port, probe_port = free_port(), free_port()
     sidecar = procs.start(
         "sidecar",
         [
             SPENDGATE, "sidecar", "--upstream", f"http://{HOST}:{model_port}",
-            "--listen", f"{HOST}:{sidecar_port}", "--pricebook", "default/default",
+            "--listen", f"{HOST}:{sidecar_port}", "--probe-listen", f"{HOST}:{probe_port}",
+            "--pricebook", "default/default",
             "--fail-mode", "closed", "--pod", "demo-pod", "--redis", redis_url,
             "--log-format", "text",
         ],
     )  # fmt: skip
     sidecar_url = f"http://{HOST}:{sidecar_port}"
-    wait_until(sidecar, "ready", http_ok(f"{sidecar_url}/readyz"), timeout=STARTUP_TIMEOUT_S)
+    ready_url = f"http://{HOST}:{probe_port}/readyz"
+    wait_until(sidecar, "ready", http_ok(ready_url), timeout=STARTUP_TIMEOUT_S)
     out.event("sidecar", "ready", f"{sidecar_url} -> model, fail-mode closed")
     return Stack(redis_url, sidecar_url)
 

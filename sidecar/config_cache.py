@@ -103,12 +103,18 @@ class ConfigCache:
             return False
         return True
 
-    async def stop(self) -> None:
+    async def stop(self, timeout_s: float = 2.0) -> None:
         for task in self._tasks:
             task.cancel()
+        if not self._tasks:
+            return
+        # redis-py's pub/sub can swallow a cancellation while it reconnects: never wait forever.
+        _, stuck = await asyncio.wait(self._tasks, timeout=timeout_s)
+        if stuck:
+            log.warning("config tasks did not stop in time", extra={"tasks": len(stuck)})
         for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            if task.done() and not task.cancelled():
+                task.exception()  # retrieved: no "exception was never retrieved" noise
 
     async def _listen(self) -> None:
         backoff = 0.1

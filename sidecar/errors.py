@@ -39,6 +39,21 @@ def retry_after_seconds(milliseconds: int) -> str:
     return str(max(1, math.ceil(milliseconds / 1000)))
 
 
+def bad_request(code: str, message: str, *, headers: dict[str, str] | None = None) -> web.Response:
+    return error_response(400, "invalid_request_error", code, message, headers=headers)
+
+
+def error_type_for(status: int) -> str:
+    """The OpenAI error type that goes with an HTTP status."""
+    if status == 401:
+        return "authentication_error"
+    if status == 403:
+        return "permission_error"
+    if status == 429:
+        return "rate_limit_error"
+    return "server_error" if status >= 500 else "invalid_request_error"
+
+
 def missing_key() -> web.Response:
     return error_response(
         401,
@@ -69,6 +84,20 @@ def store_unavailable() -> web.Response:
     )
 
 
+def _shortfall(outcome: Outcome, estimate: int, available: int) -> str:
+    """The 402 message, with the real figures (``available`` is below zero when overdrawn)."""
+    cost = f"This request may cost up to {format_amount(estimate)}"
+    if outcome is Outcome.insufficient:
+        if available < 0:
+            return f"{cost}; your balance, less requests in flight, is {format_amount(available)}."
+        return f"{cost}; {format_amount(available)} of your balance is available."
+    if available < 0:
+        return (
+            f"{cost}; your spend limit for this period is exceeded by {format_amount(-available)}."
+        )
+    return f"{cost}; your spend limit for this period has {format_amount(available)} left."
+
+
 def refusal(reservation: Reservation) -> web.Response:
     """The response for a reservation the ledger refused."""
     outcome = reservation.outcome
@@ -82,13 +111,10 @@ def refusal(reservation: Reservation) -> web.Response:
             headers=headers,
         )  # fmt: skip
     if outcome in (Outcome.insufficient, Outcome.cap_reached):
-        what = "balance" if outcome is Outcome.insufficient else "spend limit for this period"
         return error_response(
             402, "insufficient_quota", "insufficient_balance"
             if outcome is Outcome.insufficient else "spend_limit_reached",
-            f"Your {what} does not cover this request (needs "
-            f"{format_amount(reservation.estimate)}, available "
-            f"{format_amount(max(0, reservation.available or 0))}).",
+            _shortfall(outcome, reservation.estimate, reservation.available or 0),
         )  # fmt: skip
     if outcome is Outcome.cost_cap:
         return error_response(

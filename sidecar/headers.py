@@ -16,6 +16,8 @@ HOP_BY_HOP = frozenset(
     )
 )  # fmt: skip
 CREDENTIAL_HEADERS = frozenset({"authorization", "x-api-key"})
+# The body is forwarded decoded (see front/body.py), so its coding no longer applies.
+DECODED_BODY_HEADERS = frozenset({"content-encoding"})
 OWN_PREFIX = "x-spendgate-"
 _MIN_KEY_LENGTH, _MAX_KEY_LENGTH = 8, 512
 
@@ -40,7 +42,9 @@ def forward_headers(request: web.Request, owner: KeyOwner, request_id: str) -> d
     headers: dict[str, str] = {}
     for name, value in request.headers.items():
         lower = name.lower()
-        if lower in HOP_BY_HOP or lower in CREDENTIAL_HEADERS or lower.startswith(OWN_PREFIX):
+        if lower in HOP_BY_HOP or lower in CREDENTIAL_HEADERS or lower in DECODED_BODY_HEADERS:
+            continue
+        if lower.startswith(OWN_PREFIX):
             continue
         headers[name] = value
     headers["X-Spendgate-Customer"] = owner.customer_id

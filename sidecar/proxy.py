@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import logging
 import time
-import uuid
 
 import aiohttp
 from aiohttp import web
@@ -38,7 +37,6 @@ from spendgate.pricing import (
     RequestFacts,
     RulePricing,
     Used,
-    inspect_body,
     with_output_limit,
 )
 
@@ -47,12 +45,16 @@ from .billing import Metered, measure, price_outcome
 from .config_cache import ConfigCache
 from .customer_view import BALANCE_PATH, CustomerView, admission_headers, final_cost_headers
 from .expression_pricing import report_cost_error
+from .front import context
+from .front.body import BodyRefused, inspect, read_body
+from .front.targets import UpstreamBase
 from .headers import extract_api_key, forward_headers, response_headers
 from .metering import ResponseTap, sse_error_event
 from .metrics import SidecarMetrics
 from .reconcile import PendingCharge, PendingCharges
 from .refusal_counts import RefusalCounter
 from .settings import FailMode, SidecarSettings
+from .upstream_errors import foreign_error, is_foreign_error
 
 log = logging.getLogger("spendgate.sidecar")
 
@@ -78,7 +80,8 @@ def output_limit_change(facts: RequestFacts, bound: Bound, limit: int | None) ->
 
 
 class _Refused(Exception):
-    def __init__(self, response: web.StreamResponse) -> None:
+    def __init__(self, outcome: str, response: web.StreamResponse) -> None:
+        self.outcome = outcome
         self.response = response
 
 
@@ -102,18 +105,20 @@ class Proxy:
         self.metrics = metrics
         self.pending = pending
         self.session = session
-        self.upstream = settings.upstream.rstrip("/")
+        self.upstream = UpstreamBase(settings.upstream)
         self.background: set[asyncio.Task[None]] = set()
 
     # ----------------------------------------------------------------- entry point
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         received = time.perf_counter()
+        access = context.begin(request)
         if request.path == BALANCE_PATH:
             return await self.customer_view.balance(request)
         try:
             metered = await self._admit(request)
         except _Refused as refused:
+            access.outcome = refused.outcome
             return refused.response
         self.metrics.added_latency.observe(time.perf_counter() - received)
         return await self._forward(request, metered)
@@ -122,7 +127,7 @@ class Proxy:
 
     def _refuse(self, outcome: str, response: web.StreamResponse) -> _Refused:
         self.metrics.decisions.labels(outcome).inc()
-        return _Refused(response)
+        return _Refused(outcome, response)
 
     async def _admit(self, request: web.Request) -> Metered:
         key = extract_api_key(request.headers)
@@ -139,6 +144,7 @@ class Proxy:
             raise self._refuse("store_unavailable", errors.store_unavailable()) from None
         if owner is None:
             raise self._refuse("invalid_key", errors.invalid_key())
+        context.current().customer, context.current().key_id = owner.customer_id, owner.key_name
 
         pricebook = self.config.pricebook
         if pricebook is None:
@@ -150,14 +156,11 @@ class Proxy:
                     headers={"Retry-After": "5"},
                 ),
             )  # fmt: skip
-        body = await self._read_body(request)
         try:
-            facts = inspect_body(body, request.content_type)
-        except BadRequestBody as error:
-            raise self._refuse(
-                "bad_request",
-                errors.error_response(400, "invalid_request_error", "invalid_body", str(error)),
-            ) from None
+            body = await read_body(request, self.settings.max_body_bytes)
+            facts = await inspect(body, request.headers.get("Content-Type", ""))
+        except BodyRefused as refused:
+            raise self._refuse(refused.outcome, refused.response) from None
         rule = self._rule_for(pricebook, request, facts)
         form = self._form_for(rule, pricebook, request, body, facts)
         try:
@@ -181,7 +184,8 @@ class Proxy:
                     400, "invalid_request_error", "output_limit_too_high", str(error)
                 ),
             ) from None
-        request_id = uuid.uuid4().hex
+        request_id = context.current().request_id
+        context.current().rule, context.current().currency = rule.name, pricebook.currency
         reservation = await self._reserve(owner, request_id, rule, bound, pricebook.currency)
         if reservation is not None and not reservation.ok:
             if reservation.outcome is Outcome.currency_mismatch:
@@ -195,6 +199,7 @@ class Proxy:
         self.metrics.decisions.labels("admitted" if reservation else "fail_open").inc()
         held = reservation.estimate if reservation is not None else bound.hold
         output_limit = form.output_for(bound, held)
+        context.current().hold = held if reservation is not None else None
         clamped = output_limit_change(facts, bound, output_limit)
         if clamped is not None:
             body = with_output_limit(facts, request.path, output_limit)  # type: ignore[arg-type]
@@ -230,22 +235,6 @@ class Proxy:
         return ExpressionForm(
             rule, rule.pricing, request.method, request.path, request.headers, body,
             request.headers.get("Content-Type", ""), simple.input_tokens(facts),
-        )  # fmt: skip
-
-    async def _read_body(self, request: web.Request) -> bytes:
-        limit = self.settings.max_body_bytes
-        if request.content_length is not None and request.content_length > limit:
-            raise self._refuse("too_large", self._too_large(limit))
-        try:
-            return await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise self._refuse("too_large", self._too_large(limit)) from None
-
-    @staticmethod
-    def _too_large(limit: int) -> web.Response:
-        return errors.error_response(
-            413, "invalid_request_error", "request_too_large",
-            f"Request body is larger than {limit} bytes.",
         )  # fmt: skip
 
     def _rule_for(
@@ -308,7 +297,7 @@ class Proxy:
     # ----------------------------------------------------------------- forwarding
 
     async def _forward(self, request: web.Request, metered: Metered) -> web.StreamResponse:
-        url = self.upstream + request.raw_path
+        url = self.upstream.url_for(request)
         # The rule's timeout bounds the whole exchange, streams included: the hold lives that
         # long (plus a grace period), so no stream can outlive its reservation.
         limit_s = metered.rule.timeout / 1000
@@ -353,6 +342,12 @@ class Proxy:
     async def _relay(
         self, request: web.Request, upstream: aiohttp.ClientResponse, metered: Metered
     ) -> web.StreamResponse:
+        if is_foreign_error(upstream):  # the model's own error page: relay it in our shape
+            response = await foreign_error(upstream)
+            admission_headers(response.headers, metered.currency, metered.hold, metered.available)
+            response.headers.update(errors.rate_limit_headers(metered.rate))
+            self._finish(metered, upstream, None, outcome="upstream_status")
+            return response
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
         response.headers.update(response_headers(upstream))
         admission_headers(response.headers, metered.currency, metered.hold, metered.available)
@@ -527,6 +522,8 @@ class Proxy:
             metered.form, self.metrics,
             customer=metered.owner.customer_id, request_id=metered.request_id,
         )  # fmt: skip
+        context.current().outcome, context.current().cost = outcome, cost
+        context.current().upstream_ms = metered.elapsed_ms() if metered.upstream_started else None
         task = asyncio.create_task(self._settle(metered, cost, usage))
         self.background.add(task)
         task.add_done_callback(self.background.discard)

@@ -10,7 +10,6 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
@@ -23,8 +22,14 @@ from spendgate.logs import redact
 from spendgate.script_channel import ClusterScriptChannel, ScriptChannel
 
 from .config_cache import ConfigCache
+from .front import context
+from .front.access_log import ACCESS_LOGGER, SidecarAccessLogger
+from .front.cors import Cors
+from .front.protocol import GuardedAppRunner
+from .front.targets import refuse_target
 from .hold_sweep import HoldSweep
 from .metrics import SidecarMetrics
+from .probes import create_probe_app
 from .proxy import Proxy
 from .reconcile import PendingCharges
 from .settings import SidecarSettings
@@ -152,22 +157,6 @@ class Sidecar:
 SIDECAR_KEY = web.AppKey("sidecar", Sidecar)
 
 
-async def _healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
-
-
-async def _readyz(request: web.Request) -> web.Response:
-    ok, checks = await request.app[SIDECAR_KEY].ready()
-    return web.json_response({"ready": ok, **checks}, status=200 if ok else 503)
-
-
-async def _metrics(request: web.Request) -> web.Response:
-    sidecar = request.app[SIDECAR_KEY]
-    sidecar.metrics.holds_in_flight.set(len(sidecar.proxy.background) if sidecar.proxy else 0)
-    body = generate_latest(sidecar.metrics.registry)
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-
 async def _proxy(request: web.Request) -> web.StreamResponse:
     proxy = request.app[SIDECAR_KEY].proxy
     assert proxy is not None, "sidecar not started"
@@ -175,17 +164,49 @@ async def _proxy(request: web.Request) -> web.StreamResponse:
 
 
 def create_app(settings: SidecarSettings, redis: Any | None = None) -> web.Application:
+    """The customer-facing application (probes and metrics: :func:`create_probe_app`)."""
+    cors = Cors(settings.cors_origins)
+
+    @web.middleware
+    async def front_door(request: web.Request, handler: Any) -> web.StreamResponse:
+        record = context.begin(request)
+        refused = refuse_target(request)
+        if refused is not None:
+            record.outcome = "bad_target"
+            return refused
+        if request.method == "OPTIONS":
+            record.outcome = "preflight"
+            return cors.preflight(request)
+        return await handler(request)
+
+    async def stamp(request: web.Request, response: web.StreamResponse) -> None:
+        response.headers["Server"] = context.SERVER_BANNER
+        record = context.of(request)
+        if record is not None:
+            response.headers.setdefault(context.REQUEST_ID_HEADER, record.request_id)
+        cors.decorate(request, response)
+
     # The body limit is enforced by the proxy with a clear 413; aiohttp's own is a backstop.
-    app = web.Application(client_max_size=settings.max_body_bytes)
+    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[front_door])
     sidecar = Sidecar(settings, redis)
     app[SIDECAR_KEY] = sidecar
     app.on_startup.append(sidecar.start)
     app.on_cleanup.append(sidecar.stop)
-    app.router.add_get("/healthz", _healthz)
-    app.router.add_get("/readyz", _readyz)
-    app.router.add_get("/metrics", _metrics)
+    app.on_response_prepare.append(stamp)
     app.router.add_route("*", "/{tail:.*}", _proxy)
+    context.install_request_id_filter("spendgate.sidecar", "spendgate.sidecar.reconcile")
     return app
+
+
+def runner_options(settings: SidecarSettings) -> dict[str, Any]:
+    """Server options of the customer-facing port (also used by tests)."""
+    return {
+        "shutdown_timeout": settings.drain_timeout_s,
+        "access_log_class": SidecarAccessLogger,
+        "access_log": logging.getLogger(ACCESS_LOGGER),
+        "auto_decompress": False,  # the proxy decodes bodies itself, within its limits
+        "handle_signals": False,
+    }
 
 
 async def run(settings: SidecarSettings, *, stop: asyncio.Event | None = None) -> None:
@@ -197,16 +218,31 @@ async def run(settings: SidecarSettings, *, stop: asyncio.Event | None = None) -
             loop.add_signal_handler(sig, stop.set)
     # Bound before anything starts: a port in use is a ListenError, never "started" first.
     sock = bind_listener(settings.listen_host, settings.listen_port, what="the sidecar")
+    try:
+        probe_sock = bind_listener(settings.probe_host, settings.probe_port, what="the probes")
+    except BaseException:
+        sock.close()
+        raise
     app = create_app(settings)
-    runner = web.AppRunner(
-        app, shutdown_timeout=settings.drain_timeout_s, access_log=None, handle_signals=False
-    )
+    runner = GuardedAppRunner(app, **runner_options(settings))
     await runner.setup()
-    await web.SockSite(runner, sock).start()
-    log.info("listening", extra={"host": settings.listen_host, "port": settings.listen_port})
-    await stop.wait()
-    log.info("shutting down: draining in-flight requests")
-    await runner.cleanup()
+    probes = GuardedAppRunner(
+        create_probe_app(app[SIDECAR_KEY]), access_log=None, handle_signals=False
+    )
+    await probes.setup()
+    try:
+        await web.SockSite(runner, sock).start()
+        await web.SockSite(probes, probe_sock).start()
+        log.info(
+            "listening",
+            extra={"host": settings.listen_host, "port": settings.listen_port,
+                   "probe_host": settings.probe_host, "probe_port": settings.probe_port},
+        )  # fmt: skip
+        await stop.wait()
+        log.info("shutting down: draining in-flight requests")
+    finally:
+        await runner.cleanup()
+        await probes.cleanup()
 
 
 def serve(settings: SidecarSettings) -> None:

@@ -17,6 +17,9 @@ class SidecarSettings:
     redis_url: str = "redis://127.0.0.1:6379/0"
     listen_host: str = "0.0.0.0"
     listen_port: int = 8080
+    probe_host: str = "0.0.0.0"  # /healthz, /readyz, /metrics: never on the customer's port
+    probe_port: int = 8081
+    cors_origins: tuple[str, ...] = ()  # origins whose browsers may call the API ("*": any)
     pricebook: str = "default/default"  # namespace/name
     fail_mode: FailMode = FailMode.closed
     pod: str = ""  # pod name for the ledger (downward API in Kubernetes)

@@ -42,6 +42,7 @@ from .money import AmountError, format_amount, parse_amount
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_LISTEN = "0.0.0.0:8080"
+DEFAULT_PROBE_LISTEN = "0.0.0.0:8081"
 TRUE_WORDS = {"1", "true", "yes", "on"}
 EXIT_BROKEN_PIPE = 128 + 13  # SIGPIPE
 
@@ -232,10 +233,10 @@ async def cmd_balance(ns: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- sidecar
 
 
-def _listen(text: str) -> tuple[str, int]:
+def _listen(text: str, flag: str = "--listen") -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise UsageError(f"--listen {text!r}: expected HOST:PORT, like 0.0.0.0:8080")
+        raise UsageError(f"{flag} {text!r}: expected HOST:PORT, like 0.0.0.0:8080")
     host = host.strip("[]") or "0.0.0.0"
     return host, int(port)
 
@@ -261,6 +262,11 @@ def sidecar_settings_from_args(
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise UsageError(f"--upstream {upstream!r}: expected an http(s) URL")
     host, port = _listen(ns.listen or env.get("SPENDGATE_LISTEN") or DEFAULT_LISTEN)
+    probe_listen = ns.probe_listen or env.get("SPENDGATE_PROBE_LISTEN") or DEFAULT_PROBE_LISTEN
+    probe_host, probe_port = _listen(probe_listen, "--probe-listen")
+    if probe_port == port:
+        raise UsageError(f"--probe-listen {probe_listen!r}: must differ from the --listen port")
+    cors = ns.cors_origin or [o for o in env.get("SPENDGATE_CORS_ORIGINS", "").split(",") if o]
     pricebook = ns.pricebook or env.get("SPENDGATE_PRICEBOOK") or "default/default"
     if pricebook.count("/") != 1 or "" in pricebook.split("/"):
         raise UsageError(f"--pricebook {pricebook!r}: expected NAMESPACE/NAME")
@@ -278,6 +284,9 @@ def sidecar_settings_from_args(
         redis_url=redis_url,
         listen_host=host,
         listen_port=port,
+        probe_host=probe_host,
+        probe_port=probe_port,
+        cors_origins=tuple(o.strip() for o in cors),
         pricebook=pricebook,
         fail_mode=FailMode(fail_mode),
         pod=ns.pod or env.get("SPENDGATE_POD", ""),
@@ -378,6 +387,19 @@ def build_parser() -> argparse.ArgumentParser:
     side.add_argument("--upstream", metavar="URL", help="model server (env SPENDGATE_UPSTREAM)")
     side.add_argument(
         "--listen", metavar="HOST:PORT", help=f"env SPENDGATE_LISTEN, default {DEFAULT_LISTEN}"
+    )
+    side.add_argument(
+        "--probe-listen",
+        metavar="HOST:PORT",
+        help="/healthz, /readyz and /metrics (env SPENDGATE_PROBE_LISTEN,"
+        f" default {DEFAULT_PROBE_LISTEN})",
+    )
+    side.add_argument(
+        "--cors-origin",
+        action="append",
+        metavar="ORIGIN",
+        help="a browser origin allowed to call the API, repeatable, '*' for any"
+        " (env SPENDGATE_CORS_ORIGINS, comma-separated; default none)",
     )
     side.add_argument(
         "--pricebook", metavar="NS/NAME", help="env SPENDGATE_PRICEBOOK, default default/default"

@@ -15,7 +15,7 @@ import pytest
 import redis
 
 from spendgate import cli
-from spendgate.cli import build_parser, main, sidecar_settings_from_args
+from spendgate.cli import UsageError, build_parser, main, sidecar_settings_from_args
 from spendgate.keys import for_customer
 from spendgate.logs import JsonFormatter, RedactingFilter
 from spendgate.sidecar.settings import FailMode, SidecarSettings
@@ -285,8 +285,12 @@ def test_sidecar_settings_from_environment() -> None:
         "SPENDGATE_POD": "pod-1",
         "SPENDGATE_REDIS_URL": "redis://redis:6379/0",
         "SPENDGATE_REDIS_CLUSTER": "1",
+        "SPENDGATE_PROBE_LISTEN": "[::]:9091",
+        "SPENDGATE_CORS_ORIGINS": "https://a.example,https://b.example",
     }
     settings = sidecar([], environ)
+    assert (settings.probe_host, settings.probe_port) == ("::", 9091)
+    assert settings.cors_origins == ("https://a.example", "https://b.example")
     assert (settings.upstream, settings.listen_host, settings.listen_port) == (
         "http://model:8000",
         "::",
@@ -307,6 +311,22 @@ def test_sidecar_settings_from_environment() -> None:
         "default/default",
     )
     assert (defaults.fail_mode, defaults.cluster) == (FailMode.closed, False)
+    assert (defaults.probe_host, defaults.probe_port, defaults.cors_origins) == (
+        "0.0.0.0",
+        8081,
+        (),
+    )
+
+
+def test_sidecar_probe_port_and_cors_flags() -> None:
+    flags = ["--upstream", "http://m:1", "--probe-listen", "127.0.0.1:9100"]
+    settings = sidecar([*flags, "--cors-origin", "https://a.example", "--cors-origin", "*"])
+    assert (settings.probe_host, settings.probe_port) == ("127.0.0.1", 9100)
+    assert settings.cors_origins == ("https://a.example", "*")
+    with pytest.raises(UsageError, match=r"--probe-listen '127\.0\.0\.1:8080': must differ"):
+        sidecar(["--upstream", "http://m:1", "--probe-listen", "127.0.0.1:8080"])
+    with pytest.raises(UsageError, match="--probe-listen 'nope'"):
+        sidecar(["--upstream", "http://m:1", "--probe-listen", "nope"])
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,9 @@ from aiohttp.test_utils import TestClient, TestServer
 from spendgate.config_store import ConfigStore
 from spendgate.ledger import Account, Ledger
 from spendgate.models import parse_resource
-from spendgate.sidecar.server import SIDECAR_KEY, Sidecar, create_app
+from spendgate.sidecar.front.protocol import GuardedAppRunner
+from spendgate.sidecar.probes import create_probe_app
+from spendgate.sidecar.server import SIDECAR_KEY, Sidecar, create_app, runner_options
 from spendgate.sidecar.settings import SidecarSettings
 from spendgate.sidecar.standin import StandinConfig
 from spendgate.sidecar.standin import create_app as create_standin
@@ -81,6 +83,18 @@ def budget(customer: str, balance: str, key_name: str = "main", **spec: Any) -> 
     }
 
 
+class SidecarTestServer(TestServer):
+    """The customer-facing app served as ``spendgate sidecar`` serves it (protocol guard, access
+    log, no automatic body decoding)."""
+
+    def __init__(self, app: web.Application, settings: SidecarSettings) -> None:
+        super().__init__(app, host="127.0.0.1")
+        self.options = runner_options(settings)
+
+    async def _make_runner(self, **kwargs: Any) -> GuardedAppRunner:
+        return GuardedAppRunner(self.app, **{**self.options, **kwargs})
+
+
 @dataclass
 class DataPlane:
     redis: Any
@@ -89,6 +103,7 @@ class DataPlane:
     client: TestClient
     upstream: TestServer
     sidecar: Sidecar
+    probes: TestClient
 
     async def apply_budget(self, manifest: dict[str, Any], api_key: str) -> None:
         resource = parse_resource(manifest)
@@ -154,8 +169,10 @@ async def data_plane(
     if settings is not None:
         sidecar_settings = settings(sidecar_settings)
     app = create_app(sidecar_settings)
-    client = TestClient(TestServer(app, host="127.0.0.1"))
+    client = TestClient(SidecarTestServer(app, sidecar_settings))
     await client.start_server()
+    probes = TestClient(TestServer(create_probe_app(app[SIDECAR_KEY]), host="127.0.0.1"))
+    await probes.start_server()
     try:
         yield DataPlane(
             redis=client_redis,
@@ -164,11 +181,21 @@ async def data_plane(
             client=client,
             upstream=upstream,
             sidecar=app[SIDECAR_KEY],
+            probes=probes,
         )
     finally:
+        await probes.close()
         await client.close()
         await upstream.close()
         await client_redis.aclose()
 
 
-__all__ = ["ACME_KEY", "OTHER_KEY", "DataPlane", "budget", "data_plane", "replace"]
+__all__ = [
+    "ACME_KEY",
+    "OTHER_KEY",
+    "DataPlane",
+    "SidecarTestServer",
+    "budget",
+    "data_plane",
+    "replace",
+]
