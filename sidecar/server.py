@@ -21,10 +21,11 @@ from spendgate.listening import bind_listener
 from spendgate.logs import redact
 from spendgate.script_channel import ClusterScriptChannel, ScriptChannel
 
+from . import errors
 from .config_cache import ConfigCache
 from .front import context
 from .front.access_log import ACCESS_LOGGER, SidecarAccessLogger
-from .front.cors import Cors
+from .front.cors import ALLOWED_METHODS, Cors
 from .front.protocol import GuardedAppRunner
 from .front.targets import refuse_target
 from .hold_sweep import HoldSweep
@@ -155,6 +156,7 @@ class Sidecar:
 
 
 SIDECAR_KEY = web.AppKey("sidecar", Sidecar)
+REFUSED_METHODS = frozenset({"CONNECT", "TRACE"})  # a tunnel and a mirror: never proxied
 
 
 async def _proxy(request: web.Request) -> web.StreamResponse:
@@ -177,7 +179,23 @@ def create_app(settings: SidecarSettings, redis: Any | None = None) -> web.Appli
         if request.method == "OPTIONS":
             record.outcome = "preflight"
             return cors.preflight(request)
-        return await handler(request)
+        if request.method in REFUSED_METHODS:
+            record.outcome = "bad_method"
+            return errors.error_response(
+                405, "invalid_request_error", "method_not_allowed",
+                f"{request.method} is not served here.", headers={"Allow": ALLOWED_METHODS},
+            )  # fmt: skip
+        try:
+            return await handler(request)
+        except web.HTTPException as error:  # aiohttp's own answers, in our shape
+            if error.status < 400:
+                raise
+            record.outcome = record.outcome or "refused"
+            return errors.error_response(
+                error.status, errors.error_type_for(error.status), "http_error",
+                error.reason + ".", headers={k: v for k, v in error.headers.items()
+                                             if k.lower() in ("allow", "retry-after")},
+            )  # fmt: skip
 
     async def stamp(request: web.Request, response: web.StreamResponse) -> None:
         response.headers["Server"] = context.SERVER_BANNER
