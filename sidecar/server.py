@@ -102,7 +102,10 @@ class Sidecar:
             self.scripts_loaded = True
             await self.config.load()
         except Exception as error:  # Redis may come later; readiness says so meanwhile
-            log.warning("Redis not ready at start", extra={"error": repr(error)})
+            log.warning(
+                "Redis not ready at start",
+                extra={"redis": redact(self.settings.redis_url), "error": repr(error)},
+            )  # fmt: skip
         self.config.start()
         self.pending.start()
         self.sweep.start()

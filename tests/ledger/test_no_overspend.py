@@ -103,14 +103,17 @@ def _decisions(port: int) -> float:
     )
 
 
-def _start_sidecars(upstream_url: str, redis_url: str, ports: list[int]) -> list[Any]:
+def _start_sidecars(
+    upstream_url: str, redis_url: str, ports: list[int], probe_ports: list[int]
+) -> list[Any]:
     """`spendgate sidecar` processes sharing one Redis, as separate pods would."""
     spendgate = Path(sys.executable).parent / "spendgate"
     env = {**os.environ, "SPENDGATE_REDIS_URL": redis_url}
     procs = []
-    for index, port in enumerate(ports):
+    for index, (port, probe_port) in enumerate(zip(ports, probe_ports, strict=True)):
         command = [str(spendgate), "sidecar", "--upstream", upstream_url,
-                   "--listen", f"127.0.0.1:{port}", "--pricebook", "default/default",
+                   "--listen", f"127.0.0.1:{port}", "--probe-listen", f"127.0.0.1:{probe_port}",
+                   "--pricebook", "default/default",
                    "--pod", f"sidecar-{index}"]  # fmt: skip
         procs.append(
             subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -128,11 +131,11 @@ async def test_three_sidecar_processes_share_one_balance(redis_url: str) -> None
     )
     upstream = TestServer(create_standin(StandinConfig()), host="127.0.0.1")
     await upstream.start_server()
-    ports = [_free_port() for _ in range(3)]
-    procs = _start_sidecars(str(upstream.make_url("")).rstrip("/"), redis_url, ports)
+    ports, probe_ports = [_free_port() for _ in range(3)], [_free_port() for _ in range(3)]
+    procs = _start_sidecars(str(upstream.make_url("")).rstrip("/"), redis_url, ports, probe_ports)
     try:
-        for port, proc in zip(ports, procs, strict=True):
-            await asyncio.to_thread(_wait_ready, port, proc)
+        for probe_port, proc in zip(probe_ports, procs, strict=True):
+            await asyncio.to_thread(_wait_ready, probe_port, proc)
         stop = asyncio.Event()
         watcher = asyncio.create_task(_watch_balance(client, stop))
         connector = aiohttp.TCPConnector(limit=REQUESTS)
@@ -152,8 +155,8 @@ async def test_three_sidecar_processes_share_one_balance(redis_url: str) -> None
         assert lowest >= 0
         usage = [e for e in await ledger.ledger_entries("acme", 1000) if e["type"] == "usage"]
         assert len(usage) == SERVABLE
-        for port in ports:  # every process took part in the race
-            assert await asyncio.to_thread(_decisions, port) > 0
+        for probe_port in probe_ports:  # every process took part in the race
+            assert await asyncio.to_thread(_decisions, probe_port) > 0
     finally:
         for proc in procs:
             proc.terminate()

@@ -99,3 +99,39 @@ def test_402_messages_tell_the_real_figures(
     message = json.loads(response.text or "")["error"]["message"]
     assert says in message and "0.11" in message
     assert never not in message
+
+
+async def test_start_up_names_redis_and_never_reports_a_subscription_it_never_had(
+    redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    import asyncio
+
+    import redis.asyncio
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+
+    from spendgate.config_store import ConfigStore
+    from spendgate.ledger import Ledger
+    from spendgate.sidecar.config_cache import ConfigCache
+
+    caplog.set_level(logging.INFO)
+    async with data_plane(redis_url):
+        pass
+    started = next(r for r in caplog.records if r.getMessage() == "sidecar started")
+    assert started.redis == redis_url  # type: ignore[attr-defined]
+    caplog.clear()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    client = redis.asyncio.Redis(port=closed, retry=Retry(NoBackoff(), 0))
+    cache = ConfigCache(ConfigStore(client, Ledger(client)), "default/default", refresh_s=60)
+    cache.start()
+    for _ in range(100):
+        if any("config subscription" in r.getMessage() for r in caplog.records):
+            break
+        await asyncio.sleep(0.05)
+    await cache.stop()
+    await client.aclose()
+    messages = [r.getMessage() for r in caplog.records]
+    assert "config subscription not established; retrying" in messages
+    assert "config subscription lost; retrying" not in messages
