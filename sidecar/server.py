@@ -245,6 +245,7 @@ async def run(settings: SidecarSettings, *, stop: asyncio.Event | None = None) -
         sock.close()
         raise
     app = create_app(settings)
+    context.install_request_id_filter(handlers=True)
     runner = GuardedAppRunner(app, **runner_options(settings))
     await runner.setup()
     probes = GuardedAppRunner(

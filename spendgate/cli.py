@@ -42,7 +42,7 @@ from .money import AmountError, format_amount, parse_amount
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_LISTEN = "0.0.0.0:8080"
-DEFAULT_PROBE_LISTEN = "0.0.0.0:8081"
+DEFAULT_PROBE_PORT = 8081
 TRUE_WORDS = {"1", "true", "yes", "on"}
 EXIT_BROKEN_PIPE = 128 + 13  # SIGPIPE
 
@@ -262,7 +262,8 @@ def sidecar_settings_from_args(
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise UsageError(f"--upstream {upstream!r}: expected an http(s) URL")
     host, port = _listen(ns.listen or env.get("SPENDGATE_LISTEN") or DEFAULT_LISTEN)
-    probe_listen = ns.probe_listen or env.get("SPENDGATE_PROBE_LISTEN") or DEFAULT_PROBE_LISTEN
+    probe_listen = ns.probe_listen or env.get("SPENDGATE_PROBE_LISTEN")
+    probe_listen = probe_listen or f"{host}:{DEFAULT_PROBE_PORT}"  # where --listen listens
     probe_host, probe_port = _listen(probe_listen, "--probe-listen")
     if probe_port == port:
         raise UsageError(f"--probe-listen {probe_listen!r}: must differ from the --listen port")
@@ -392,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--probe-listen",
         metavar="HOST:PORT",
         help="/healthz, /readyz and /metrics (env SPENDGATE_PROBE_LISTEN,"
-        f" default {DEFAULT_PROBE_LISTEN})",
+        f" default: the --listen host, port {DEFAULT_PROBE_PORT})",
     )
     side.add_argument(
         "--cors-origin",

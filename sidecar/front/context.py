@@ -79,9 +79,13 @@ class RequestIdFilter(logging.Filter):
         return True
 
 
-def install_request_id_filter(*loggers: str) -> None:
+def install_request_id_filter(*loggers: str, handlers: bool = False) -> None:
+    """On the named loggers; with ``handlers``, also on the root logger's handlers, so records
+    of every logger in the process (redis-py, aiohttp, …) get the request id too."""
     request_ids = RequestIdFilter()
-    for name in loggers:
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, RequestIdFilter) for f in logger.filters):
-            logger.addFilter(request_ids)
+    targets: list[logging.Filterer] = [logging.getLogger(name) for name in loggers]
+    if handlers:
+        targets += logging.getLogger().handlers
+    for target in targets:
+        if not any(isinstance(f, RequestIdFilter) for f in target.filters):
+            target.addFilter(request_ids)

@@ -268,6 +268,7 @@ def test_sidecar_settings_from_flags() -> None:
         redis_url="redis://r:6379/1",
         listen_host="127.0.0.1",
         listen_port=9090,
+        probe_host="127.0.0.1",  # the --listen host by default
         pricebook="models/llama",
         fail_mode=FailMode.open,
         pod="web-0",
