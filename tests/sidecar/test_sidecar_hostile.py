@@ -314,3 +314,20 @@ async def test_preflight_is_answered_without_a_key_and_never_forwarded(redis_url
         assert served.headers["Access-Control-Allow-Origin"] == "https://app.example"
         assert "X-Spendgate-Request-Id" in served.headers["Access-Control-Expose-Headers"]
         assert _upstream_calls(plane) == 1
+
+
+async def test_a_body_the_model_refuses_as_too_large_is_413_in_the_openai_shape(
+    redis_url: str,
+) -> None:
+    async def read(request: web.Request) -> web.Response:
+        await request.read()  # aiohttp answers 413 in text/plain past client_max_size
+        return web.json_response({})
+
+    upstream = web.Application(client_max_size=1024 * 1024)
+    upstream.router.add_route("*", "/{tail:.*}", read)
+    async with data_plane(redis_url, upstream_app=upstream) as plane:
+        for size in (2, 6):
+            body = json.dumps({"model": "standin", "input": "x" * (size * 1024 * 1024)})
+            resp = await plane.client.post("/echo", data=body, headers=JSON)
+            assert resp.status == 413, await resp.text()
+            assert (await _error(resp))["code"] == "upstream_error"
