@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -12,10 +13,10 @@ from .front.context import SERVER_BANNER
 if TYPE_CHECKING:
     from .server import Sidecar
 
-PROBE_PATHS = ("/healthz", "/readyz", "/metrics")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def create_probe_app(sidecar: Sidecar) -> web.Application:
+def probe_handlers(sidecar: Sidecar) -> dict[str, Handler]:
     async def healthz(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
@@ -29,12 +30,15 @@ def create_probe_app(sidecar: Sidecar) -> web.Application:
         body = generate_latest(sidecar.metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
+    return {"/healthz": healthz, "/readyz": readyz, "/metrics": metrics}
+
+
+def create_probe_app(sidecar: Sidecar) -> web.Application:
     async def no_banner(request: web.Request, response: web.StreamResponse) -> None:
         response.headers["Server"] = SERVER_BANNER
 
     app = web.Application(client_max_size=64 * 1024)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
+    for path, handler in probe_handlers(sidecar).items():
+        app.router.add_get(path, handler)
     app.on_response_prepare.append(no_banner)
     return app
