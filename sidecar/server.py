@@ -30,7 +30,7 @@ from .front.protocol import GuardedAppRunner
 from .front.targets import refuse_target
 from .hold_sweep import HoldSweep
 from .metrics import SidecarMetrics
-from .probes import create_probe_app, probe_handlers
+from .probes import create_probe_app
 from .proxy import Proxy
 from .reconcile import PendingCharges
 from .settings import SidecarSettings
@@ -214,10 +214,6 @@ def create_app(settings: SidecarSettings, redis: Any | None = None) -> web.Appli
     app.on_startup.append(sidecar.start)
     app.on_cleanup.append(sidecar.stop)
     app.on_response_prepare.append(stamp)
-    # Until injected pods probe the probe port (charts and admission follow), the probes are
-    # also answered here; removed as soon as they do.
-    for path, handler in probe_handlers(sidecar).items():
-        app.router.add_get(path, handler)
     app.router.add_route("*", "/{tail:.*}", _proxy)
     context.install_request_id_filter("spendgate.sidecar", "spendgate.sidecar.reconcile")
     return app

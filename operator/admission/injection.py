@@ -19,6 +19,7 @@ from spendgate import __version__
 INJECT_LABEL = "spendgate.dev/inject"
 UPSTREAM_PORT = "spendgate.dev/upstream-port"
 PORT = "spendgate.dev/port"
+PROBE_PORT = "spendgate.dev/probe-port"
 PRICEBOOK = "spendgate.dev/pricebook"
 FAIL_MODE = "spendgate.dev/fail-mode"
 INJECTED = "spendgate.dev/injected"
@@ -28,9 +29,10 @@ RESOURCES = {  # annotation -> (requests|limits, resource, InjectionDefaults fie
     "spendgate.dev/cpu-limit": ("limits", "cpu", "cpu_limit"),
     "spendgate.dev/memory-limit": ("limits", "memory", "memory_limit"),
 }
-ANNOTATIONS = (UPSTREAM_PORT, PORT, PRICEBOOK, FAIL_MODE, INJECTED, *RESOURCES)
+ANNOTATIONS = (UPSTREAM_PORT, PORT, PROBE_PORT, PRICEBOOK, FAIL_MODE, INJECTED, *RESOURCES)
 CONTAINER_NAME = "spendgate-sidecar"
 PORT_NAME = "spendgate"
+PROBE_PORT_NAME = "spendgate-probe"  # /healthz, /readyz, /metrics: never the customer's port
 FAIL_MODES = ("closed", "open")
 SKIPPED_NAMESPACES = frozenset({"kube-system", "kube-public", "kube-node-lease"})
 
@@ -50,6 +52,7 @@ class InjectionDefaults:
     image: str = "ghcr.io/spendgate/spendgate:0.1.0"
     image_pull_policy: str = "IfNotPresent"
     port: int = 8080
+    probe_port: int = 8081
     fail_mode: str = "closed"
     pricebook: str = "default"  # a PriceBook name in the pod's namespace
     cpu_request: str = "100m"
@@ -82,6 +85,7 @@ class SidecarConfig:
     pricebook: str
     fail_mode: str
     resources: dict[str, dict[str, str]]
+    probe_port: int = 8081
 
 
 def escape(key: str) -> str:
@@ -191,22 +195,15 @@ def sidecar_config(pod: Mapping[str, Any], defaults: InjectionDefaults) -> Sidec
     upstream = _port(annotations.get(UPSTREAM_PORT), UPSTREAM_PORT, problems)
     everything = _containers(pod) + _containers(pod, "initContainers")
     ports = [(c.get("name"), p) for c in everything for p in c.get("ports") or []]
-    if any(isinstance(p, Mapping) and p.get("name") == PORT_NAME for _, p in ports):
-        problems.append(f"a container already has a port named {PORT_NAME!r}; rename it")
+    for name in (PORT_NAME, PROBE_PORT_NAME):
+        if any(isinstance(p, Mapping) and p.get("name") == name for _, p in ports):
+            problems.append(f"a container already has a port named {name!r}; rename it")
     taken = {p.get("containerPort"): name for name, p in ports if isinstance(p, Mapping)}
-    port = _port(annotations.get(PORT, str(defaults.port)), PORT, problems)
-    if port is not None:
-        which = "" if PORT in annotations else " (the default)"
-        if port == upstream:
-            problems.append(
-                f"annotation {PORT}: {port}{which} is also {UPSTREAM_PORT}; allowed: an integer"
-                " 1-65535 other than the upstream port and the containers' ports"
-            )
-        elif port in taken:
-            problems.append(
-                f"annotation {PORT}: {port}{which} is already a port of container"
-                f" {_q(taken[port])}; allowed: an integer 1-65535 no container uses"
-            )
+    port = _own_port(annotations, PORT, defaults.port, {UPSTREAM_PORT: upstream}, taken, problems)
+    probe_port = _own_port(
+        annotations, PROBE_PORT, defaults.probe_port,
+        {UPSTREAM_PORT: upstream, PORT: port}, taken, problems,
+    )  # fmt: skip
     pricebook = annotations.get(PRICEBOOK, defaults.pricebook)
     if not isinstance(pricebook, str) or len(pricebook) > 253 or not _DNS1123.match(pricebook):
         problems.append(
@@ -219,13 +216,39 @@ def sidecar_config(pod: Mapping[str, Any], defaults: InjectionDefaults) -> Sidec
     resources = _resources(annotations, defaults, problems)
     if problems:
         raise ValueError("; ".join(problems))
-    assert upstream is not None and port is not None
-    return SidecarConfig(upstream, port, pricebook, fail_mode, resources)
+    assert upstream is not None and port is not None and probe_port is not None
+    return SidecarConfig(upstream, port, pricebook, fail_mode, resources, probe_port)
+
+
+def _own_port(
+    annotations: Mapping[str, Any],
+    annotation: str,
+    default: int,
+    others: Mapping[str, int | None],
+    taken: Mapping[Any, Any],
+    problems: list[str],
+) -> int | None:
+    """A port of the sidecar's own: valid, and neither another setting's nor a container's."""
+    port = _port(annotations.get(annotation, str(default)), annotation, problems)
+    if port is None:
+        return None
+    which = "" if annotation in annotations else " (the default)"
+    allowed = "allowed: an integer 1-65535 other than the upstream port, the sidecar's other port"
+    clash = next((name for name, value in others.items() if value == port), None)
+    if clash is not None:
+        problems.append(f"annotation {annotation}: {port}{which} is also {clash}; {allowed}"
+                        " and the containers' ports")  # fmt: skip
+    elif port in taken:
+        problems.append(
+            f"annotation {annotation}: {port}{which} is already a port of container"
+            f" {_q(taken[port])}; allowed: an integer 1-65535 no container uses"
+        )
+    return port
 
 
 def _probe(path: str, period: int, fails: int, timeout: int) -> dict[str, Any]:
     timing = {"periodSeconds": period, "failureThreshold": fails, "timeoutSeconds": timeout}
-    return {"httpGet": {"path": path, "port": PORT_NAME}, **timing}
+    return {"httpGet": {"path": path, "port": PROBE_PORT_NAME}, **timing}
 
 
 def sidecar_container(
@@ -245,6 +268,7 @@ def sidecar_container(
         "env": [
             {"name": "SPENDGATE_UPSTREAM", "value": f"http://127.0.0.1:{config.upstream_port}"},
             {"name": "SPENDGATE_LISTEN", "value": f"0.0.0.0:{config.port}"},
+            {"name": "SPENDGATE_PROBE_LISTEN", "value": f"0.0.0.0:{config.probe_port}"},
             {"name": "SPENDGATE_PRICEBOOK", "value": f"{namespace}/{config.pricebook}"},
             {"name": "SPENDGATE_FAIL_MODE", "value": config.fail_mode},
             {"name": "SPENDGATE_POD", "valueFrom": field("metadata.name")},
@@ -252,7 +276,10 @@ def sidecar_container(
             {"name": "SPENDGATE_REDIS_URL", "valueFrom": secret},
             {"name": "SPENDGATE_REDIS_CLUSTER", "value": str(defaults.redis_cluster).lower()},
         ],
-        "ports": [{"name": PORT_NAME, "containerPort": config.port, "protocol": "TCP"}],
+        "ports": [
+            {"name": PORT_NAME, "containerPort": config.port, "protocol": "TCP"},
+            {"name": PROBE_PORT_NAME, "containerPort": config.probe_port, "protocol": "TCP"},
+        ],
         "resources": config.resources,
         "securityContext": {
             "runAsNonRoot": True,

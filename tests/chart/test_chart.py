@@ -706,6 +706,7 @@ def test_sidecar_defaults_are_passed_as_injection_fields() -> None:
     assert sidecar["image"] == "ghcr.io/spendgate/spendgate:0.1.0" == defaults.image
     for field in (
         "port",
+        "probe_port",
         "fail_mode",
         "pricebook",
         "cpu_request",
@@ -995,7 +996,7 @@ def test_dashboard_queries_metrics_spendgate_exports() -> None:
 
 
 def test_monitors_scrape_the_named_metrics_ports() -> None:
-    from spendgate.operator.admission.injection import PORT_NAME
+    from spendgate.operator.admission.injection import PROBE_PORT_NAME
 
     objects = render("everything")
     service_monitor = one(objects, "ServiceMonitor")
@@ -1009,7 +1010,8 @@ def test_monitors_scrape_the_named_metrics_ports() -> None:
         == metrics_service["spec"]["ports"][0]["name"]
     )
     pod_monitor = one(objects, "PodMonitor")
-    assert pod_monitor["spec"]["podMetricsEndpoints"][0]["port"] == PORT_NAME
+    # The sidecars' metrics are on their probe port, never the customer-facing one.
+    assert pod_monitor["spec"]["podMetricsEndpoints"][0]["port"] == PROBE_PORT_NAME
     assert pod_monitor["spec"]["namespaceSelector"] == {"any": True}
     assert not find(render("default"), "ServiceMonitor") and not find(
         render("default"), "PodMonitor"

@@ -67,6 +67,7 @@ def test_vllm_template_gets_a_native_sidecar() -> None:
     assert env_of(sidecar) == {
         "SPENDGATE_UPSTREAM": "http://127.0.0.1:8000",
         "SPENDGATE_LISTEN": "0.0.0.0:8080",
+        "SPENDGATE_PROBE_LISTEN": "0.0.0.0:8081",
         "SPENDGATE_PRICEBOOK": "models/llama-3-8b",
         "SPENDGATE_FAIL_MODE": "closed",
         "SPENDGATE_POD": {"fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.name"}},
@@ -76,10 +77,14 @@ def test_vllm_template_gets_a_native_sidecar() -> None:
         "SPENDGATE_REDIS_URL": {"secretKeyRef": {"name": "spendgate-redis", "key": "url"}},
         "SPENDGATE_REDIS_CLUSTER": "false",
     }
-    assert sidecar["ports"] == [{"name": "spendgate", "containerPort": 8080, "protocol": "TCP"}]
-    assert sidecar["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "spendgate"}
-    assert sidecar["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "spendgate"}
-    assert sidecar["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "spendgate"}
+    assert sidecar["ports"] == [
+        {"name": "spendgate", "containerPort": 8080, "protocol": "TCP"},
+        {"name": "spendgate-probe", "containerPort": 8081, "protocol": "TCP"},
+    ]
+    # Probes and metrics are on a port of their own, never the customer-facing one.
+    assert sidecar["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "spendgate-probe"}
+    assert sidecar["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "spendgate-probe"}
+    assert sidecar["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "spendgate-probe"}
     assert sidecar["securityContext"] == {
         "runAsNonRoot": True,
         "runAsUser": 65532,
@@ -132,11 +137,15 @@ def test_triton_keeps_its_init_containers_and_ports() -> None:
     regular = injected(triton_pod(port="9000"), labels=OPT_IN, native=False)
     assert [c["name"] for c in regular["spec"]["containers"]] == ["triton", "spendgate-sidecar"]
     assert env_of(sidecars(regular)[0])["SPENDGATE_LISTEN"] == "0.0.0.0:9000"
+    message = refusal(triton_pod(probe_port="8001"), labels=OPT_IN)
+    assert 'spendgate.dev/probe-port: 8001 is already a port of container "triton"' in message
 
 
 def test_annotations_configure_the_sidecar() -> None:
-    config = {"port": "9090", "pricebook": "tiny.v2", "fail_mode": "open", "cpu_request": "250m"}
-    pod = vllm_pod(**config, memory_request="64Mi", cpu_limit="1.5", memory_limit="0.5Gi")
+    config = {"port": "9090", "probe_port": "9091", "pricebook": "tiny.v2", "fail_mode": "open"}
+    pod = vllm_pod(
+        **config, cpu_request="250m", memory_request="64Mi", cpu_limit="1.5", memory_limit="0.5Gi"
+    )
     defaults = InjectionDefaults(
         redis_secret="redis-auth", redis_secret_key="uri", redis_cluster=True
     )
@@ -148,6 +157,12 @@ def test_annotations_configure_the_sidecar() -> None:
     assert env["SPENDGATE_REDIS_URL"] == {"secretKeyRef": {"name": "redis-auth", "key": "uri"}}
     assert env["SPENDGATE_REDIS_CLUSTER"] == "true"
     assert sidecar["ports"][0]["containerPort"] == 9090
+    assert env["SPENDGATE_PROBE_LISTEN"] == "0.0.0.0:9091"
+    assert sidecar["ports"][1] == {
+        "name": "spendgate-probe",
+        "containerPort": 9091,
+        "protocol": "TCP",
+    }
     assert sidecar["resources"] == {
         "requests": {"cpu": "250m", "memory": "64Mi"},
         "limits": {"cpu": "1.5", "memory": "0.5Gi"},
@@ -228,6 +243,10 @@ BAD_ANNOTATIONS = [
     ({"port": "eighty"}, 'spendgate.dev/port: "eighty"; allowed: an integer 1-65535'),
     ({"port": "8000"}, "spendgate.dev/port: 8000 is also spendgate.dev/upstream-port"),
     ({"upstream-port": "8080"}, "spendgate.dev/port: 8080 (the default) is also"),
+    ({"probe-port": "http"}, 'spendgate.dev/probe-port: "http"; allowed: an integer 1-65535'),
+    ({"probe-port": "8080"}, "spendgate.dev/probe-port: 8080 is also spendgate.dev/port"),
+    ({"probe-port": "8000"}, "spendgate.dev/probe-port: 8000 is also spendgate.dev/upstream-port"),
+    ({"upstream-port": "8081"}, "spendgate.dev/probe-port: 8081 (the default) is also"),
     ({"pricebook": "Llama_3"}, 'spendgate.dev/pricebook: "Llama_3"; allowed: the name of a'),
     ({"pricebook": "-x"}, 'spendgate.dev/pricebook: "-x"; allowed'),
     ({"pricebook": "a" * 254}, "spendgate.dev/pricebook"),
@@ -282,6 +301,9 @@ def test_sidecar_port_name_and_empty_pods() -> None:
     pod = vllm_pod()
     pod["spec"]["containers"][0]["ports"].append({"name": "spendgate", "containerPort": 9999})
     assert "already has a port named" in refusal(pod)
+    pod = vllm_pod()
+    pod["spec"]["containers"][0]["ports"].append({"name": "spendgate-probe", "containerPort": 1})
+    assert "already has a port named 'spendgate-probe'" in refusal(pod)
     assert "no spec.containers" in refusal({"metadata": vllm_pod()["metadata"], "spec": {}})
 
 
