@@ -20,11 +20,13 @@ def describe(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def bind_listener(host: str, port: int, *, what: str) -> socket.socket:
+def bind_listener(host: str, port: int, *, what: str, listen: bool = True) -> socket.socket:
     """A listening TCP socket on ``host:port`` (port 0: any free one) for ``what``.
 
     ``SO_REUSEADDR`` lets a restarted server take its port back from connections in TIME_WAIT;
-    it never lets two servers listen on one port (that is ``SO_REUSEPORT``, not set).
+    it never lets two servers listen on one port (that is ``SO_REUSEPORT``, not set). With
+    ``listen=False`` the port is only reserved: connections are refused, not left waiting,
+    until the server starts serving (asyncio's ``create_server(sock=...)`` listens then).
     """
     where = describe(host or "0.0.0.0", port)
     try:
@@ -40,7 +42,8 @@ def bind_listener(host: str, port: int, *, what: str) -> socket.socket:
         if family == socket.AF_INET6 and host in ("::", ""):
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # "::" takes IPv4 too
         sock.bind(address)
-        sock.listen(BACKLOG)
+        if listen:
+            sock.listen(BACKLOG)
     except OSError as error:
         sock.close()
         raise ListenError(f"cannot listen on {where} for {what}: {_reason(error)}") from None

@@ -35,6 +35,7 @@ import contextlib
 import logging
 import socket
 from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import kopf
@@ -183,30 +184,51 @@ async def serve_health(health: Health, sock: socket.socket) -> Any:
         await runner.cleanup()
 
 
+@dataclass
+class Listeners:
+    """The sockets :func:`bind_ports` bound, handed to the servers that use them."""
+
+    health: socket.socket | None = None
+    stripe: socket.socket | None = None  # the Stripe webhook receiver's
+
+    def close(self) -> None:
+        for sock in (self.health, self.stripe):
+            if sock is not None:
+                sock.close()
+
+
 def bind_ports(
     settings: OperatorSettings, services: Sequence[Service], *, health: bool
-) -> socket.socket | None:
+) -> Listeners:
     """Every port this replica listens on, bound before anything starts or says it started:
-    the health endpoints' (returned) and each service's with a ``bind`` method (the admission
-    webhook). A port in use is a :class:`ListenError`, with nothing left bound."""
-    sock = None
+    the health endpoints', the Stripe webhook receiver's (with Stripe enabled) and each
+    service's with a ``bind`` method (the admission webhook). A port in use is a
+    :class:`ListenError`, with nothing left bound."""
+    bound = Listeners()
     try:
         if health:
             what = "the operator's health endpoints"
-            sock = bind_listener(settings.health_host, settings.health_port, what=what)
+            bound.health = bind_listener(settings.health_host, settings.health_port, what=what)
+        stripe = settings.stripe
+        if stripe is not None and stripe.enabled:
+            # Reserved, not listening: until its keys are read, Stripe's deliveries are refused
+            # (and retried), not left hanging.
+            what = "the Stripe webhook receiver"
+            bound.stripe = bind_listener(
+                stripe.webhook_host, stripe.webhook_port, what=what, listen=False
+            )
         for service in services:
             bind = getattr(service, "bind", None)
             if callable(bind):
                 bind(settings)
     except ListenError:
-        if sock is not None:
-            sock.close()
+        bound.close()
         for service in services:
             release = getattr(service, "release", None)
             if callable(release):
                 release()
         raise
-    return sock
+    return bound
 
 
 def leader_tasks(
@@ -261,7 +283,7 @@ async def run_operator(
         # Before anything starts: an invalid import template stops the operator here.
         template = load_import_template(settings.stripe, settings.namespaces)
     services = default_services(settings) if services is None else list(services)
-    health_sock = bind_ports(settings, services, health=health)
+    listeners = bind_ports(settings, services, health=health)
     log.info(
         "operator starting",
         extra={
@@ -284,6 +306,7 @@ async def run_operator(
             identity=identity_of(settings),
             watched=settings.namespaces,
             template=template,
+            webhook_sock=listeners.stripe,
         )
         runtime.stripe = stripe.links
     else:
@@ -327,8 +350,8 @@ async def run_operator(
                     checks=[*_checks(services), companions.readiness],
                     info=_checks([stripe]),
                 )
-                assert health_sock is not None
-                await stack.enter_async_context(serve_health(checker, health_sock))
+                assert listeners.health is not None
+                await stack.enter_async_context(serve_health(checker, listeners.health))
                 log.info("health endpoints listening", extra={"port": settings.health_port})
             done, _ = await asyncio.wait(
                 [operator, *companions.tasks()], return_when=asyncio.FIRST_COMPLETED

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from typing import Any
 
 from aiohttp import web
@@ -93,8 +94,9 @@ class StripeIntegration:
     def webhook_app(self) -> web.Application:
         return create_webhook_app(self.redis, self.settings, lambda: self.secrets)
 
-    async def start_webhook(self) -> None:
-        self._runner = await start_webhook_server(self.webhook_app(), self.settings)
+    async def start_webhook(self, sock: socket.socket | None = None) -> None:
+        """Serve the receiver on ``sock`` if bound already, else on the configured port."""
+        self._runner = await start_webhook_server(self.webhook_app(), self.settings, sock=sock)
 
     async def run_leader(self, stop: asyncio.Event) -> None:
         tasks = [

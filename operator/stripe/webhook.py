@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -47,6 +48,7 @@ from aiohttp import web
 from redis.exceptions import RedisError, ResponseError
 
 from spendgate.ledger import Ledger
+from spendgate.listening import bind_listener
 from spendgate.loops import sleep_or_stop
 
 from .apply import Applier, OnEvent
@@ -152,11 +154,15 @@ def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": {"message": message}}, status=status)
 
 
-async def start_webhook_server(app: web.Application, settings: StripeSettings) -> web.AppRunner:
+async def start_webhook_server(
+    app: web.Application, settings: StripeSettings, *, sock: socket.socket | None = None
+) -> web.AppRunner:
+    if sock is None:
+        what = "the Stripe webhook receiver"
+        sock = bind_listener(settings.webhook_host, settings.webhook_port, what=what)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=5)
     await runner.setup()
-    site = web.TCPSite(runner, settings.webhook_host, settings.webhook_port)
-    await site.start()
+    await web.SockSite(runner, sock).start()
     return runner
 
 

@@ -24,6 +24,7 @@ import asyncio
 import base64
 import contextlib
 import logging
+import socket
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -211,6 +212,7 @@ class StripeService:
         identity: str,
         watched: tuple[str, ...] = (),
         template: TemplateFile | None = None,
+        webhook_sock: socket.socket | None = None,
     ) -> None:
         """``watched``: the operator's namespaces (empty: all). With ``import_enabled`` the
         import template is loaded and validated here (``template``, if already loaded): an
@@ -218,6 +220,7 @@ class StripeService:
         self.settings = settings
         self.store = store
         self.kube = kube
+        self.webhook_sock = webhook_sock  # bound by the operator before it started
         self.namespace = namespace
         self.identity = identity
         self.links = BudgetLinks(store.redis)
@@ -265,7 +268,8 @@ class StripeService:
                     self.problem = str(error)
                     metrics.STRIPE_CONFIGURED.set(0)
                     await asyncio.sleep(RETRY_CONFIG_S)
-            await self.integration.start_webhook()
+            sock, self.webhook_sock = self.webhook_sock, None
+            await self.integration.start_webhook(sock)
             self.problem = None
             metrics.STRIPE_CONFIGURED.set(1)
             self._ready.set()

@@ -16,6 +16,7 @@ from spendgate.listening import ListenError
 from spendgate.operator.admission.services import AdmissionService
 from spendgate.operator.runtime.main import bind_ports, run_operator
 from spendgate.operator.runtime.settings import OperatorSettings
+from spendgate.operator.stripe.settings import StripeSettings
 
 
 @pytest.fixture
@@ -67,15 +68,25 @@ def test_both_ports_bound_then_handed_over() -> None:
         health_host="127.0.0.1", health_port=0, webhook_host="127.0.0.1", webhook_port=0
     )
     admission = AdmissionService()
-    sock = bind_ports(settings, [admission], health=True)
+    listeners = bind_ports(settings, [admission], health=True)
     try:
-        assert sock is not None and admission.sock is not None
-        assert sock.getsockname()[1] != admission.sock.getsockname()[1]
+        assert listeners.health is not None and admission.sock is not None
+        assert listeners.health.getsockname()[1] != admission.sock.getsockname()[1]
+        assert listeners.stripe is None  # Stripe is not enabled
     finally:
-        assert sock is not None
-        sock.close()
+        listeners.close()
         admission.release()
     assert admission.sock is None
+
+
+def test_the_stripe_receivers_port_is_bound_first_too(busy_port: int) -> None:
+    health = free_port()
+    stripe = StripeSettings(enabled=True, webhook_host="127.0.0.1", webhook_port=busy_port)
+    settings = OperatorSettings(health_host="127.0.0.1", health_port=health, stripe=stripe)
+    with pytest.raises(ListenError, match="for the Stripe webhook receiver: the address is"):
+        bind_ports(settings, [], health=True)
+    with socket.socket() as again:
+        again.bind(("127.0.0.1", health))
 
 
 async def test_run_operator_says_nothing_started_when_a_port_is_taken(
