@@ -11,7 +11,7 @@ handler                  does
 =======================  ===================================================================
 login                    kopf's login (``kopf.login_via_client`` by default); the operator's
                          own API client (Secrets, annotations) takes the same credentials
-startup ``configure``    production kopf settings (:func:`configure_kopf`)
+startup ``configure``    production kopf settings (:func:`.kopf_settings.configure_kopf`)
 cleanup                  ``Runtime.cleanups`` (main: the leader's work stops, Lease released)
 index ``budget_refs``    ``("Secret"|"PriceBook", namespace, name)`` → budgets using it
 CustomerBudget
@@ -34,8 +34,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import random
-import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -56,12 +54,11 @@ from ..kube.objects import EventSpec
 from ..kube.retry import RetryableError
 from ..pricebooks import reconcile as pricebooks
 from . import metrics
+from .kopf_settings import configure_kopf
 from .settings import OperatorSettings
 
 log = logging.getLogger("spendgate.operator")
 
-PREFIX = "spendgate.dev"  # kopf's progress and diff-base annotations: spendgate.dev/...
-FINALIZER = "spendgate.dev/finalizer"
 BUDGET_REFS = "budget_refs"  # the index's id, and the kwarg name handlers receive it by
 
 LoginFn = Callable[..., Any]
@@ -85,43 +82,6 @@ class Runtime:
     stopping: bool = False  # set when kopf runs its cleanup: no more work is started
     # awaited by kopf's cleanup, e.g. main's leader election (its Lease released)
     cleanups: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
-
-
-def default_priority() -> int:
-    """A random peering priority: replicas differ, so exactly one of them is active."""
-    return random.SystemRandom().randint(1, 2**30)
-
-
-def configure_kopf(kopf_settings: kopf.OperatorSettings, settings: OperatorSettings) -> None:
-    """kopf settings for production (documented in docs/operator.md, "kopf settings")."""
-    ks = kopf_settings
-    ks.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX, v1=False)
-    ks.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=PREFIX, key="last-handled-configuration", v1=False
-    )
-    ks.persistence.finalizer = FINALIZER
-    ks.posting.enabled = True
-    ks.posting.loggers = False  # only the Events the handlers post on purpose
-    ks.posting.level = logging.INFO  # Normal and Warning Events
-    ks.posting.reporting_component = "spendgate-operator"
-    ks.posting.reporting_instance = settings.pod_name or socket.gethostname()
-    ks.posting.event_name_prefix = "spendgate-"
-    ks.networking.connect_timeout = 10
-    ks.networking.request_timeout = 60
-    ks.watching.connect_timeout = 10
-    ks.watching.server_timeout = 300  # the API server ends each watch after 5 minutes
-    ks.watching.client_timeout = 330
-    ks.process.ultimate_exiting_timeout = 60
-    ks.queueing.worker_limit = settings.max_workers
-    ks.peering.name = settings.peering
-    ks.peering.clusterwide = True  # one ClusterKopfPeering, also for namespaced operators
-    ks.peering.standalone = settings.peering_standalone
-    ks.peering.mandatory = not settings.peering_standalone
-    ks.peering.priority = (
-        settings.peering_priority if settings.peering_priority is not None else default_priority()
-    )
-    ks.peering.lifetime = settings.peering_lifetime_s
-    ks.peering.stealth = True  # keep-alives are not logged
 
 
 # --------------------------------------------------------------------------- helpers
@@ -408,14 +368,7 @@ def build_registry(runtime: Runtime, *, login: LoginFn | None = None) -> kopf.Op
 
 
 __all__ = [
-    "BUDGETS",
-    "FINALIZER",
-    "PREFIX",
-    "PRICEBOOKS",
-    "REFRESH_ANNOTATION",
     "Runtime",
     "build_registry",
-    "configure_kopf",
-    "default_priority",
     "touch_budgets",
 ]

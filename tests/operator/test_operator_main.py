@@ -20,7 +20,7 @@ from redis.retry import Retry
 from spendgate import cli
 from spendgate.operator.kube.client import KubeClient
 from spendgate.operator.kube.retry import KubernetesUnavailable
-from spendgate.operator.runtime import cli_args, handlers
+from spendgate.operator.runtime import cli_args, handlers, kopf_settings
 from spendgate.operator.runtime.main import Health, run_operator
 from spendgate.operator.runtime.settings import OperatorSettings
 from tests.support.kube_emulator import started_emulator
@@ -31,7 +31,7 @@ from tests.support.redis_servers import RedisServer
 
 def test_configure_kopf_for_production() -> None:
     ks = kopf.OperatorSettings()
-    handlers.configure_kopf(ks, OperatorSettings(pod_name="spendgate-operator-7d9f-x2"))
+    kopf_settings.configure_kopf(ks, OperatorSettings(pod_name="spendgate-operator-7d9f-x2"))
     assert isinstance(ks.persistence.progress_storage, kopf.AnnotationsProgressStorage)
     assert ks.persistence.progress_storage.prefix == "spendgate.dev"
     assert isinstance(ks.persistence.diffbase_storage, kopf.AnnotationsDiffBaseStorage)
@@ -52,11 +52,11 @@ def test_configure_kopf_for_production() -> None:
 
 def test_peering_priority_pinned_or_random() -> None:
     ks = kopf.OperatorSettings()
-    handlers.configure_kopf(ks, OperatorSettings(peering_priority=7))
+    kopf_settings.configure_kopf(ks, OperatorSettings(peering_priority=7))
     assert ks.peering.priority == 7
-    assert len({handlers.default_priority() for _ in range(20)}) > 1
+    assert len({kopf_settings.default_priority() for _ in range(20)}) > 1
     standalone = kopf.OperatorSettings()
-    handlers.configure_kopf(standalone, OperatorSettings(peering_standalone=True))
+    kopf_settings.configure_kopf(standalone, OperatorSettings(peering_standalone=True))
     assert standalone.peering.standalone and not standalone.peering.mandatory
 
 

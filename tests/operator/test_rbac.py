@@ -339,9 +339,9 @@ def test_operator_calls_outside_resources_are_discovery(recorded_raw: list[dict[
 def test_production_only_calls_are_still_made_by_the_code() -> None:
     """The reasons given for PRODUCTION_ONLY hold in the operator's code."""
     from spendgate.operator.kube.service_account import InClusterApi
-    from spendgate.operator.runtime import handlers
+    from spendgate.operator.runtime import kopf_settings
 
     assert "/api/v1/namespaces/" in inspect.getsource(InClusterApi.namespace_labels)
-    source = inspect.getsource(handlers)
+    source = inspect.getsource(kopf_settings)
     assert "ks.peering.clusterwide = True" in source
     assert "ks.peering.name = settings.peering" in source
