@@ -7,9 +7,10 @@ customers and prints one line per notable event:
 - acme (well funded) is served; each line shows tokens, the cost charged and the balance left;
 - an acme stream prints its tokens as they arrive;
 - burstco goes over 2 requests/second and gets 429 with Retry-After, then is served again;
-- tinyco (a tenth of a cent) streams without max_tokens: the stream outruns its hold, is
-  extended while money is left and cut off with a final SSE error event when it is gone;
-  further requests get 402 until a top-up (`spendgate fund`) lets it in again;
+- tinyco (a tenth of a cent) streams without max_tokens: the sidecar limits the request's
+  output to what the balance pays for (X-Spendgate-Output-Limit), so the charge stays within
+  the hold and the balance never goes below zero; further requests get 402 until a top-up
+  (`spendgate fund`) lets it in again;
 - an unknown API key gets 401.
 
 It ends with a summary table and exits 0, or 1 with the reason and the tails of the
@@ -365,11 +366,14 @@ class Driver:
         await self.served_line("burstco", answer, "   (after waiting)")
 
     async def tinyco_cut_off(self) -> None:
-        out.section("tinyco: $0.001 prepaid; a stream without max_tokens outruns its hold")
+        out.section(
+            "tinyco: $0.001 prepaid; a stream without max_tokens is limited to what it can pay"
+        )
         out.event("tinyco", "balance", f"available {await self.balance('tinyco')}", tone="info")
         body = self.chat("Tell me everything you know", stream=True)
         tokens, final_error = 0, None
         async with self.stream("tinyco", body, "one '.' per 25 tokens") as (response, request_id):
+            limit_header = response.headers.get("X-Spendgate-Output-Limit")  # "498; reason=balance"
             async for data in sse_data(response):
                 event = json.loads(data)
                 if "error" in event:
@@ -381,24 +385,35 @@ class Driver:
                         if tokens % 25 == 0:
                             out.raw(".")
             out.raw(f" {tokens} tokens\n")
-        if final_error is None:
+        if limit_header is None:
             raise DemoFailure(
-                f"tinyco's stream ended after {tokens} tokens without spendgate's error event;"
-                " it should have been cut off when the balance ran out"
+                "tinyco's stream was not given an output limit (X-Spendgate-Output-Limit);"
+                " its balance cannot pay for the model's default"
             )
-        out.event("tinyco", "cut off", f"final SSE event: data: {final_error}", tone="bad")
-        if tokens >= STANDIN_DEFAULT_MAX_TOKENS:
-            raise DemoFailure("tinyco's stream ran to the end; it was not cut off")
+        output_limit = int(limit_header.split(";")[0])
+        out.event(
+            "tinyco",
+            "clamped",
+            f"the sidecar set max_tokens to {output_limit}: all that the balance pays for"
+            f" (X-Spendgate-Output-Limit: {limit_header})",
+            tone="bad",
+        )
+        if final_error is not None:
+            out.event("tinyco", "cut off", f"final SSE event: data: {final_error}", tone="bad")
+        if tokens > output_limit or tokens >= STANDIN_DEFAULT_MAX_TOKENS:
+            raise DemoFailure(f"tinyco's stream sent {tokens} tokens past its limit {output_limit}")
         cost = await self.charged("tinyco", request_id)
         entry = await self.ledger_entry("tinyco", request_id)
-        held = format_amount(int(entry.get("estimate", 0)))
+        held = int(entry.get("estimate", 0))
+        if cost is not None and cost > held:
+            raise DemoFailure(f"tinyco was charged {cost} micro-units, more than its hold {held}")
         out.event(
             "tinyco",
             "charged",
-            f"{format_amount(cost or 0)} for {tokens} tokens; {held}"
-            f" was held up front and extended while money was left (ledger: outcome"
-            f" {entry.get('outcome')}, {entry.get('output_tokens')} output tokens);"
-            f" available {await self.balance('tinyco')}",
+            f"{format_amount(cost or 0)} for {tokens} tokens, within the {format_amount(held)}"
+            f" held up front (ledger: outcome {entry.get('outcome')},"
+            f" {entry.get('output_tokens')} output tokens); available"
+            f" {await self.balance('tinyco')}",
             tone="info",
         )
 
