@@ -89,3 +89,32 @@ async def test_deleted_pricebook_leaves_redis(store: ConfigStore) -> None:
     events = await p.finalize_pricebook(pricebook_body(), store=store)
     assert events[0].reason == "Deleted"
     assert await store.get_pricebook("models/gpu") is None
+
+
+async def test_a_bad_price_expression_is_a_condition_naming_rule_and_position(
+    store: ConfigStore,
+) -> None:
+    await p.reconcile_pricebook(pricebook_body(), store=store)
+    images = {
+        "name": "images",
+        "expression": {
+            "prices": {"image": "0.04"},
+            "bound": "int(request.n) * prices.image",
+            "cost": "size(response.dta) * prices.image + respnse.n",
+        },
+    }
+    body = pricebook_body(generation=2, rules=[images])
+    result = await p.reconcile_pricebook(body, store=store)
+    condition = ready(result.status)
+    assert (condition["status"], condition["reason"]) == ("False", "InvalidSpec")
+    assert condition["message"].startswith(
+        "spec.rules[0]: rule 'images': expression.cost: unknown variable 'respnse'"
+    )
+    assert "at line 1, column 37" in condition["message"]
+    spec = await store.get_pricebook("models/gpu")
+    assert spec is not None and spec.rules[0].name == "chat"  # the last valid one stays
+    images["expression"]["cost"] = "size(response.data) * prices.image"  # type: ignore[index]
+    fixed = await p.reconcile_pricebook(pricebook_body(generation=3, rules=[images]), store=store)
+    assert ready(fixed.status)["reason"] == "Configured"
+    spec = await store.get_pricebook("models/gpu")
+    assert spec is not None and spec.rules[0].pricing is not None
