@@ -11,10 +11,13 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
+from spendgate import exchange
 from spendgate.keys import for_customer
 from spendgate.models import CustomerBudgetSpec
 
@@ -53,6 +56,7 @@ class Link:
     grace_ms: int = 0
     suspend_on_dispute: bool = True
     require_payment_method: bool = False
+    rates: tuple[exchange.Rate, ...] = ()  # custom units: what Stripe payments buy, over time
 
     @classmethod
     def from_spec(cls, spec: CustomerBudgetSpec) -> Link:
@@ -101,17 +105,23 @@ class Link:
             grace_ms=int(data.get("grace_ms") or 0),
             suspend_on_dispute=data.get("suspend_on_dispute", "1") == "1",
             require_payment_method=data.get("require_payment_method") == "1",
+            rates=tuple(exchange.decode(data.get(RATES_FIELD))),
         )
 
 
 LINK_FIELDS = tuple(Link("x", "cus_x", "USD").fields())
+# Kept when a budget is unlinked: a payment made under a rate converts at it, whenever it is
+# applied (a relinked budget must not convert old payments at a new rate).
+RATES_FIELD = "rates"
 
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-async def link_budget(redis: Any, spec: CustomerBudgetSpec) -> Link | None:
+async def link_budget(
+    redis: Any, spec: CustomerBudgetSpec, *, now_ms: int | None = None
+) -> Link | None:
     """Record (or refresh) a budget's Stripe link; call on every reconcile of a CustomerBudget.
 
     Raises :class:`StripeLinkConflict` when another customerId already holds the Stripe
@@ -139,6 +149,7 @@ async def link_budget(redis: Any, spec: CustomerBudgetSpec) -> Link | None:
         await redis.hdel(key, f"ts:{SRC_DELETED}")
     await redis.hset(STRIPE_CUSTOMERS, link.stripe_customer, link.customer_id)
     await redis.hset(key, mapping=link.fields())
+    link = await _record_rate(redis, key, link, spec, now_ms)
     susp = for_customer(link.customer_id).suspensions
     if link.require_payment_method:
         if not await redis.hexists(key, f"ts:{SRC_PAYMENT_METHOD}"):
@@ -147,6 +158,33 @@ async def link_budget(redis: Any, spec: CustomerBudgetSpec) -> Link | None:
         await redis.hdel(susp, SRC_PAYMENT_METHOD)
         await redis.hdel(key, f"ts:{SRC_PAYMENT_METHOD}")
     return link
+
+
+async def _record_rate(
+    redis: Any, key: str, link: Link, spec: CustomerBudgetSpec, now_ms: int | None
+) -> Link:
+    """Append the budget's exchange rate to its history when it changed (never rewrite it)."""
+    history = exchange.decode(await redis.hget(key, RATES_FIELD))
+    rate = spec.stripe.exchange_rate if spec.stripe is not None else None
+    if rate is not None:
+        now = now_ms if now_ms is not None else int(time.time() * 1000)
+        updated = exchange.record(history, rate.currency, rate.units, now)
+        if updated != history:
+            await redis.hset(key, RATES_FIELD, exchange.encode(updated))
+            history = updated
+    return replace(link, rates=tuple(history))
+
+
+def current_exchange_rate(link: Link) -> str | None:
+    """``"100 credits per USD since 2026-01-01T00:00:00Z"`` for the budget's status."""
+    rates = [rate for rate in link.rates if rate.currency != link.currency]
+    if not rates:
+        return None
+    current = max(rates, key=lambda rate: rate.since_ms)
+    if current.since_ms == 0:
+        return current.describe(link.currency)
+    since = dt.datetime.fromtimestamp(current.since_ms / 1000, dt.UTC)
+    return f"{current.describe(link.currency)} since {since.strftime('%Y-%m-%dT%H:%M:%SZ')}"
 
 
 async def unlink_budget(redis: Any, customer_id: str) -> None:

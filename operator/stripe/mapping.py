@@ -18,6 +18,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from spendgate import exchange
+from spendgate.money import format_amount
+
 from .currency import currency_matches, minor_to_micros
 from .links import (
     SRC_DELETED,
@@ -150,18 +153,47 @@ def stripe_customer_of(obj: Mapping[str, Any]) -> str | None:
     return None
 
 
-def _money(link: Link, amount: Any, currency: Any, what: str) -> tuple[int | None, list[Action]]:
+@dataclass(frozen=True)
+class Money:
+    """A Stripe amount in the budget's micro-units; ``converted`` says how, for the ledger."""
+
+    micros: int
+    converted: str = ""  # " (12.34 USD at 100 credits per USD)" for a custom unit
+    rate: exchange.Rate | None = None
+
+    def also(self, currency_micros: int) -> int:
+        """Another amount of the same payment (what is left of a grant), converted alike."""
+        return self.rate.convert(currency_micros) if self.rate is not None else currency_micros
+
+
+def _money(
+    link: Link, amount: Any, currency: Any, what: str, paid_at_s: Any = 0
+) -> tuple[Money | None, list[Action]]:
+    """``amount`` (Stripe minor units of ``currency``) in the budget's micro-units. A budget in
+    a custom unit converts at the exchange rate in force when the payment was made."""
     if not isinstance(amount, int) or isinstance(amount, bool) or amount < 0:
         return None, [Notify("StripeAmountInvalid", f"{what}: amount {amount!r} is not usable")]
-    if not currency_matches(currency, link.currency):
-        return None, [
-            Notify(
-                "StripeCurrencyMismatch",
-                f"{what} is in {str(currency).upper()} but the budget counts {link.currency};"
-                " not applied",
-            )
-        ]
-    return minor_to_micros(amount, str(currency)), []
+    if currency_matches(currency, link.currency):
+        return Money(minor_to_micros(amount, str(currency))), []
+    code = str(currency).upper()
+    if link.rates and not link.currency.isupper():
+        paid_at_ms = int(paid_at_s or 0) * 1000
+        try:
+            rate = exchange.rate_at(list(link.rates), code, paid_at_ms)
+        except exchange.RateError:
+            rate = None
+        if rate is not None:
+            paid = minor_to_micros(amount, str(currency))
+            converted = f" ({format_amount(paid)} {code} at {rate.describe(link.currency)})"
+            return Money(rate.convert(paid), converted, rate), []
+    return None, [
+        Notify(
+            "StripeCurrencyMismatch",
+            f"{what} is in {code} but the budget counts {link.currency}"
+            + ("" if link.currency.isupper() else f" and has no exchange rate for {code}")
+            + "; not applied",
+        )
+    ]
 
 
 def grant_actions(grant: Mapping[str, Any], link: Link, now_s: int) -> list[Action]:
@@ -178,22 +210,25 @@ def grant_actions(grant: Mapping[str, Any], link: Link, now_s: int) -> list[Acti
             )
         ]
     monetary = amount["monetary"]
-    micros, problems = _money(link, monetary.get("value"), monetary.get("currency"), grant_id)
-    if micros is None:
+    money, problems = _money(
+        link, monetary.get("value"), monetary.get("currency"), grant_id, grant.get("created")
+    )
+    if money is None:
         return problems
     voided = grant.get("voided_at")
     expires = grant.get("expires_at")
     if voided or (expires and int(expires) <= now_s):
         why = "voided" if voided else "expired"
         remaining = _grant_remaining(grant)
-        return [ReverseGrant(grant_id, micros, remaining, why)]
+        left = money.also(remaining) if remaining is not None else None
+        return [ReverseGrant(grant_id, money.micros, left, why)]
     effective = grant.get("effective_at")
     if effective and int(effective) > now_s:
         return []  # not usable yet: a later reconciliation funds it
-    if micros == 0:
+    if money.micros == 0:
         return []
     name = grant.get("name") or grant.get("category") or "credit grant"
-    return [Fund(grant_id, micros, f"stripe credit grant: {name}")]
+    return [Fund(grant_id, money.micros, f"stripe credit grant: {name}{money.converted}")]
 
 
 def _grant_remaining(grant: Mapping[str, Any]) -> int | None:
@@ -276,43 +311,48 @@ def actions_for_event(
         if not _is_topup(obj, settings):
             return []
         funding_id = _id(obj.get("payment_intent")) or str(obj.get("id"))
-        micros, problems = _money(link, obj.get("amount_total"), obj.get("currency"), funding_id)
-        if micros is None:
-            return problems
-        return (
-            [Fund(funding_id, micros, f"stripe top-up (checkout {obj.get('id')})")]
-            if micros
-            else []
+        money, problems = _money(
+            link, obj.get("amount_total"), obj.get("currency"), funding_id, obj.get("created")
         )
+        if money is None:
+            return problems
+        note = f"stripe top-up (checkout {obj.get('id')}){money.converted}"
+        return [Fund(funding_id, money.micros, note)] if money.micros else []
 
     if kind == "payment_intent.succeeded":
         if not _is_topup(obj, settings):
             return []  # invoice payments and other charges are not top-ups
         pid = str(obj.get("id"))
         amount = obj.get("amount_received", obj.get("amount"))
-        micros, problems = _money(link, amount, obj.get("currency"), pid)
-        if micros is None:
+        money, problems = _money(link, amount, obj.get("currency"), pid, obj.get("created"))
+        if money is None:
             return problems
-        return [Fund(pid, micros, "stripe top-up (payment intent)")] if micros else []
+        note = f"stripe top-up (payment intent){money.converted}"
+        return [Fund(pid, money.micros, note)] if money.micros else []
 
     if kind == "charge.refunded":
         pi = _id(obj.get("payment_intent"))
         total = obj.get("amount_refunded")
         if not pi or not isinstance(total, int):
             return []
-        micros, problems = _money(link, total, obj.get("currency"), str(obj.get("id")))
-        if micros is None:
+        # The charge was created with the payment: its refund converts at the same rate.
+        money, problems = _money(
+            link, total, obj.get("currency"), str(obj.get("id")), obj.get("created")
+        )
+        if money is None:
             return problems
-        return [RefundTopup(str(obj.get("id")), pi, micros)]
+        return [RefundTopup(str(obj.get("id")), pi, money.micros)]
 
     if kind == "charge.dispute.created":
         dispute_id = str(obj.get("id"))
         actions: list[Action] = []
         pi = _id(obj.get("payment_intent"))
-        micros, problems = _money(link, obj.get("amount"), obj.get("currency"), dispute_id)
+        money, problems = _money(
+            link, obj.get("amount"), obj.get("currency"), dispute_id, obj.get("created")
+        )
         actions += problems
-        if micros and pi:
-            actions.append(Adjust(dispute_id, -micros, f"stripe dispute {dispute_id}", pi))
+        if money is not None and money.micros and pi:
+            actions.append(Adjust(dispute_id, -money.micros, f"stripe dispute {dispute_id}", pi))
         reason = f"payment disputed ({dispute_id}, {obj.get('reason') or 'no reason given'})"
         if link.suspend_on_dispute:
             actions.append(SetAccess(SRC_DISPUTE, True, reason, created))
@@ -327,9 +367,13 @@ def actions_for_event(
                 Notify("StripeDisputeLost", f"dispute {dispute_id} closed: {obj.get('status')}")
             ]
         actions = []
-        micros, _ = _money(link, obj.get("amount"), obj.get("currency"), dispute_id)
-        if micros:
-            actions.append(Adjust(f"{dispute_id}.won", micros, "stripe dispute won", dispute_id))
+        money, _ = _money(
+            link, obj.get("amount"), obj.get("currency"), dispute_id, obj.get("created")
+        )
+        if money is not None and money.micros:
+            actions.append(
+                Adjust(f"{dispute_id}.won", money.micros, "stripe dispute won", dispute_id)
+            )
         actions.append(SetAccess(SRC_DISPUTE, False, f"dispute {dispute_id} won", created))
         return actions
 
