@@ -75,7 +75,7 @@ class StripeHooks(Protocol):
         ...
 
     async def status(self, spec: Any) -> dict[str, Any]:
-        """``lastStripeSync`` and ``exportLagSeconds`` (None when not linked)."""
+        """``lastStripeSync``, ``exportLagSeconds``, ``exchangeRate`` (None when not linked)."""
         ...
 
     async def unlink(self, customer_id: str) -> None:

@@ -2,8 +2,8 @@
 
 - :class:`BudgetLinks` (the budgets' :class:`~spendgate.operator.budgets.reconcile.StripeHooks`): a
   reconciled budget is linked to its Stripe customer (``mapping.link_budget``), its status gets
-  ``lastStripeSync`` and ``exportLagSeconds``; a deleted budget's link is released only once its
-  usage is exported (see :meth:`BudgetLinks.unlink`).
+  ``lastStripeSync``, ``exportLagSeconds`` and ``exchangeRate`` (custom units); a deleted
+  budget's link is released only once its usage is exported (see :meth:`BudgetLinks.unlink`).
 - :class:`StripeService`: on **every replica**, once kopf has logged in, reads the API key and
   signing secrets from Secrets in the operator's namespace (retrying every
   ``RETRY_CONFIG_S`` while they are missing, ``spendgate_stripe_configured`` 0 meanwhile) and
@@ -41,7 +41,14 @@ from . import metrics
 from .budget_import import BudgetImport, TemplateFile, load_import_template
 from .client import StripeNotConfigured, load_webhook_secrets
 from .exporter import export_lag_seconds
-from .links import STRIPE_CUSTOMERS, StripeLinkConflict, link_budget, unlink_budget
+from .links import (
+    STRIPE_CUSTOMERS,
+    StripeLinkConflict,
+    current_exchange_rate,
+    link_budget,
+    load_link,
+    unlink_budget,
+)
 from .links import stripe_key as stripe_link_key
 from .reconcile import last_sync
 from .service import StripeIntegration
@@ -92,12 +99,14 @@ class BudgetLinks:
         """Only for a budget linked to its Stripe customer (not one that lost a conflict)."""
         linked = await self.redis.hget(stripe_link_key(spec.customer_id), "customer")
         if spec.stripe is None or linked is None or _text(linked) != spec.stripe.customer_id:
-            return {"lastStripeSync": None, "exportLagSeconds": None}
+            return {"lastStripeSync": None, "exportLagSeconds": None, "exchangeRate": None}
         synced = await last_sync(self.redis, spec.customer_id)
         lag = await export_lag_seconds(self.redis, spec.customer_id, self.clock())
+        link = await load_link(self.redis, spec.customer_id)
         return {
             "lastStripeSync": _iso(synced) if synced is not None else None,
             "exportLagSeconds": int(lag // LAG_STEP_S) * LAG_STEP_S,
+            "exchangeRate": current_exchange_rate(link) if link is not None else None,
         }
 
     async def unlink(self, customer_id: str) -> None:

@@ -191,3 +191,19 @@ async def test_hooks_errors_from_redis_are_retried(store: ConfigStore, reason: A
     else:
         assert result.error is not None and ready(result.status)["reason"] == "RedisUnavailable"
     await asyncio.sleep(0)
+
+
+async def test_the_exchange_rate_of_a_custom_unit_is_in_status(store: ConfigStore) -> None:
+    links = BudgetLinks(store.redis)
+    rate = {**STRIPE, "exchangeRate": {"currency": "USD", "units": "100"}}
+    body = budget_body(currency="credits", stripe=rate)
+    result = await reconcile(store, body, links)
+    assert ready(result.status)["status"] == "True"
+    assert result.status["exchangeRate"] == "100 credits per USD"
+    edited = next_body(body, result)
+    edited["spec"]["stripe"]["exchangeRate"]["units"] = "120"
+    changed = await reconcile(store, edited, links)
+    assert changed.status["exchangeRate"].startswith("120 credits per USD since 20")
+    assert changed.status["exchangeRate"].endswith("Z")
+    usd = await reconcile(store, budget_body("usd", customerId="usd", apiKeys=[]), links)
+    assert usd.status["exchangeRate"] is None
