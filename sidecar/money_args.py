@@ -13,6 +13,9 @@ _FLAGS = (
     ("--redis-pool-size", "SPENDGATE_REDIS_POOL_SIZE", "redis_pool_size", "count",
      "Redis calls in flight at once (per node on a Cluster); more wait up to the Redis"
      " timeout, then get 503 (default 256)"),
+    ("--redis-timeout", "SPENDGATE_REDIS_TIMEOUT", "redis_timeout_s", "seconds",
+     "a Redis call that takes longer counts as Redis unreachable; also the longest wait for"
+     " a free slot (default 500ms)"),
     ("--hold-grace", "SPENDGATE_HOLD_GRACE", "hold_grace_ms", "duration",
      "a hold outlives its rule's timeout by this much (default 30s)"),
     ("--hold-sweep-interval", "SPENDGATE_HOLD_SWEEP_INTERVAL", "hold_sweep_interval_ms",
@@ -44,7 +47,13 @@ def overrides(ns: argparse.Namespace, environ: Mapping[str, str]) -> dict[str, A
             values[name] = int(raw)
         else:
             try:
-                values[name] = parse_duration(int(raw) if str(raw).isdigit() else raw)
+                milliseconds = parse_duration(int(raw) if str(raw).isdigit() else raw)
             except ValueError as error:
                 raise MoneyArgError(f"{flag} {raw!r}: {error}") from None
+            if kind == "seconds":
+                if milliseconds <= 0:
+                    raise MoneyArgError(f"{flag} {raw!r}: must be longer than 0")
+                values[name] = milliseconds / 1000
+            else:
+                values[name] = milliseconds
     return values

@@ -177,6 +177,7 @@ class ClusterScriptChannel:
         self._slots: list[tuple[str, int] | None] = [None] * REDIS_CLUSTER_HASH_SLOTS
         self._refreshing: asyncio.Lock | None = None
         self._loaded = False
+        self._generation = 0
 
     def _node(self, address: tuple[str, int]) -> ScriptChannel:
         channel = self._nodes.get(address)
@@ -188,10 +189,13 @@ class ClusterScriptChannel:
         return channel
 
     async def refresh(self) -> None:
-        """Reload the slot map from any reachable node."""
+        """Reload the slot map from any reachable node (once for all concurrent callers)."""
         if self._refreshing is None:
             self._refreshing = asyncio.Lock()
+        generation = self._generation
         async with self._refreshing:
+            if self._generation != generation:
+                return  # reloaded while this caller waited
             candidates = [*self._nodes, *self.seeds]
             last: Exception | None = None
             for address in dict.fromkeys(candidates):
@@ -207,6 +211,7 @@ class ClusterScriptChannel:
                     for slot in range(int(start), int(end) + 1):
                         slots[slot] = target
                 self._slots, self._loaded = slots, True
+                self._generation += 1
                 return
             raise RedisConnectionError(f"no Redis Cluster node answered CLUSTER SLOTS: {last!r}")
 

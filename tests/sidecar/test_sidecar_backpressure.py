@@ -76,10 +76,11 @@ def test_pool_size_and_hold_settings_from_flags_and_environment() -> None:
     parser = build_parser()
     ns = parser.parse_args(
         ["sidecar", "--upstream", "http://m:8000", "--redis-pool-size", "32",
-         "--hold-grace", "45s"]
+         "--hold-grace", "45s", "--redis-timeout", "1500ms"]
     )  # fmt: skip
     settings = sidecar_settings_from_args(ns, {"SPENDGATE_HOLD_SWEEP_INTERVAL": "0"})
     assert (settings.redis_pool_size, settings.hold_grace_ms) == (32, 45_000)
+    assert settings.redis_timeout_s == 1.5
     assert settings.hold_sweep_interval_ms == 0
     for bad in (["--redis-pool-size", "0"], ["--hold-grace", "soon"]):
         ns = parser.parse_args(["sidecar", "--upstream", "http://m:8000", *bad])
