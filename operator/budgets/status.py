@@ -34,6 +34,9 @@ SUSPENSION_REASONS = {
     "subscription": "SubscriptionInactive",
     "dispute": "Disputed",
     "stripe-deleted": "StripeCustomerDeleted",
+    # Written by the abnormal-spend policy (spendgate/accounting/abnormal.py); lifted by
+    # `spendgate resume`:
+    "abnormal-spend": "AbnormalSpend",
 }
 
 FUNDED, SUSPENDED = "Funded", "Suspended"

@@ -51,6 +51,7 @@ from spendgate.logs import redact
 
 from ..admission.services import AdmissionService, BypassCheck
 from ..alerts.sender import AlertSender
+from ..budgets.audit import AuditLoop
 from ..kube.client import KubeClient
 from ..stripe.budget_import import TemplateFile, load_import_template
 from ..stripe.wiring import StripeService
@@ -240,6 +241,8 @@ def leader_tasks(
         tasks.append(stripe.run_leader)
     if settings.bypass_check_interval_s > 0:
         tasks.append(BypassCheck(settings, runtime.kube).run)
+    if settings.audit_interval_s > 0:
+        tasks.append(AuditLoop(runtime.store.redis, interval_s=settings.audit_interval_s).run)
     return tasks
 
 

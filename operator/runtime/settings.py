@@ -53,6 +53,8 @@ class OperatorSettings:
     # --- Services that bypass the sidecar (a Warning Event on the Service; leader only)
     bypass_check_interval_s: float = 120.0  # 0: no check
     bypass_rewarn_s: float = 3600.0  # the same finding is warned about again after this long
+    # --- `spendgate audit` over every customer (operator/budgets/audit.py; leader only)
+    audit_interval_s: float = 300.0  # 0: no periodic audit
     # --- Stripe (operator/stripe/): None = disabled, nothing of Stripe starts
     stripe: StripeSettings | None = None
 
