@@ -103,12 +103,13 @@ def _sidecars(upstream: str, redis_url: str, cluster: bool, fail_mode: str) -> l
         env["SPENDGATE_REDIS_CLUSTER"] = "1"
     procs = []
     for index in range(3):
-        port = _free_port()
+        port, probe_port = _free_port(), _free_port()
         command = [str(spendgate), "sidecar", "--upstream", upstream,
-                   "--listen", f"127.0.0.1:{port}", "--fail-mode", fail_mode,
+                   "--listen", f"127.0.0.1:{port}", "--probe-listen", f"127.0.0.1:{probe_port}",
+                   "--fail-mode", fail_mode,
                    "--pod", f"sidecar-{index}"]  # fmt: skip
         proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        procs.append((port, proc))
+        procs.append((port, probe_port, proc))
     return procs
 
 
@@ -147,8 +148,8 @@ async def test_1000_token_priced_requests_never_overspend(
     await upstream.start_server()
     procs = _sidecars(str(upstream.make_url("")).rstrip("/"), url, cluster, fail_mode)
     try:
-        for port, proc in procs:
-            await asyncio.to_thread(_ready, port, proc)
+        for _, probe_port, proc in procs:
+            await asyncio.to_thread(_ready, probe_port, proc)
         stop = asyncio.Event()
         watcher = asyncio.create_task(_lowest_balance(client, stop))
         body = json.dumps(
@@ -184,9 +185,9 @@ async def test_1000_token_priced_requests_never_overspend(
         assert len(usage) == statuses[200]
         assert sum(int(e["cost"]) for e in usage) == FUNDING - account.balance
     finally:
-        for _, proc in procs:
+        for _, _, proc in procs:
             proc.terminate()
-        for _, proc in procs:
+        for _, _, proc in procs:
             try:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
