@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ from spendgate.models import parse_resource
 from spendgate.sidecar.standin import StandinConfig
 from spendgate.sidecar.standin import create_app as create_standin
 from tests.support.sidecar_env import ACME_KEY, PRICEBOOK, budget, data_plane
+from tests.support.sidecar_processes import free_port, wait_ready
 
 REQUESTS = 500
 SERVABLE = 37  # /echo costs a flat 0.01; the balance pays for exactly this many
@@ -68,29 +67,6 @@ async def test_500_concurrent_requests_serve_exactly_k(redis_url: str) -> None:
         assert len(usage) == SERVABLE
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _wait_ready(port: int, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
-    import urllib.request
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"sidecar exited early: {proc.stdout.read().decode()[-2000:]}")  # type: ignore[union-attr]
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"sidecar on port {port} not ready")
-
-
 def _decisions(port: int) -> float:
     import urllib.request
 
@@ -131,11 +107,11 @@ async def test_three_sidecar_processes_share_one_balance(redis_url: str) -> None
     )
     upstream = TestServer(create_standin(StandinConfig()), host="127.0.0.1")
     await upstream.start_server()
-    ports, probe_ports = [_free_port() for _ in range(3)], [_free_port() for _ in range(3)]
+    ports, probe_ports = [free_port() for _ in range(3)], [free_port() for _ in range(3)]
     procs = _start_sidecars(str(upstream.make_url("")).rstrip("/"), redis_url, ports, probe_ports)
     try:
         for probe_port, proc in zip(probe_ports, procs, strict=True):
-            await asyncio.to_thread(_wait_ready, probe_port, proc)
+            await asyncio.to_thread(wait_ready, probe_port, proc, 20.0)
         stop = asyncio.Event()
         watcher = asyncio.create_task(_watch_balance(client, stop))
         connector = aiohttp.TCPConnector(limit=REQUESTS)

@@ -11,11 +11,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -31,6 +28,7 @@ from spendgate.config_store import ConfigStore
 from spendgate.ledger import Ledger
 from spendgate.models import parse_resource
 from tests.support.sidecar_env import ACME_KEY, budget
+from tests.support.sidecar_processes import free_port, wait_ready
 
 REQUESTS = 1_000
 FUNDING = 170_000_000  # the budget's 170.00: about 250 requests at the rule's bound
@@ -72,28 +70,6 @@ def worst_case_model() -> web.Application:
     return app
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _ready(port: int, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            out = proc.stdout.read().decode()[-2000:] if proc.stdout else ""
-            raise AssertionError(f"sidecar exited early: {out}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"sidecar on port {port} not ready")
-
-
 def _sidecars(upstream: str, redis_url: str, cluster: bool, fail_mode: str) -> list[Any]:
     spendgate = Path(sys.executable).parent / "spendgate"
     env = {**os.environ, "SPENDGATE_REDIS_URL": redis_url, "SPENDGATE_LOG_LEVEL": "ERROR",
@@ -103,7 +79,7 @@ def _sidecars(upstream: str, redis_url: str, cluster: bool, fail_mode: str) -> l
         env["SPENDGATE_REDIS_CLUSTER"] = "1"
     procs = []
     for index in range(3):
-        port, probe_port = _free_port(), _free_port()
+        port, probe_port = free_port(), free_port()
         command = [str(spendgate), "sidecar", "--upstream", upstream,
                    "--listen", f"127.0.0.1:{port}", "--probe-listen", f"127.0.0.1:{probe_port}",
                    "--fail-mode", fail_mode,
@@ -149,7 +125,7 @@ async def test_1000_token_priced_requests_never_overspend(
     procs = _sidecars(str(upstream.make_url("")).rstrip("/"), url, cluster, fail_mode)
     try:
         for _, probe_port, proc in procs:
-            await asyncio.to_thread(_ready, probe_port, proc)
+            await asyncio.to_thread(wait_ready, probe_port, proc)
         stop = asyncio.Event()
         watcher = asyncio.create_task(_lowest_balance(client, stop))
         body = json.dumps(
