@@ -116,7 +116,7 @@ class Env:
     def event_reasons(self, name: str = "acme") -> list[tuple[str, str]]:
         return [(e["type"], e["reason"]) for e in self.kubectl.events(NS, name)]
 
-    async def wait(self, predicate: Any, what: str, within: float = 10.0) -> Any:
+    async def wait(self, predicate: Any, what: str, within: float = 30.0) -> Any:
         return await self.kubectl.wait_for(predicate, within=within, what=what)
 
 

@@ -470,7 +470,7 @@ class Kubectl:
         return found
 
     async def wait_for(
-        self, predicate: Any, *, within: float = 10.0, interval: float = 0.05, what: str = ""
+        self, predicate: Any, *, within: float = 30.0, interval: float = 0.05, what: str = ""
     ) -> Any:
         """Poll ``predicate()`` until it returns something truthy; fail after ``within`` s."""
         deadline = asyncio.get_running_loop().time() + within
