@@ -34,10 +34,8 @@ from typing import Any
 from spendgate.keys import CONFIG_CHANNEL, for_customer
 from spendgate.ledger import Ledger
 
-from .client import StripeGateway, to_dict
-from .currency import minor_to_micros
-from .links import SRC_PAYMENT_METHOD, Link, linked_customers, resolve_link, stripe_key
-from .mapping import (
+from .access import GRACE_DUE, GRACE_INDEX, SET_ACCESS, payment_method_access
+from .actions import (
     Action,
     Adjust,
     CheckPaymentMethods,
@@ -46,49 +44,16 @@ from .mapping import (
     RefundTopup,
     ReverseGrant,
     SetAccess,
-    actions_for_event,
-    event_stripe_customer,
 )
+from .client import StripeGateway, to_dict
+from .currency import minor_to_micros
+from .links import Link, linked_customers, resolve_link, stripe_key
+from .mapping import actions_for_event, event_stripe_customer
 from .settings import StripeSettings
 
 log = logging.getLogger("spendgate.operator.stripe")
 
-GRACE_INDEX = "sg:stripe:grace"
 OnEvent = Callable[[str, str, str, bool], Any]
-
-# KEYS: stripe state hash, suspensions. ARGV: source, mode, created (s), reason, deadline (ms).
-_SET_ACCESS = """
-local src, mode, created, reason, deadline = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5]
-local ts = tonumber(redis.call('HGET', KEYS[1], 'ts:' .. src) or '0')
-if created < ts then return 'stale' end
-redis.call('HSET', KEYS[1], 'ts:' .. src, ARGV[3])
-local was = redis.call('HEXISTS', KEYS[2], src)
-if mode == 'lift' then
-  redis.call('HDEL', KEYS[1], 'grace:' .. src)
-  if was == 1 then redis.call('HDEL', KEYS[2], src); return 'lifted' end
-  return 'unchanged'
-elseif mode == 'suspend' then
-  redis.call('HDEL', KEYS[1], 'grace:' .. src)
-  redis.call('HSET', KEYS[2], src, reason)
-  if was == 1 then return 'unchanged' end
-  return 'suspended'
-end
-if was == 1 then return 'unchanged' end
-if redis.call('HEXISTS', KEYS[1], 'grace:' .. src) == 1 then return 'unchanged' end
-redis.call('HSET', KEYS[1], 'grace:' .. src, deadline .. '|' .. reason)
-return 'grace'
-"""
-
-# KEYS: stripe state hash, suspensions. ARGV: source, now (ms).
-_GRACE_DUE = """
-local raw = redis.call('HGET', KEYS[1], 'grace:' .. ARGV[1])
-if not raw then return {'gone', ''} end
-local deadline, reason = string.match(raw, '^(%d+)|(.*)$')
-if tonumber(deadline) > tonumber(ARGV[2]) then return {'later', deadline} end
-redis.call('HDEL', KEYS[1], 'grace:' .. ARGV[1])
-redis.call('HSET', KEYS[2], ARGV[1], reason)
-return {'suspended', reason}
-"""
 
 
 def _text(value: Any) -> str:
@@ -112,8 +77,8 @@ class Applier:
         self.gateway = gateway
         self.on_event = on_event
         self.clock = clock
-        self._set_access = redis.register_script(_SET_ACCESS)
-        self._grace_due = redis.register_script(_GRACE_DUE)
+        self._set_access = redis.register_script(SET_ACCESS)
+        self._grace_due = redis.register_script(GRACE_DUE)
 
     # ------------------------------------------------------------------ events
 
@@ -388,12 +353,6 @@ class Applier:
                 await result
         except Exception:
             log.exception("event callback failed for %s %s", customer_id, reason)
-
-
-def payment_method_access(has_payment_method: bool, created: int) -> SetAccess:
-    if has_payment_method:
-        return SetAccess(SRC_PAYMENT_METHOD, False, "payment method on file", created)
-    return SetAccess(SRC_PAYMENT_METHOD, True, "no payment method on file in Stripe", created)
 
 
 def remaining_from_summary(summary: Mapping[str, Any], budget_currency: str) -> int | None:

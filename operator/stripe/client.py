@@ -29,6 +29,7 @@ import hashlib
 import logging
 import os
 import random
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
@@ -202,6 +203,24 @@ async def retry_call(
                 delay,
             )
             await sleep(delay)
+
+
+class RateLimiter:
+    """Paces request starts at ``rate`` per second (shared by all customers of one exporter)."""
+
+    def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval = 1.0 / rate
+        self.clock = clock
+        self._next = 0.0
+        self._lock = asyncio.Lock()
+
+    async def acquire(self) -> None:
+        async with self._lock:
+            now = self.clock()
+            wait = self._next - now
+            self._next = max(now, self._next) + self.interval
+        if wait > 0:
+            await asyncio.sleep(wait)
 
 
 class StripeGateway:

@@ -53,18 +53,24 @@ from typing import Any
 from prometheus_client import Counter, Gauge
 
 from spendgate.accounting.audit import record_export, trim_ledger
-from spendgate.keys import STRIPE_EXPORT_CURSORS, for_customer
+from spendgate.keys import for_customer
 from spendgate.loops import run_every
 
 from .apply import OnEvent
-from .client import StripeGateway, idempotency_key, is_permanent_rejection, to_dict
+from .client import (
+    RateLimiter,
+    StripeGateway,
+    idempotency_key,
+    is_permanent_rejection,
+    to_dict,
+)
 from .currency import micros_to_minor_ceil
+from .export_state import EXPORT_CURSORS, deadletter_key, entry_ms, export_lag_seconds, text
 from .links import linked_customers, load_link
 from .settings import StripeSettings
 
 log = logging.getLogger("spendgate.operator.stripe")
 
-EXPORT_CURSORS = STRIPE_EXPORT_CURSORS
 V2_BATCH = 100
 
 EXPORTED = Counter(
@@ -74,47 +80,6 @@ EXPORT_LAG = Gauge(
     "spendgate_stripe_export_lag_seconds",
     "Age of the oldest ledger entry not yet exported to Stripe (largest over all budgets)",
 )
-
-
-def deadletter_key(customer_id: str) -> str:
-    return f"{for_customer(customer_id).tag}:deadletter"
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _ms(entry_id: str) -> int:
-    return int(entry_id.split("-", 1)[0])
-
-
-async def export_lag_seconds(redis: Any, customer_id: str, now: float | None = None) -> float:
-    """Seconds since the oldest ledger entry after the export cursor (0: all exported)."""
-    now = time.time() if now is None else now
-    cursor = await redis.hget(EXPORT_CURSORS, customer_id)
-    start = f"({_text(cursor)}" if cursor is not None else "-"
-    entries = await redis.xrange(for_customer(customer_id).ledger, min=start, count=1)
-    if not entries:
-        return 0.0
-    return max(0.0, now - _ms(_text(entries[0][0])) / 1000)
-
-
-class RateLimiter:
-    """Paces request starts at ``rate`` per second (shared by all customers of one exporter)."""
-
-    def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.interval = 1.0 / rate
-        self.clock = clock
-        self._next = 0.0
-        self._lock = asyncio.Lock()
-
-    async def acquire(self) -> None:
-        async with self._lock:
-            now = self.clock()
-            wait = self._next - now
-            self._next = max(now, self._next) + self.interval
-        if wait > 0:
-            await asyncio.sleep(wait)
 
 
 @dataclass
@@ -193,13 +158,13 @@ class Exporter:
         if link is None:
             return result
         cursor = await self.redis.hget(EXPORT_CURSORS, customer_id)
-        start = f"({_text(cursor)}" if cursor is not None else "-"
+        start = f"({text(cursor)}" if cursor is not None else "-"
         ledger_key = for_customer(customer_id).ledger
         raw = await self.redis.xrange(ledger_key, min=start, count=self.settings.export_batch)
         if not raw:
             return result
         items = [
-            self._item(_text(eid), fields, link.stripe_customer, link.currency)
+            self._item(text(eid), fields, link.stripe_customer, link.currency)
             for eid, fields in raw
         ]
         outcomes = await self._send(customer_id, items)
@@ -234,7 +199,7 @@ class Exporter:
     def _item(
         self, entry_id: str, raw: Mapping[Any, Any], stripe_customer: str, currency: str
     ) -> _Item:
-        fields = {_text(k): _text(v) for k, v in raw.items()}
+        fields = {text(k): text(v) for k, v in raw.items()}
         if fields.get("type") != "usage":
             return _Item(entry_id, fields, None)
         cost = int(fields.get("cost") or 0)
@@ -245,7 +210,7 @@ class Exporter:
             if self.settings.meter_value_unit == "micros"
             else micros_to_minor_ceil(cost, currency)
         )
-        ts_ms = int(fields.get("ts") or _ms(entry_id))
+        ts_ms = int(fields.get("ts") or entry_ms(entry_id))
         params = {
             "event_name": self.settings.meter_event_name,
             "identifier": fields.get("request_id") or entry_id,
@@ -263,7 +228,7 @@ class Exporter:
         minid = cursor
         if self.settings.ledger_retention_s > 0:
             horizon = int((self.clock() - self.settings.ledger_retention_s) * 1000)
-            if horizon < _ms(cursor):
+            if horizon < entry_ms(cursor):
                 minid = f"{max(horizon, 0)}-0"
         await trim_ledger(self.redis, customer_id, minid)
 

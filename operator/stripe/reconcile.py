@@ -32,14 +32,13 @@ import stripe
 from spendgate.ledger import Ledger
 from spendgate.loops import run_every
 
-from .apply import Applier, OnEvent, payment_method_access
+from .access import payment_method_access
+from .actions import Action, Notify, SetAccess
+from .apply import Applier, OnEvent
 from .client import StripeGateway, list_all, to_dict
 from .links import SRC_DELETED, Link, linked_customers, load_link, stripe_key
 from .mapping import (
     ACTIVE_SUBSCRIPTION_STATUSES,
-    Action,
-    Notify,
-    SetAccess,
     grant_actions,
     invoice_actions,
     subscription_actions,

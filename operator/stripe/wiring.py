@@ -40,7 +40,7 @@ from ..kube.retry import RetryableError
 from . import metrics
 from .budget_import import BudgetImport, TemplateFile, load_import_template
 from .client import StripeNotConfigured, load_webhook_secrets
-from .exporter import export_lag_seconds
+from .export_state import export_lag_seconds
 from .links import (
     STRIPE_CUSTOMERS,
     StripeLinkConflict,

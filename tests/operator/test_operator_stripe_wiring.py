@@ -18,7 +18,7 @@ from spendgate.ledger import Usage
 from spendgate.operator.budgets import reconcile as b
 from spendgate.operator.budgets.checks import parse_budget
 from spendgate.operator.kube.client import KubeClient
-from spendgate.operator.stripe.exporter import EXPORT_CURSORS
+from spendgate.operator.stripe.export_state import EXPORT_CURSORS
 from spendgate.operator.stripe.links import STRIPE_CUSTOMERS, stripe_key
 from spendgate.operator.stripe.wiring import (
     LAG_STEP_S,

@@ -15,12 +15,12 @@ import stripe
 from spendgate.keys import for_customer
 from spendgate.ledger import Ledger, Usage
 from spendgate.operator.stripe.client import StripeGateway
-from spendgate.operator.stripe.exporter import (
+from spendgate.operator.stripe.export_state import (
     EXPORT_CURSORS,
-    Exporter,
     deadletter_key,
     export_lag_seconds,
 )
+from spendgate.operator.stripe.exporter import Exporter
 from spendgate.operator.stripe.settings import StripeSettings
 from tests.support.stripe_fakes import (  # noqa: F401  (fixtures)
     API_KEY,

@@ -7,6 +7,15 @@ from typing import Any
 
 import pytest
 
+from spendgate.operator.stripe.actions import (
+    Adjust,
+    CheckPaymentMethods,
+    Fund,
+    Notify,
+    RefundTopup,
+    ReverseGrant,
+    SetAccess,
+)
 from spendgate.operator.stripe.apply import remaining_from_summary
 from spendgate.operator.stripe.client import idempotency_key, is_permanent_rejection, is_retryable
 from spendgate.operator.stripe.currency import (
@@ -15,17 +24,7 @@ from spendgate.operator.stripe.currency import (
     minor_to_micros,
 )
 from spendgate.operator.stripe.links import Link
-from spendgate.operator.stripe.mapping import (
-    Adjust,
-    CheckPaymentMethods,
-    Fund,
-    Notify,
-    RefundTopup,
-    ReverseGrant,
-    SetAccess,
-    actions_for_event,
-    event_stripe_customer,
-)
+from spendgate.operator.stripe.mapping import actions_for_event, event_stripe_customer
 from spendgate.operator.stripe.reconcile import invoice_state, pick_subscription
 from spendgate.operator.stripe.settings import StripeSettings
 from spendgate.operator.stripe.sync import TemplateError, budget_from_customer, kubernetes_name

@@ -17,7 +17,8 @@ from spendgate.config_store import ConfigStore
 from spendgate.keys import for_customer
 from spendgate.ledger import Ledger
 from spendgate.models import parse_resource
-from spendgate.operator.stripe.apply import GRACE_INDEX, Applier
+from spendgate.operator.stripe.access import GRACE_INDEX
+from spendgate.operator.stripe.apply import Applier
 from spendgate.operator.stripe.client import StripeGateway
 from spendgate.operator.stripe.links import STRIPE_CUSTOMERS, StripeLinkConflict, link_budget
 from spendgate.operator.stripe.settings import StripeSettings
