@@ -34,19 +34,17 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 import kopf
-from aiohttp import web
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisClusterException, RedisError
 from redis.retry import Retry
 
 from spendgate import redis_connect
 from spendgate.config_store import ConfigStore
-from spendgate.listening import ListenError, bind_listener, describe
+from spendgate.listening import describe
 from spendgate.logs import redact
 
 from ..admission.services import AdmissionService, BypassCheck
@@ -57,12 +55,12 @@ from ..stripe.budget_import import TemplateFile, load_import_template
 from ..stripe.wiring import StripeService
 from . import metrics
 from .handlers import LoginFn, Runtime, build_registry
+from .health import Health, readiness_checks, serve_health
 from .leader import LeaderElector, LeaderTask, LeaseConfig
+from .listeners import Service, bind_ports
 from .settings import OperatorSettings
 
 log = logging.getLogger("spendgate.operator")
-
-Service = Callable[[OperatorSettings], Coroutine[Any, Any, None]]
 
 
 def default_services(settings: OperatorSettings) -> list[Service]:
@@ -107,129 +105,6 @@ def make_runtime(settings: OperatorSettings, redis_client: Any) -> Runtime:
         kube=KubeClient(timeout_s=settings.kube_timeout_s),
         alerts=alerts,
     )
-
-
-Check = Callable[[], "str | None"]  # None: fine; else what is wrong
-
-
-def _checks(parts: Sequence[Any]) -> list[Check]:
-    return [part.readiness for part in parts if callable(getattr(part, "readiness", None))]
-
-
-class Health:
-    """``/healthz``, ``/readyz``, ``/readyz/full`` and ``/metrics``; ``ready`` is kopf's ready
-    flag, ``checks`` the services' own readiness (the admission webhook listens), ``info``
-    what ``/readyz/full`` reports besides (Stripe)."""
-
-    def __init__(
-        self,
-        redis_client: Any,
-        ready: asyncio.Event,
-        alive: Callable[[], bool],
-        *,
-        checks: Sequence[Check] = (),
-        info: Sequence[Check] = (),
-    ) -> None:
-        self.redis = redis_client
-        self.ready = ready
-        self.alive = alive
-        self.checks = list(checks)
-        self.info = list(info)
-
-    async def healthz(self, _request: web.Request) -> web.Response:
-        if not self.alive():
-            return web.json_response({"status": "stopped"}, status=503)
-        return web.json_response({"status": "ok"})
-
-    def _problems(self) -> list[str]:
-        problems = [] if self.ready.is_set() else ["kopf has not started"]
-        return problems + [p for check in self.checks if (p := check()) is not None]
-
-    async def readyz(self, _request: web.Request) -> web.Response:
-        problems = self._problems()
-        if problems:
-            return web.json_response({"status": "unready", "problems": problems}, status=503)
-        return web.json_response({"status": "ready"})
-
-    async def readyz_full(self, _request: web.Request) -> web.Response:
-        problems = self._problems()
-        try:
-            async with asyncio.timeout(1.0):
-                await self.redis.ping()
-            metrics.REDIS_UP.set(1)
-        except (RedisError, RedisClusterException, OSError, TimeoutError) as error:
-            metrics.REDIS_UP.set(0)
-            problems.append(f"Redis: {type(error).__name__}: {redact(str(error))}")
-        notes = [n for check in self.info if (n := check()) is not None]
-        body = {"status": "unready" if problems else "ready", "problems": problems, "notes": notes}
-        return web.json_response(body, status=503 if problems else 200)
-
-    def app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_get("/healthz", self.healthz)
-        app.router.add_get("/readyz", self.readyz)
-        app.router.add_get("/readyz/full", self.readyz_full)
-        app.router.add_get("/metrics", metrics.serve_metrics)
-        return app
-
-
-@contextlib.asynccontextmanager
-async def serve_health(health: Health, sock: socket.socket) -> Any:
-    """Serve the health endpoints on ``sock`` (bound by :func:`bind_ports`)."""
-    runner = web.AppRunner(health.app(), access_log=None, handle_signals=False)
-    await runner.setup()
-    try:
-        await web.SockSite(runner, sock).start()
-        yield runner
-    finally:
-        await runner.cleanup()
-
-
-@dataclass
-class Listeners:
-    """The sockets :func:`bind_ports` bound, handed to the servers that use them."""
-
-    health: socket.socket | None = None
-    stripe: socket.socket | None = None  # the Stripe webhook receiver's
-
-    def close(self) -> None:
-        for sock in (self.health, self.stripe):
-            if sock is not None:
-                sock.close()
-
-
-def bind_ports(
-    settings: OperatorSettings, services: Sequence[Service], *, health: bool
-) -> Listeners:
-    """Every port this replica listens on, bound before anything starts or says it started:
-    the health endpoints', the Stripe webhook receiver's (with Stripe enabled) and each
-    service's with a ``bind`` method (the admission webhook). A port in use is a
-    :class:`ListenError`, with nothing left bound."""
-    bound = Listeners()
-    try:
-        if health:
-            what = "the operator's health endpoints"
-            bound.health = bind_listener(settings.health_host, settings.health_port, what=what)
-        stripe = settings.stripe
-        if stripe is not None and stripe.enabled:
-            # Reserved, not listening: until its keys are read, Stripe's deliveries are refused
-            # (and retried), not left hanging.
-            what = "the Stripe webhook receiver"
-            bound.stripe = bind_listener(
-                stripe.webhook_host, stripe.webhook_port, what=what, listen=False
-            )
-        for service in services:
-            bind = getattr(service, "bind", None)
-            if callable(bind):
-                bind(settings)
-    except ListenError:
-        bound.close()
-        for service in services:
-            release = getattr(service, "release", None)
-            if callable(release):
-                release()
-        raise
-    return bound
 
 
 def leader_tasks(
@@ -350,8 +225,8 @@ async def run_operator(
                     redis_client,
                     ready,
                     lambda: not operator.done(),
-                    checks=[*_checks(services), companions.readiness],
-                    info=_checks([stripe]),
+                    checks=[*readiness_checks(services), companions.readiness],
+                    info=readiness_checks([stripe]),
                 )
                 assert listeners.health is not None
                 await stack.enter_async_context(serve_health(checker, listeners.health))
@@ -433,7 +308,6 @@ def run(settings: OperatorSettings, *, services: Sequence[Service] | None = None
 
 __all__ = [
     "AdmissionService",
-    "Health",
     "Service",
     "default_services",
     "leader_tasks",

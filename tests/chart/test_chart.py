@@ -666,7 +666,7 @@ def test_operator_settings_from_the_rendered_deployment() -> None:
 def test_probes_use_the_operator_health_endpoints() -> None:
     from aiohttp import web
 
-    from spendgate.operator.runtime.main import Health
+    from spendgate.operator.runtime.health import Health
 
     app = Health(None, None, lambda: True).app()  # type: ignore[arg-type]
     served = {r.resource.canonical for r in app.router.routes() if r.method == "GET" and r.resource}

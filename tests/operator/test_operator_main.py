@@ -21,7 +21,8 @@ from spendgate import cli
 from spendgate.operator.kube.client import KubeClient
 from spendgate.operator.kube.retry import KubernetesUnavailable
 from spendgate.operator.runtime import cli_args, handlers, kopf_settings
-from spendgate.operator.runtime.main import Health, run_operator
+from spendgate.operator.runtime.health import Health
+from spendgate.operator.runtime.main import run_operator
 from spendgate.operator.runtime.settings import OperatorSettings
 from tests.support.kube_emulator import started_emulator
 from tests.support.redis_servers import RedisServer

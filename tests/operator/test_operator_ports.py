@@ -14,7 +14,8 @@ import pytest
 
 from spendgate.listening import ListenError
 from spendgate.operator.admission.services import AdmissionService
-from spendgate.operator.runtime.main import bind_ports, run_operator
+from spendgate.operator.runtime.listeners import bind_ports
+from spendgate.operator.runtime.main import run_operator
 from spendgate.operator.runtime.settings import OperatorSettings
 from spendgate.operator.stripe.settings import StripeSettings
 
