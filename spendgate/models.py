@@ -296,6 +296,73 @@ class OnPaymentFailure(_Model):
         return self
 
 
+class AbnormalSpendAction(StrEnum):
+    alert = "alert"
+    suspend = "suspend"
+
+
+_MIN_WINDOW_MS, _MAX_WINDOW_MS = 60_000, 86_400_000
+
+
+class AbnormalSpendPolicy(_Model):
+    """Spend far above the customer's own normal (a leaked key): alert, or suspend until a
+    person resumes the customer (docs/operator.md, *Abnormal spend*)."""
+
+    model_config = ConfigDict(
+        json_schema_extra=cel(
+            (
+                "(has(self.minActiveHours) ? self.minActiveHours : 24)"
+                " <= (has(self.baselineDays) ? self.baselineDays : 7) * 24",
+                "minActiveHours cannot exceed the hours of baselineDays",
+            )
+        )
+    )
+
+    action: AbnormalSpendAction = Field(
+        default=AbnormalSpendAction.alert,
+        description="alert: an Event and the alert webhook; suspend: also suspend the customer"
+        " (403) until a person resumes it.",
+    )
+    minimum: PositiveAmount = Field(
+        description="Spend in the window below this never trips (small customers); in the"
+        " budget's currency. Required: a safe amount depends on the currency."
+    )
+    factor: int = Field(
+        default=5, ge=2, le=1000, description="Trips above this many times the baseline."
+    )
+    window: PositiveDurationMs = Field(
+        default=3_600_000,
+        description="The recent spend compared with the baseline (sliding, whole minutes,"
+        " 1m to 24h).",
+        json_schema_extra={"minimum": 60, "maximum": 86_400},
+    )
+    baseline_days: int = Field(
+        default=7, ge=1, le=60, description="Days of history the baseline is taken from."
+    )
+    percentile: int = Field(
+        default=90,
+        ge=1,
+        le=100,
+        description="Percentile of the hourly spend of active hours that is the baseline (50:"
+        " the median; 90 tolerates busy daytime hours).",
+    )
+    min_active_hours: int = Field(
+        default=24,
+        ge=1,
+        le=1440,
+        description="Hours with spend needed before there is a baseline; until then it never"
+        " trips.",
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Self:
+        if not _MIN_WINDOW_MS <= self.window <= _MAX_WINDOW_MS or self.window % 60_000:
+            raise ValueError("window must be whole minutes, from 1m to 24h")
+        if self.min_active_hours > self.baseline_days * 24:
+            raise ValueError("minActiveHours cannot exceed the hours of baselineDays")
+        return self
+
+
 class BudgetPolicy(_Model):
     suspended: bool = False
     alert_thresholds: list[int] = Field(
@@ -318,6 +385,11 @@ class BudgetPolicy(_Model):
     on_payment_failure: OnPaymentFailure = Field(default_factory=OnPaymentFailure)
     suspend_on_dispute: bool = True
     require_payment_method: bool = False
+    abnormal_spend: AbnormalSpendPolicy | None = Field(
+        default=None,
+        description="Alert on or suspend spend far above the customer's own baseline; off"
+        " when absent.",
+    )
 
     @field_validator("alert_thresholds")
     @classmethod

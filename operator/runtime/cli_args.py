@@ -114,6 +114,11 @@ def operator_settings_from_args(
     audit = _flag_or_env(float, None, env, "SPENDGATE_AUDIT_INTERVAL", "SPENDGATE_AUDIT_INTERVAL")
     if audit is not None and audit < 0:
         raise UsageError("SPENDGATE_AUDIT_INTERVAL must be 0 (off) or positive (seconds)")
+    watch = _flag_or_env(
+        float, None, env, "SPENDGATE_SPEND_WATCH_INTERVAL", "SPENDGATE_SPEND_WATCH_INTERVAL"
+    )
+    if watch is not None and watch < 0:
+        raise UsageError("SPENDGATE_SPEND_WATCH_INTERVAL must be 0 (off) or positive (seconds)")
     election = (env.get("SPENDGATE_LEADER_ELECTION") or "true").strip().lower()
     if election not in TRUE_WORDS | FALSE_WORDS:
         raise UsageError(f"SPENDGATE_LEADER_ELECTION={election!r}: expected true or false")
@@ -145,6 +150,7 @@ def operator_settings_from_args(
         lease_name=ns.lease_name or env.get("SPENDGATE_LEASE_NAME") or defaults.lease_name,
         bypass_check_interval_s=bypass if bypass is not None else defaults.bypass_check_interval_s,
         audit_interval_s=audit if audit is not None else defaults.audit_interval_s,
+        spend_watch_interval_s=watch if watch is not None else defaults.spend_watch_interval_s,
         stripe=stripe_settings_from_env(env, watched=tuple(watched)),
     )
 

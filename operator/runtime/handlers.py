@@ -15,6 +15,7 @@ startup ``configure``    production kopf settings (:func:`.kopf_settings.configu
 cleanup                  ``Runtime.cleanups`` (main: the leader's work stops, Lease released)
 index ``budget_refs``    ``("Secret"|"PriceBook", namespace, name)`` → budgets using it
 CustomerBudget
+  field ``resume``       :func:`..budgets.abnormal.resume_budget`: the resume annotation
   create/update/resume   :func:`..budgets.reconcile.reconcile_budget`; status patch, Events, alerts
   timer ``status``       :func:`..budgets.reconcile.refresh_budget` every ``status_interval_s``
   delete (finalizer)     :func:`..budgets.reconcile.finalize_budget`: keys revoked, account frozen
@@ -44,6 +45,7 @@ import kopf
 from spendgate.config_store import ConfigStore
 
 from ..alerts.sender import AlertSender
+from ..budgets import abnormal as budget_abnormal
 from ..budgets import checks as budget_checks
 from ..budgets import reconcile as budgets
 from ..budgets.reconcile import KeyedLocks, Reconciled, StripeHooks
@@ -59,6 +61,8 @@ from .settings import OperatorSettings
 
 log = logging.getLogger("spendgate.operator")
 
+# ``resume.spendgate.dev/abnormal-spend`` as a field path (its dots are not separators)
+RESUME_FIELD = ("metadata", "annotations", budget_abnormal.RESUME_ANNOTATION)
 BUDGET_REFS = "budget_refs"  # the index's id, and the kwarg name handlers receive it by
 
 LoginFn = Callable[..., Any]
@@ -212,6 +216,17 @@ def build_registry(runtime: Runtime, *, login: LoginFn | None = None) -> kopf.Op
                 runtime.alerts.dispatch(alert)
         if result.error is not None:
             raise _retry(settings, result.error)
+
+    # Before ``reconcile`` (kopf runs a change's handlers in this order): the status it then
+    # computes shows the suspension lifted.
+    @kopf.on.field(GROUP, VERSION, BUDGETS, id="resume", field=RESUME_FIELD, registry=registry)
+    async def resume_abnormal(body: kopf.Body, **_: Any) -> None:
+        not_stopping()
+        try:
+            now_ms = int(time.time() * 1000)
+            _post(body, await budget_abnormal.resume_budget(body, runtime.store, now_ms))
+        except RetryableError as error:
+            raise _retry(settings, error) from None
 
     @kopf.on.resume(GROUP, VERSION, BUDGETS, id="reconcile", registry=registry)
     @kopf.on.create(GROUP, VERSION, BUDGETS, id="reconcile", registry=registry)

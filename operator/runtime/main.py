@@ -50,6 +50,7 @@ from spendgate.logs import redact
 from ..admission.services import AdmissionService, BypassCheck
 from ..alerts.sender import AlertSender
 from ..budgets.audit import AuditLoop
+from ..budgets.spend_watch import SpendWatch
 from ..kube.client import KubeClient
 from ..stripe.budget_import import TemplateFile, load_import_template
 from ..stripe.wiring import StripeService
@@ -110,7 +111,8 @@ def make_runtime(settings: OperatorSettings, redis_client: Any) -> Runtime:
 def leader_tasks(
     settings: OperatorSettings, runtime: Runtime, stripe: StripeService | None
 ) -> list[LeaderTask]:
-    """The singleton work: Stripe's (when enabled) and the Service bypass check."""
+    """The singleton work: Stripe's (when enabled), the Service bypass check, the audit and
+    the spend watch (absorbed cost, abnormal spend)."""
     tasks: list[LeaderTask] = []
     if stripe is not None:
         tasks.append(stripe.run_leader)
@@ -118,6 +120,16 @@ def leader_tasks(
         tasks.append(BypassCheck(settings, runtime.kube).run)
     if settings.audit_interval_s > 0:
         tasks.append(AuditLoop(runtime.store.redis, interval_s=settings.audit_interval_s).run)
+    if settings.spend_watch_interval_s > 0:
+        watch = SpendWatch(
+            runtime.store.redis,
+            runtime.kube,
+            runtime.alerts,
+            namespaces=settings.namespaces,
+            interval_s=settings.spend_watch_interval_s,
+            instance=identity_of(settings),
+        )
+        tasks.append(watch.run)
     return tasks
 
 

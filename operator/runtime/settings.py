@@ -55,6 +55,8 @@ class OperatorSettings:
     bypass_rewarn_s: float = 3600.0  # the same finding is warned about again after this long
     # --- `spendgate audit` over every customer (operator/budgets/audit.py; leader only)
     audit_interval_s: float = 300.0  # 0: no periodic audit
+    # --- absorbed cost and abnormal spend (operator/budgets/spend_watch.py; leader only)
+    spend_watch_interval_s: float = 60.0  # 0: neither is watched
     # --- Stripe (operator/stripe/): None = disabled, nothing of Stripe starts
     stripe: StripeSettings | None = None
 

@@ -464,6 +464,7 @@ GRACE = {"action": "grace", "gracePeriod": "72h"}
 CAPPED = {"mode": "capped", "limit": "100", "period": "month"}
 KEY = {"name": "prod", "secretRef": {"name": "keys"}}
 TOKENS = {"flat": "0.0001", "perMillionInputTokens": "0.50"}
+ABNORMAL = {"action": "suspend", "minimum": "5.00"}
 
 # (message, valid manifests, invalid manifest): the invalid one fails exactly this rule.
 # fmt: off
@@ -477,6 +478,10 @@ CEL_CASES: list[tuple[str, list[dict[str, Any]], dict[str, Any]]] = [
     ("action 'grace' needs gracePeriod (for example \"72h\")",
      [budget(policy={"onPaymentFailure": GRACE}), budget(policy={"onPaymentFailure": {}})],
      budget(policy={"onPaymentFailure": {"action": "grace"}})),
+    ("minActiveHours cannot exceed the hours of baselineDays",
+     [budget(policy={"abnormalSpend": ABNORMAL}),
+      budget(policy={"abnormalSpend": {**ABNORMAL, "baselineDays": 1, "minActiveHours": 24}})],
+     budget(policy={"abnormalSpend": {**ABNORMAL, "baselineDays": 1, "minActiveHours": 25}})),
     ("gracePeriod is only used with action 'grace'",
      [budget(policy={"onPaymentFailure": {"action": "grace", "gracePeriod": 3600}})],
      budget(policy={"onPaymentFailure": {"gracePeriod": "72h"}})),
@@ -596,6 +601,13 @@ INVALID: list[dict[str, Any]] = [
     budget(policy={"onPaymentFailure": {"action": "grace", "gracePeriod": "soon"}}),
     budget(policy={"onPaymentFailure": {"action": "ignore"}}),
     budget(stripe={"customerId": "acme"}),
+    budget(policy={"abnormalSpend": {}}), budget(policy={"abnormalSpend": {"minimum": "0"}}),
+    budget(policy={"abnormalSpend": {**ABNORMAL, "action": "block"}}),
+    budget(policy={"abnormalSpend": {**ABNORMAL, "factor": 1}}),
+    budget(policy={"abnormalSpend": {**ABNORMAL, "percentile": 0}}),
+    budget(policy={"abnormalSpend": {**ABNORMAL, "baselineDays": 61}}),
+    budget(policy={"abnormalSpend": {**ABNORMAL, "window": 30}}),
+    budget(policy={"abnormalSpend": {**ABNORMAL, "window": "0s"}}),
     budget(stripe={"customerId": "cus_1", "subscriptionId": "1"}),
     budget(displayName="x" * 201), budget(balanse="5.00"),
     pricebook(currency="dollars!"), pricebook(unmatched="allow"),
@@ -626,6 +638,8 @@ MODEL_ONLY = [
     pricebook(rule(price={"flat": "1.00"}, maximum="0.50")),  # maximum below the flat price
     budget(balance="9999999999"),  # above MAX_MICROS
     pricebook(rule(timeout="367d")),  # over 366 days
+    budget(policy={"abnormalSpend": {**ABNORMAL, "window": "90s"}}),  # not whole minutes
+    budget(policy={"abnormalSpend": {**ABNORMAL, "window": "2d"}}),  # over 24 h
 ]
 # ... and the other way round: the models normalize these (pydantic's lax mode turns "yes" into
 # True and "10" into 10), the CRD asks for the canonical form.
