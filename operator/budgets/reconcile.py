@@ -57,6 +57,7 @@ from .checks import (
     ready_condition,
     resolve_keys,
 )
+from .ledger_condition import read_audit_record, set_ledger_condition
 from .status import (
     ACCOUNT_FIELDS,
     PAYMENT_METHOD_SOURCE,
@@ -235,6 +236,7 @@ async def _reconcile_parsed(
             )
         status.update(await redis_call(stripe.status(spec)))
     account = await redis_call(store.ledger.account(spec.customer_id))
+    audited = await redis_call(read_audit_record(store.redis, spec.customer_id))
 
     summary = _summary(budget, applied.keys_added)
     status["conditions"] = cond.set_condition(
@@ -243,6 +245,7 @@ async def _reconcile_parsed(
     status["observedGeneration"] = generation
     status["activeKeys"] = applied.keys_added
     events_acc, alerts = fill_account_status(budget, account, old_status, status, now)
+    events_acc += set_ledger_condition(audited, old_status, status, generation, now)
     changed = (
         old_status.get("observedGeneration") != generation
         or applied.balance_change != 0
@@ -309,6 +312,7 @@ async def refresh_budget(
         owner = await redis_call(store.owner_of(budget.spec.customer_id))
         account = await redis_call(store.ledger.account(budget.spec.customer_id))
         linked = await redis_call(stripe.status(budget.spec)) if stripe is not None else {}
+        audited = await redis_call(read_audit_record(store.redis, budget.spec.customer_id))
     except RetryableError as error:
         status = dict(old_status)
         status["conditions"] = cond.set_condition(
@@ -327,6 +331,7 @@ async def refresh_budget(
     status = dict(old_status)
     status.update(linked)
     events, alerts = fill_account_status(budget, account, old_status, status, now)
+    events += set_ledger_condition(audited, old_status, status, budget.metadata.generation, now)
     events = transition_events(old_status, status, configured_message=None) + events
     return Reconciled(status, events, alerts, customer_id=budget.spec.customer_id)
 

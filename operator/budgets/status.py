@@ -333,7 +333,9 @@ def clear_account_status(status: dict[str, Any]) -> None:
     status["alertedThreshold"] = None
     status["activeKeys"] = None
     status["conditions"] = [
-        c for c in status.get("conditions") or [] if c.get("type") not in (FUNDED, SUSPENDED)
+        c
+        for c in status.get("conditions") or []
+        if c.get("type") not in (FUNDED, SUSPENDED, "LedgerConsistent")
     ]
 
 
