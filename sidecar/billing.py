@@ -10,7 +10,7 @@ from multidict import CIMultiDictProxy
 from spendgate.config_store import KeyOwner
 from spendgate.ledger import RateInfo, Usage
 from spendgate.models import FailureCharge, PriceRule, UsageHeaders
-from spendgate.pricing import PricingForm, RequestFacts, Used
+from spendgate.pricing import Bound, PricingForm, RequestFacts, Used
 
 from .metering import ResponseTap, TokenUsage, response_payload, usage_from_headers
 
@@ -32,10 +32,13 @@ class Metered:
     input_tokens: int = 0  # the bound (or exact count) the hold was computed with
     output_limit: int | None = None  # the output limit the request was sent with
     output_change: str | None = None  # why the sidecar set that limit (None: the client's own)
+    count_change: tuple[str, int] | None = None  # a count field lowered to what the hold pays
     available: int | None = None  # what the customer could still spend after the hold
+    bound: Bound | None = None  # what was priced before the request (None: fail-open)
     started: float = field(default_factory=time.monotonic)
     upstream_started: float = 0.0
     cut_off: bool = False
+    out_of_time: bool = False  # stopped when its held GPU time ran out (implies cut_off)
     events_sent: int = 0
 
     def elapsed_ms(self) -> int:
@@ -86,6 +89,9 @@ def price_outcome(
     )
     if free:
         cost = 0
+    elif metered.out_of_time:  # stopped by the sidecar: the prompt was read, the time used
+        used = Used(measured.input_tokens, measured.output_tokens, upstream_ms, status=status)
+        cost = metered.form.cost(used)
     elif tap is None or (failed and not tap.events):
         # metered, no answer: what it used (its time)
         cost = metered.form.cost(Used(0, 0, upstream_ms, status=status, headers=headers))
@@ -96,6 +102,8 @@ def price_outcome(
         )  # fmt: skip
         cost = metered.form.cost(used)
     if metered.cut_off and metered.reserved:
+        # Cut where the hold ran out (output or GPU time): what was measured past that point
+        # (the milliseconds between the cut and this measurement) is not charged.
         cost = min(cost, metered.hold)
     if not metered.reserved:  # served without a hold: the ledger cannot cap it, so cap here
         cost = min(cost, metered.form.max_cost)

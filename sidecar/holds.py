@@ -1,11 +1,19 @@
 """Growing a request's hold while it runs, exactly, in Redis (the ``extend`` script).
 
 A stream whose output outruns its hold asks for more before the events that need it are sent;
-when the balance cannot pay, the caller ends the response there.
+when the balance cannot pay, the caller ends the response there. A request priced by upstream
+time (streamed or not) has a :class:`GpuClock` that extends its hold one window ahead of the
+time it uses, and stops it when the balance cannot pay the next window.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import Awaitable
+from typing import TypeVar
+
+import aiohttp
 from redis.exceptions import RedisError
 
 from spendgate.backpressure import LocalExhaustion
@@ -14,6 +22,8 @@ from spendgate.ledger import Ledger
 from .billing import Metered
 from .metrics import SidecarMetrics
 from .settings import FailMode, SidecarSettings
+
+T = TypeVar("T")
 
 
 class Holds:
@@ -44,6 +54,115 @@ class Holds:
         except (RedisError, OSError, TimeoutError):
             self.metrics.redis_errors.labels("extend").inc()
             return self.settings.fail_mode is FailMode.open
+        if extension.ok:
+            metered.hold += extra
+        return extension.ok
+
+    def clock(self, metered: Metered) -> GpuClock | None:
+        """A clock for a reserved request whose hold pays for a window of upstream time."""
+        bound = metered.bound
+        if not metered.reserved or bound is None or not bound.window_ms:
+            return None
+        if metered.form.paid_ms(bound, metered.output_limit, metered.hold) is None:
+            return None
+        return GpuClock(self, metered, bound.window_ms)
+
+
+class OutOfTime(Exception):
+    """The request's held GPU time ran out and the balance could not pay for more."""
+
+
+class GpuClock:
+    """Keeps a request priced by upstream time paid for while it runs.
+
+    Half a window before the held time is used up, the hold is extended by one more window
+    (``estimate.seconds``), up to what the rule's timeout can cost. When the balance cannot pay
+    for more, whatever is left is taken, and when the held time is used up the request is
+    stopped: :attr:`up` is set and the upstream response (once there is one) is closed.
+    """
+
+    def __init__(self, holds: Holds, metered: Metered, window_ms: int) -> None:
+        self.holds = holds
+        self.metered = metered
+        self.window_ms = window_ms
+        self.up = asyncio.Event()
+        self._upstream: aiohttp.ClientResponse | None = None
+        self._task = asyncio.create_task(self._run())
+
+    def attach(self, upstream: aiohttp.ClientResponse) -> None:
+        """Close this upstream response when the time is up."""
+        self._upstream = upstream
+        if self.up.is_set():
+            upstream.close()
+
+    def stop(self) -> None:
+        self._task.cancel()
+
+    async def race(self, work: Awaitable[T]) -> T:
+        """``work``'s result, unless the time is up first (then it is cancelled: OutOfTime)."""
+        job = asyncio.ensure_future(work)
+        waiter = asyncio.ensure_future(self.up.wait())
+        try:
+            await asyncio.wait({job, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            job.cancel()
+            raise
+        finally:
+            waiter.cancel()
+        if job.done():
+            return job.result()
+        job.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await job
+        raise OutOfTime
+
+    def _paid_ms(self) -> int | None:
+        metered = self.metered
+        assert metered.bound is not None
+        return metered.form.paid_ms(metered.bound, metered.output_limit, metered.hold)
+
+    async def _run(self) -> None:
+        metered, timeout = self.metered, self.metered.rule.timeout
+        lead = max(self.window_ms // 2, 1)
+        refused = False
+        while True:
+            paid = self._paid_ms()
+            if paid is None or paid >= timeout:
+                return  # the hold pays for all the time the rule allows
+            delay = paid - (0 if refused else lead) - metered.elapsed_ms()
+            if delay > 0:
+                await asyncio.sleep(delay / 1000)
+            if refused:
+                break
+            refused = not await self._extend(paid)
+        metered.out_of_time = metered.cut_off = True
+        self.holds.metrics.time_cutoffs.inc()
+        self.up.set()
+        if self._upstream is not None:
+            self._upstream.close()
+
+    async def _extend(self, paid: int) -> bool:
+        """Hold one more window (what is left of the balance, at worst); False when nothing."""
+        metered, holds = self.metered, self.holds
+        assert metered.bound is not None
+        until = min(paid + self.window_ms, metered.rule.timeout)
+        wanted = metered.form.hold_for_ms(metered.bound, metered.output_limit, until)
+        extra = wanted - metered.hold
+        if extra <= 0:
+            return True
+        ttl_ms = metered.rule.timeout + holds.settings.hold_grace_ms
+        customer, request_id = metered.owner.customer_id, metered.request_id
+        try:
+            extension = await holds.ledger.extend(customer, request_id, extra, ttl_ms=ttl_ms)
+            if not extension.ok and extension.reason == "insufficient" and extension.available:
+                extra = min(extra, extension.available)
+                extension = await holds.ledger.extend(customer, request_id, extra, ttl_ms=ttl_ms)
+        except LocalExhaustion:
+            holds.metrics.backpressure.labels("extend").inc()
+            return False
+        except (RedisError, OSError, TimeoutError):
+            holds.metrics.redis_errors.labels("extend").inc()
+            return False
         if extension.ok:
             metered.hold += extra
         return extension.ok

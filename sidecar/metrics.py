@@ -50,6 +50,11 @@ class SidecarMetrics:
         self.stream_cutoffs = Counter(
             "spendgate_stream_cutoffs", "Streams ended because the balance ran out", registry=r
         )
+        self.time_cutoffs = Counter(
+            "spendgate_time_cutoffs",
+            "Requests stopped because the balance could not pay for more GPU time",
+            registry=r,
+        )
         self.absorbed = Counter(
             "spendgate_absorbed_micros",
             "Cost beyond a request's bound: served, never charged (the platform's loss)",
@@ -66,6 +71,11 @@ class SidecarMetrics:
             "spendgate_output_limits_set",
             "Requests whose output limit the sidecar set, by reason (balance, maximum, unset)",
             ["reason"],
+            registry=r,
+        )
+        self.count_limits = Counter(
+            "spendgate_count_limits_set",
+            "Requests whose count (a price expression's clampField) the sidecar lowered",
             registry=r,
         )
         self.upstream_errors = Counter(

@@ -34,6 +34,7 @@ from spendgate.pricing import (
     PricingForm,
     RequestFacts,
     RulePricing,
+    with_field,
     with_output_limit,
 )
 
@@ -203,6 +204,10 @@ class Proxy:
         if clamped is not None:
             body = with_output_limit(facts, request.path, output_limit)  # type: ignore[arg-type]
             self.metrics.output_limits.labels(clamped).inc()
+        count = form.count_for(held) if reservation is not None else None
+        if count is not None:
+            body = with_field(facts, *count)
+            self.metrics.count_limits.inc()
         return Metered(
             owner=owner,
             request_id=request_id,
@@ -216,8 +221,10 @@ class Proxy:
             rate=reservation.rate if reservation is not None else None,
             available=reservation.available if reservation is not None else None,
             input_tokens=bound.input_tokens,
+            bound=bound,
             output_limit=output_limit,
             output_change=clamped,
+            count_change=count,
         )
 
     @staticmethod

@@ -22,7 +22,7 @@ from .billing import Metered
 from .customer_view import admission_headers, final_cost_headers
 from .front.targets import UpstreamBase
 from .headers import forward_headers, response_headers
-from .holds import Holds
+from .holds import GpuClock, Holds, OutOfTime
 from .metering import ResponseTap, sse_error_event
 from .metrics import SidecarMetrics
 from .settings import SidecarSettings
@@ -33,6 +33,7 @@ log = logging.getLogger("spendgate.sidecar")
 
 SMALL_BODY = 64 * 1024  # bodies up to this size with a known length are sent in one write
 OUTPUT_LIMIT_HEADER = "X-Spendgate-Output-Limit"
+COUNT_LIMIT_HEADER = "X-Spendgate-Count-Limit"
 
 
 class Relay:
@@ -58,16 +59,37 @@ class Relay:
         limit_s = metered.rule.timeout / 1000
         timeout = aiohttp.ClientTimeout(total=limit_s, sock_connect=min(5, limit_s))
         metered.upstream_started = time.monotonic()
+        clock = self.holds.clock(metered)  # extends a per-second hold while the model runs
+        try:
+            return await self._exchange(request, metered, url, timeout, clock)
+        finally:
+            if clock is not None:
+                clock.stop()
+
+    async def _exchange(
+        self,
+        request: web.Request,
+        metered: Metered,
+        url: str,
+        limits: aiohttp.ClientTimeout,
+        clock: GpuClock | None,
+    ) -> web.StreamResponse:
         try:
             upstream_cm = self.session.request(
                 request.method,
                 url,
                 data=metered.body or None,
                 headers=forward_headers(request, metered.owner, metered.request_id),
-                timeout=timeout,
+                timeout=limits,
                 allow_redirects=False,
             )
-            upstream = await upstream_cm.__aenter__()
+            if clock is None:
+                upstream = await upstream_cm.__aenter__()
+            else:
+                upstream = await clock.race(upstream_cm.__aenter__())
+                clock.attach(upstream)
+        except OutOfTime:
+            return self._out_of_time(metered, None, None)
         except TimeoutError:
             return self._upstream_failed(metered, 504, "upstream_timeout", "timeout")
         except aiohttp.ClientConnectorError as error:  # never reached the model: free
@@ -83,6 +105,21 @@ class Relay:
             return await self._relay(request, upstream, metered)
         finally:
             upstream.release()
+
+    def _out_of_time(
+        self, metered: Metered, upstream: aiohttp.ClientResponse | None, tap: ResponseTap | None
+    ) -> web.Response:
+        """Stopped before any byte was sent: 402, charged for the time it held."""
+        cost = self.settlement.finish(metered, upstream, tap, outcome="cut_off")
+        response = errors.error_response(
+            402, "insufficient_quota", "insufficient_balance",
+            f"The balance ran out after {metered.elapsed_ms() / 1000:.1f} s of GPU time; the"
+            " request was stopped and charged for the time it held.",
+        )  # fmt: skip
+        response.headers["X-Spendgate-Request-Id"] = metered.request_id
+        admission_headers(response.headers, metered.currency, metered.hold, None)
+        final_cost_headers(response.headers, metered.hold, None, cost)
+        return response
 
     def _upstream_failed(self, metered: Metered, status: int, code: str, kind: str) -> web.Response:
         self.metrics.upstream_errors.labels(kind).inc()
@@ -112,6 +149,9 @@ class Relay:
             response.headers[OUTPUT_LIMIT_HEADER] = (
                 f"{metered.output_limit}; reason={metered.output_change}"
             )
+        if metered.count_change is not None:
+            name, count = metered.count_change
+            response.headers[COUNT_LIMIT_HEADER] = f"{count}; field={name}; reason=balance"
         tap = ResponseTap(
             upstream.headers.get("Content-Type", ""), upstream.headers.get("Content-Encoding", "")
         )
@@ -134,6 +174,8 @@ class Relay:
                 if not await self._write_paid(response, metered, tap, pieces):
                     break
             else:
+                if metered.out_of_time:  # the upstream was closed under the loop
+                    raise aiohttp.ClientConnectionError("stopped: out of GPU time")
                 rest = tap.finish()
                 if rest:
                     await response.write(rest)
@@ -141,6 +183,11 @@ class Relay:
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
             outcome = "client_disconnect"
         except (TimeoutError, aiohttp.ClientError) as error:
+            if metered.out_of_time:
+                with contextlib.suppress(ConnectionResetError, aiohttp.ClientConnectionResetError):
+                    await self._cut_off(response, metered, tap)
+                self.settlement.finish(metered, upstream, tap, outcome="cut_off")
+                return response
             log.warning("model stream failed", extra={"error": repr(error)})
             self.metrics.upstream_errors.labels("stream").inc()
             outcome = "upstream_stream"
@@ -177,6 +224,8 @@ class Relay:
         try:
             body = await upstream.read()
         except (TimeoutError, aiohttp.ClientError) as error:
+            if metered.out_of_time:
+                return self._out_of_time(metered, upstream, tap)
             log.warning("model response failed", extra={"error": repr(error)})
             return self._upstream_failed(metered, 502, "upstream_unavailable", "disconnect")
         except asyncio.CancelledError:

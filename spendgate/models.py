@@ -27,7 +27,7 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 
 from .durations import format_duration, parse_duration
-from .expressions import ExpressionError, ExpressionPricing, RuleExpressionError
+from .expressions import ExpressionError, ExpressionPricing, RuleExpressionError, fields_read
 from .money import (
     CURRENCY_RE,
     MAX_MICROS,
@@ -695,10 +695,20 @@ class FailureCharge(StrEnum):
 
 PRICE_NAME_PATTERN = r"^[A-Za-z0-9_.:-]{1,63}$"
 HEADER_NAME_PATTERN = r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,128}$"
+COUNT_FIELD_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"
 
 
 class ExpressionPrice(_Model):
     """CEL price expressions (docs/pricing.md): a bound held before, a cost charged after."""
+
+    model_config = ConfigDict(
+        json_schema_extra=cel(
+            (
+                "!has(self.clampField) || has(self.bound)",
+                "clampField lowers a count the bound reads: give a bound",
+            )
+        )
+    )
 
     bound: str | None = Field(
         default=None,
@@ -730,6 +740,13 @@ class ExpressionPrice(_Model):
     )
     response_headers: list[Annotated[str, Field(pattern=HEADER_NAME_PATTERN)]] = Field(
         default_factory=list, max_length=16, description="Response headers the cost reads."
+    )
+    clamp_field: str | None = Field(
+        default=None,
+        pattern=COUNT_FIELD_PATTERN,
+        description="A JSON request field holding a count the bound reads (like n): when the"
+        " balance cannot pay the bound, the count is lowered to the largest value it pays for"
+        " (down to 1; fewer is refused with 402). Default: refuse.",
     )
 
     @field_validator("prices")
@@ -826,6 +843,18 @@ class PriceRule(_Model):
         return self
 
     def _compile_expressions(self, expression: ExpressionPrice) -> None:
+        if expression.clamp_field is not None:
+            if expression.bound is None:
+                raise ValueError(
+                    f"rule {self.name!r}: expression.clampField lowers a count the bound reads:"
+                    " give a bound"
+                )
+            read = fields_read(expression.bound, "request")
+            if read is not None and expression.clamp_field not in read:
+                raise ValueError(
+                    f"rule {self.name!r}: expression.clampField: the bound does not read"
+                    f" request.{expression.clamp_field}, so lowering it cannot lower the hold"
+                )
         try:
             self._pricing = ExpressionPricing(
                 bound=expression.bound,

@@ -14,6 +14,7 @@ from .rules import (
     ResponseView,
     RuleExpressionError,
 )
+from .scan import fields_read
 
 __all__ = [
     "BodyError",
@@ -27,4 +28,5 @@ __all__ = [
     "ResponseView",
     "RuleExpressionError",
     "compile_expression",
+    "fields_read",
 ]

@@ -133,6 +133,19 @@ class ExpressionPricing:
             amount = min(amount, self.maximum)
         return Held(amount, variables)
 
+    def hold_with(self, held: Held, field: str, value: Any) -> Held:
+        """The bound again, with the request's ``field`` set to ``value`` (a lowered count)."""
+        variables = {**held.variables, "request": {**held.variables["request"], field: value}}
+        if self.bound is None:
+            return Held(held.amount, variables)
+        try:
+            amount = self.bound.evaluate(variables)
+        except EvaluationError as error:
+            raise EvaluationError(f"bound: {error}") from None
+        if self.maximum is not None:
+            amount = min(amount, self.maximum)
+        return Held(amount, variables)
+
     def charge(self, held: Held, response: ResponseView) -> Charge:
         """What to charge for the answer: the cost, never more than the bound."""
         if self.cost is None:

@@ -14,6 +14,7 @@ from .request import (
     Prompt,
     RequestFacts,
     inspect_body,
+    with_field,
     with_output_limit,
 )
 from .rule import TOKENS_PER_PRICE_UNIT, RulePricing, cost_of, window_ms
@@ -39,5 +40,6 @@ __all__ = [
     "cost_of",
     "inspect_body",
     "window_ms",
+    "with_field",
     "with_output_limit",
 ]

@@ -71,10 +71,70 @@ class ExpressionForm:
                 f"This request cannot be priced by rule {self.rule.name!r}: {error}."
             ) from None
         amount = self.held.amount
-        return Bound(hold=amount, minimum=amount, input_tokens=self.input_tokens)
+        minimum = amount
+        count = self._count()
+        if count is not None and count > 1:
+            minimum = min(amount, self._held_at(1).amount)
+        return Bound(hold=amount, minimum=minimum, input_tokens=self.input_tokens)
+
+    def _count(self) -> int | None:
+        """The count the request asks for in the rule's clampField, when it can be lowered."""
+        name = self.rule.expression.clamp_field if self.rule.expression else None
+        if name is None or self.held is None or not self.content_type_is_json:
+            return None
+        value = self.held.variables["request"].get(name)
+        if isinstance(value, bool) or not isinstance(value, int):
+            return None
+        return value
+
+    @property
+    def content_type_is_json(self) -> bool:
+        media_type = self.content_type.split(";", 1)[0].strip().lower()
+        return media_type == "application/json" or media_type.endswith("+json")
+
+    def _held_at(self, count: int) -> Held:
+        assert self.held is not None and self.rule.expression is not None
+        name = self.rule.expression.clamp_field
+        assert name is not None
+        try:
+            return self.pricing.hold_with(self.held, name, count)
+        except EvaluationError as error:
+            raise NotPriceable(
+                f"This request cannot be priced by rule {self.rule.name!r}: {error}."
+            ) from None
+
+    def count_for(self, held: int) -> tuple[str, int] | None:
+        count = self._count()
+        if count is None or self.held is None or self.held.amount <= held:
+            return None
+        # The largest count in 1..count whose bound the hold pays for (the bound grows with
+        # the count; every candidate is evaluated, so the answer always fits).
+        low, high, best = 1, count - 1, None
+        while low <= high:
+            middle = (low + high) // 2
+            try:
+                at = self._held_at(middle)
+            except NotPriceable:  # no bound for this count: it cannot be the one sent
+                high = middle - 1
+                continue
+            if at.amount <= held:
+                best, low = (middle, at), middle + 1
+            else:
+                high = middle - 1
+        if best is None:
+            return None
+        self.held = best[1]  # the cost sees the lowered count and its bound
+        assert self.rule.expression is not None and self.rule.expression.clamp_field
+        return self.rule.expression.clamp_field, best[0]
 
     def output_for(self, bound: Bound, held: int) -> int | None:
         return None  # the bound is held whole; the request is never rewritten
+
+    def paid_ms(self, bound: Bound, output_limit: int | None, held: int) -> int | None:
+        return None  # the bound is held whole, for the rule's whole timeout
+
+    def hold_for_ms(self, bound: Bound, output_limit: int | None, upstream_ms: int) -> int:
+        return bound.hold
 
     def cost(self, used: Used) -> int:
         if self.held is None:

@@ -66,3 +66,18 @@ class PricingForm(Protocol):
     def cost(self, used: Used) -> int:
         """After the request: what it costs (the sidecar charges at most what it held)."""
         ...
+
+    def count_for(self, held: int) -> tuple[str, int] | None:
+        """When the form lowers a count in the request (a price expression's clampField) and
+        a hold of ``held`` pays for fewer than were asked: the field and the count it pays."""
+        ...
+
+    def paid_ms(self, bound: Bound, output_limit: int | None, held: int) -> int | None:
+        """Upstream time a hold of ``held`` pays for, with the output at ``output_limit``;
+        None when more time cannot cost more (time not priced, or the hold is the maximum).
+        While the request runs, the sidecar extends the hold ahead of the time used."""
+        ...
+
+    def hold_for_ms(self, bound: Bound, output_limit: int | None, upstream_ms: int) -> int:
+        """The hold that pays for ``upstream_ms`` of upstream time (capped at the maximum)."""
+        ...

@@ -156,3 +156,11 @@ def with_output_limit(facts: RequestFacts, path: str, limit: int) -> bytes:
     for name in names:
         document[name] = limit
     return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def with_field(facts: RequestFacts, name: str, value: int) -> bytes:
+    """The JSON request body with its field ``name`` set to ``value`` (a lowered count)."""
+    if facts.document is None:
+        raise ValueError("only a JSON body has fields to set")
+    document = {**facts.document, name: value}
+    return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()

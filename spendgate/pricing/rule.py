@@ -105,3 +105,17 @@ class RulePricing:
 
     def cost(self, used: Used) -> int:
         return cost_of(self.rule, used.input_tokens, used.output_tokens, used.upstream_ms)
+
+    def count_for(self, held: int) -> tuple[str, int] | None:
+        return None  # the output limit is what a simple price lowers (output_for)
+
+    def paid_ms(self, bound: Bound, output_limit: int | None, held: int) -> int | None:
+        per_second = self.rule.simple_price.per_second
+        if not per_second or held >= self.rule.max_cost:
+            return None
+        rest = held - cost_of(self.rule, bound.input_tokens, output_limit or 0, 0)
+        # The largest t with ceil(t * per_second / 1000) <= rest.
+        return max(0, rest) * 1_000 // per_second
+
+    def hold_for_ms(self, bound: Bound, output_limit: int | None, upstream_ms: int) -> int:
+        return cost_of(self.rule, bound.input_tokens, output_limit or 0, upstream_ms)

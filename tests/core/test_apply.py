@@ -131,7 +131,7 @@ def store(redis_client: Any) -> ConfigStore:
 async def test_apply_examples(store: ConfigStore, redis_client: Any) -> None:
     results = await apply_resources(store, load_files(EXAMPLE_FILES))
     assert results == [
-        "pricebook default/default configured (4 rules)",
+        "pricebook default/default configured (5 rules)",
         "customerbudget default/acme configured (+5.00 opening balance, 2 keys)",
         "customerbudget default/tinyco configured (+0.001 opening balance, 1 key)",
         "customerbudget default/burstco configured (+10.00 opening balance, 1 key)",

@@ -63,7 +63,7 @@ def test_apply_examples(redis_url: str, capsys: pytest.CaptureFixture[str]) -> N
     code, out, err = run(capsys, *APPLY_EXAMPLES, "--redis", redis_url)
     assert (code, err) == (0, "")
     assert out.splitlines() == [
-        "pricebook default/default configured (4 rules)",
+        "pricebook default/default configured (5 rules)",
         "customerbudget default/acme configured (+5.00 opening balance, 2 keys)",
         "customerbudget default/tinyco configured (+0.001 opening balance, 1 key)",
         "customerbudget default/burstco configured (+10.00 opening balance, 1 key)",
@@ -106,7 +106,7 @@ def test_apply_stdin(
 ) -> None:
     monkeypatch.setattr(sys, "stdin", io.StringIO((EXAMPLES / "pricebook.yaml").read_text()))
     code, out, _ = run(capsys, "apply", "-f", "-", "--redis", redis_url)
-    assert (code, out) == (0, "pricebook default/default configured (4 rules)\n")
+    assert (code, out) == (0, "pricebook default/default configured (5 rules)\n")
 
 
 def test_apply_conflict_with_redis(

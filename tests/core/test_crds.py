@@ -540,6 +540,11 @@ CEL_CASES: list[tuple[str, list[dict[str, Any]], dict[str, Any]]] = [
     ("give price or expression, not both",
      [pricebook(priced_by(bound="prices.one", prices={"one": "0.01"}))],
      pricebook(rule(expression={"bound": "1"}))),
+    ("clampField lowers a count the bound reads: give a bound",
+     [pricebook(priced_by(bound="int(request.n) * prices.one", prices={"one": 1},
+                          clampField="n"))],
+     pricebook({**priced_by(cost="prices.one", prices={"one": 1}, clampField="n"),
+                "maximum": "1.00"})),
     ("price names are 1-63 letters, digits and _ . : -",
      [pricebook(priced_by(bound="1", prices={"hd_1024x1024": 1, "b.c:d-e": "0.5"}))],
      pricebook(priced_by(bound="1", prices={"a b": 1}))),
@@ -640,6 +645,8 @@ MODEL_ONLY = [
     pricebook(rule(timeout="367d")),  # over 366 days
     budget(policy={"abnormalSpend": {**ABNORMAL, "window": "90s"}}),  # not whole minutes
     budget(policy={"abnormalSpend": {**ABNORMAL, "window": "2d"}}),  # over 24 h
+    # a clampField the bound does not read: lowering it would not lower the hold
+    pricebook(priced_by(bound="prices.one", prices={"one": 1}, clampField="n")),
 ]
 # ... and the other way round: the models normalize these (pydantic's lax mode turns "yes" into
 # True and "10" into 10), the CRD asks for the canonical form.

@@ -142,6 +142,7 @@ async def data_plane(
     acme_balance: str = "10.00",
     upstream_app: web.Application | None = None,
     cluster: bool = False,
+    pricebook: dict[str, Any] | None = None,
 ) -> AsyncIterator[DataPlane]:
     client_redis: Any = (
         redis.asyncio.cluster.RedisCluster.from_url(redis_url)
@@ -149,7 +150,7 @@ async def data_plane(
         else redis.asyncio.Redis.from_url(redis_url)
     )
     store = ConfigStore(client_redis)
-    await store.apply_pricebook(parse_resource(PRICEBOOK))  # type: ignore[arg-type]
+    await store.apply_pricebook(parse_resource(pricebook or PRICEBOOK))  # type: ignore[arg-type]
     await store.apply_budget(
         parse_resource(budget("acme", acme_balance)),  # type: ignore[arg-type]
         {"main": ACME_KEY},
