@@ -33,29 +33,45 @@ class StartupFailure(Exception):
     """A subprocess exited, or did not come up in time, while being waited for."""
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _die_with_parent() -> Callable[[], None] | None:
-    """Linux: have children SIGKILLed if this process dies without cleaning up."""
-    if not sys.platform.startswith("linux"):
-        return None
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free loopback ports (sockets held together so they differ)."""
+    socks: list[socket.socket] = []
     try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    except OSError:
-        return None
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            socks.append(sock)
+            sock.bind((HOST, 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
 
-    def prctl() -> None:  # runs in the child between fork and exec
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
-    return prctl
+def free_port() -> int:
+    return free_ports(1)[0]
 
 
-_PRE_EXEC = _die_with_parent()
+LIBC: ctypes.CDLL | None = None
+if sys.platform.startswith("linux"):
+    with contextlib.suppress(OSError):
+        LIBC = ctypes.CDLL("libc.so.6", use_errno=True)  # loaded here, not in the forked child
+
+
+def die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Linux: have the child SIGKILLed if this process dies without cleaning up."""
+    if LIBC is not None:
+        LIBC.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+# ``preexec_fn`` for children that must not outlive us (None where prctl is unavailable).
+PRE_EXEC: Callable[[], None] | None = die_with_parent if LIBC is not None else None
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process so far (``/proc/PID/stat``)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
 @dataclass
@@ -68,10 +84,7 @@ class Child:
         return self.proc.poll() is None
 
     def cpu_seconds(self) -> float:
-        """utime + stime of the process so far (``/proc/PID/stat``)."""
-        stat = Path(f"/proc/{self.proc.pid}/stat").read_text()
-        fields = stat[stat.rindex(")") + 2 :].split()
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+        return cpu_seconds(self.proc.pid)
 
     def memory_kb(self) -> dict[str, int]:
         """VmRSS and VmHWM (peak RSS) in kB."""
@@ -107,7 +120,7 @@ class Processes:
                 stderr=subprocess.STDOUT,
                 cwd=self.workdir,
                 start_new_session=True,  # Ctrl-C reaches us only; we stop them in order
-                preexec_fn=_PRE_EXEC,  # only prctl(2): safe between fork and exec
+                preexec_fn=PRE_EXEC,  # only prctl(2): safe between fork and exec
             )
         child = Child(name, proc, log)
         self.children.append(child)
