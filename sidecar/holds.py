@@ -134,7 +134,7 @@ class GpuClock:
                 await asyncio.sleep(delay / 1000)
             if refused:
                 break
-            refused = not await self._extend(paid)
+            refused = not await self._extend(paid) or self._paid_ms() == paid
         metered.out_of_time = metered.cut_off = True
         self.holds.metrics.time_cutoffs.inc()
         self.up.set()
@@ -146,7 +146,10 @@ class GpuClock:
         metered, holds = self.metered, self.holds
         assert metered.bound is not None
         until = min(paid + self.window_ms, metered.rule.timeout)
-        wanted = metered.form.hold_for_ms(metered.bound, metered.output_limit, until)
+        try:
+            wanted = metered.form.hold_for_ms(metered.bound, metered.output_limit, until)
+        except ValueError:  # a bound expression that cannot price more time: no more time
+            return False
         extra = wanted - metered.hold
         if extra <= 0:
             return True

@@ -42,6 +42,11 @@ BOUND_VARIABLES: dict[str, tuple[cel.Type, str]] = {
     "tokens": (_MAP_INT, "input: the prompt's token bound; output: max_tokens or the estimate"),
     "body_bytes": (cel.Type.INT, "the size of the request body"),
     "timeout_ms": (cel.Type.INT, "the rule's timeout: the longest the model may take"),
+    "held_ms": (
+        cel.Type.INT,
+        "upstream time the hold pays for: the timeout, or one window (estimate.seconds) more"
+        " at each extension",
+    ),
 }
 COST_VARIABLES: dict[str, tuple[cel.Type, str]] = {
     **BOUND_VARIABLES,

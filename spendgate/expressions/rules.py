@@ -36,6 +36,7 @@ class RequestView:
     input_tokens: int = 0  # the prompt's token bound
     output_tokens: int = 0  # max_tokens, or the rule's estimate
     timeout_ms: int = 0
+    held_ms: int = 0  # upstream time the bound pays for (the timeout, or a window of it)
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,7 @@ class ExpressionPricing:
             "tokens": {"input": request.input_tokens, "output": request.output_tokens},
             "body_bytes": len(request.body),
             "timeout_ms": request.timeout_ms,
+            "held_ms": request.held_ms,
         }
         if self.bound is None:
             assert self.maximum is not None
@@ -135,7 +137,17 @@ class ExpressionPricing:
 
     def hold_with(self, held: Held, field: str, value: Any) -> Held:
         """The bound again, with the request's ``field`` set to ``value`` (a lowered count)."""
-        variables = {**held.variables, "request": {**held.variables["request"], field: value}}
+        request = {**held.variables["request"], field: value}
+        return self._again(held, {**held.variables, "request": request})
+
+    def hold_for(self, held: Held, held_ms: int) -> Held:
+        """The bound again, for ``held_ms`` of upstream time (the next window)."""
+        return self._again(held, {**held.variables, "held_ms": held_ms})
+
+    def reads_held_time(self) -> bool:
+        return self.bound is not None and fields_read(self.bound.source, "held_ms") != frozenset()
+
+    def _again(self, held: Held, variables: dict[str, Any]) -> Held:
         if self.bound is None:
             return Held(held.amount, variables)
         try:

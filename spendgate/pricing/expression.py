@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..expressions import (
     BodyError,
@@ -41,6 +42,9 @@ class ExpressionForm:
     input_tokens: int  # the prompt's token bound, as the token rules compute it
     held: Held | None = field(default=None, init=False)
     error: str | None = field(default=None, init=False)
+    # A bound over held_ms with a window (estimate.seconds): the bound for each held time.
+    windows: dict[int, Held] = field(default_factory=dict, init=False)
+    at_timeout: int = field(default=0, init=False)  # the bound for the whole timeout
 
     @property
     def name(self) -> str:
@@ -61,6 +65,7 @@ class ExpressionForm:
             input_tokens=self.input_tokens,
             output_tokens=output if output is not None else self.rule.estimate.output_tokens,
             timeout_ms=self.rule.timeout,
+            held_ms=self._window_ms() or self.rule.timeout,
         )
         try:
             self.held = self.pricing.hold(view)
@@ -75,7 +80,48 @@ class ExpressionForm:
         count = self._count()
         if count is not None and count > 1:
             minimum = min(amount, self._held_at(1).amount)
-        return Bound(hold=amount, minimum=minimum, input_tokens=self.input_tokens)
+        window = self._window_ms()
+        if window:
+            self._start_windows()
+        return Bound(amount, minimum, self.input_tokens, window_ms=window)
+
+    def _window_ms(self) -> int:
+        """The window of upstream time held at a time: estimate.seconds, for a bound over
+        ``held_ms``; 0 (the bound is held whole) otherwise."""
+        window = self.rule.estimate.seconds
+        if window and window < self.rule.timeout and self.pricing.reads_held_time():
+            return window
+        return 0
+
+    def _start_windows(self) -> None:
+        assert self.held is not None
+        self.windows = {int(self.held.variables["held_ms"]): self.held}
+        self.at_timeout = self._evaluated(self.pricing.hold_for, self.rule.timeout).amount
+
+    def _evaluated(self, how: Any, value: Any, *more: Any) -> Held:
+        try:
+            return how(self.held, value, *more)  # type: ignore[no-any-return]
+        except EvaluationError as error:
+            raise NotPriceable(
+                f"This request cannot be priced by rule {self.rule.name!r}: {error}."
+            ) from None
+
+    def paid_ms(self, bound: Bound, output_limit: int | None, held: int) -> int | None:
+        """The longest held time whose bound ``held`` pays (the cost then sees that bound)."""
+        if not self.windows or held >= self.at_timeout:
+            return None
+        fits = [ms for ms, at in self.windows.items() if at.amount <= held]
+        if not fits:
+            return 0
+        self.held = self.windows[max(fits)]
+        return max(fits)
+
+    def hold_for_ms(self, bound: Bound, output_limit: int | None, upstream_ms: int) -> int:
+        if not self.windows:
+            return bound.hold
+        at = self._evaluated(self.pricing.hold_for, upstream_ms)
+        self.windows[upstream_ms] = at
+        return at.amount
 
     def _count(self) -> int | None:
         """The count the request asks for in the rule's clampField, when it can be lowered."""
@@ -93,15 +139,8 @@ class ExpressionForm:
         return media_type == "application/json" or media_type.endswith("+json")
 
     def _held_at(self, count: int) -> Held:
-        assert self.held is not None and self.rule.expression is not None
-        name = self.rule.expression.clamp_field
-        assert name is not None
-        try:
-            return self.pricing.hold_with(self.held, name, count)
-        except EvaluationError as error:
-            raise NotPriceable(
-                f"This request cannot be priced by rule {self.rule.name!r}: {error}."
-            ) from None
+        assert self.rule.expression is not None and self.rule.expression.clamp_field
+        return self._evaluated(self.pricing.hold_with, self.rule.expression.clamp_field, count)
 
     def count_for(self, held: int) -> tuple[str, int] | None:
         count = self._count()
@@ -124,17 +163,13 @@ class ExpressionForm:
         if best is None:
             return None
         self.held = best[1]  # the cost sees the lowered count and its bound
+        if self.windows:
+            self._start_windows()  # the held times, again at the lowered count
         assert self.rule.expression is not None and self.rule.expression.clamp_field
         return self.rule.expression.clamp_field, best[0]
 
     def output_for(self, bound: Bound, held: int) -> int | None:
         return None  # the bound is held whole; the request is never rewritten
-
-    def paid_ms(self, bound: Bound, output_limit: int | None, held: int) -> int | None:
-        return None  # the bound is held whole, for the rule's whole timeout
-
-    def hold_for_ms(self, bound: Bound, output_limit: int | None, upstream_ms: int) -> int:
-        return bound.hold
 
     def cost(self, used: Used) -> int:
         if self.held is None:

@@ -155,7 +155,7 @@ def test_a_rule_that_does_not_read_the_body_does_not_parse_it() -> None:
         (
             {"name": "img", "expression": {"bound": "1", "cost": "size(respons.data)"}},
             "spec.rules[1]: rule 'img': expression.cost: unknown variable 'respons' (known:"
-            " body_bytes, bound, headers, method, path, prices, request, response,"
+            " body_bytes, bound, headers, held_ms, method, path, prices, request, response,"
             " response_headers, status, timeout_ms, tokens, upstream_ms) at line 1, column 6",
         ),
         (

@@ -98,3 +98,40 @@ def test_no_count_change_when_the_hold_pays_or_clamping_is_off() -> None:
 def test_a_clamp_field_the_bound_does_not_read_is_refused() -> None:
     with pytest.raises(ValueError, match=r"does not read request\.count"):
         images_rule(clampField="count")
+
+
+def gpu_expression_rule(
+    bound: str = "ceil_div(held_ms * prices.gpu_second, 1000)", **fields: Any
+) -> PriceRule:
+    return PriceRule.model_validate(
+        {
+            "name": "infer",
+            "expression": {
+                "prices": {"gpu_second": "1.00"},
+                "bound": bound,
+                "cost": "ceil_div(upstream_ms * prices.gpu_second, 1000)",
+            },
+            "estimate": {"seconds": "200ms"},
+            "timeout": "1s",
+            **fields,
+        }
+    )
+
+
+def test_an_expression_over_held_ms_is_bounded_a_window_at_a_time() -> None:
+    form, bound = images_form(gpu_expression_rule(), {})
+    assert (bound.hold, bound.window_ms) == (200_000, 200)
+    assert form.paid_ms(bound, None, 200_000) == 200
+    assert form.hold_for_ms(bound, None, 400) == 400_000
+    assert form.paid_ms(bound, None, 399_999) == 200  # a part of a window buys no time
+    assert form.paid_ms(bound, None, 400_000) == 400
+    assert form.max_cost == 400_000  # the cost is capped at the bound for the held time
+    assert form.paid_ms(bound, None, 1_000_000) is None  # the whole timeout is held
+
+
+def test_an_expression_without_a_window_or_held_ms_is_held_whole() -> None:
+    form, bound = images_form(gpu_expression_rule(estimate={}), {})
+    assert (bound.hold, bound.window_ms) == (1_000_000, 0)
+    assert form.paid_ms(bound, None, bound.hold) is None
+    form, bound = images_form(gpu_expression_rule("timeout_ms * 1000"), {})
+    assert (bound.hold, bound.window_ms) == (1_000_000, 0)

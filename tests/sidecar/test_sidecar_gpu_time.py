@@ -12,6 +12,7 @@ import json
 import time
 from typing import Any
 
+from spendgate.money import parse_amount
 from spendgate.sidecar.standin import StandinConfig
 from tests.sidecar.test_sidecar_streaming import content_event, sse_app
 from tests.support.sidecar_env import ACME_KEY, PRICEBOOK, DataPlane, budget, data_plane
@@ -194,3 +195,75 @@ async def test_another_customer_is_not_held_up(redis_url: str) -> None:
         assert resp.status == 402
         await plane.settled()
         assert (await plane.account("other")).balance == MICRO
+
+
+# --------------------------------------------------------------------------- price expressions
+
+KSERVE_BODY = {"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1.0]}]}
+
+
+def windowed_expression_pricebook(**rule: Any) -> dict[str, Any]:
+    """A KServe rule priced by expressions whose bound is over held_ms, in 200 ms windows."""
+    pricebook = copy.deepcopy(PRICEBOOK)
+    pricebook["spec"]["rules"] = [
+        {
+            "name": "kserve",
+            "match": {"methods": ["POST"], "pathPrefix": "/v2/models/"},
+            "expression": {
+                "prices": {"gpu_second": "1.00"},
+                "bound": "ceil_div(held_ms * prices.gpu_second, 1000)",
+                "cost": "ceil_div(upstream_ms * prices.gpu_second, 1000)",
+            },
+            "estimate": {"seconds": "200ms"},
+            "timeout": "5s",
+            **rule,
+        }
+    ]
+    return pricebook
+
+
+async def infer(plane: DataPlane, compute_ms: int) -> Any:
+    body = {**KSERVE_BODY, "parameters": {"compute_ms": compute_ms}}
+    return await plane.client.post("/v2/models/resnet/infer", json=body, headers=AUTH)
+
+
+async def test_an_expression_bound_over_held_ms_is_held_a_window_at_a_time(
+    redis_url: str,
+) -> None:
+    async with data_plane(redis_url, pricebook=windowed_expression_pricebook()) as plane:
+        resp = await infer(plane, 700)
+        assert resp.status == 200
+        await plane.settled()
+        (entry,) = await usage_entries(plane)
+        cost = int(entry["cost"])
+        assert cost == int(entry["upstream_ms"]) * 1_000 and cost >= 700_000
+        # one window held at reserve (not 5 s), extended as the model ran
+        assert (int(entry["estimate"]), int(entry["absorbed"])) == (WINDOW, 0)
+        limit = parse_amount(resp.headers["X-Spendgate-Cost-Limit"])  # held when it answered
+        assert cost <= limit <= cost + 2 * WINDOW
+
+
+async def test_an_expression_rule_is_stopped_when_the_balance_pays_no_more_windows(
+    redis_url: str,
+) -> None:
+    pricebook = windowed_expression_pricebook()
+    async with data_plane(redis_url, pricebook=pricebook, acme_balance="0.40") as plane:
+        started = time.monotonic()
+        resp = await infer(plane, 3000)
+        assert resp.status == 402
+        assert 0.35 < time.monotonic() - started < 1.5
+        await plane.settled()
+        (entry,) = await usage_entries(plane)
+        assert (entry["outcome"], int(entry["cost"])) == ("cut_off", 2 * WINDOW)
+        account = await plane.account()
+        assert (account.balance, account.held, account.absorbed) == (0, 0, 0)
+
+
+async def test_without_a_window_an_expression_bound_holds_the_whole_timeout(
+    redis_url: str,
+) -> None:
+    pricebook = windowed_expression_pricebook(estimate={})
+    async with data_plane(redis_url, pricebook=pricebook) as plane:
+        resp = await infer(plane, 10)
+        assert resp.status == 200
+        assert resp.headers["X-Spendgate-Cost-Limit"] == "5.00"
