@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from prometheus_client import Counter
 from pydantic import ValidationError
 
 from spendgate.accounting import abnormal
@@ -43,6 +44,11 @@ REASON = abnormal.REASON  # "AbnormalSpend": the Event reason and the Suspended 
 # Outside kopf's prefix (spendgate.dev/): kopf ignores its own annotations when diffing.
 RESUME_ANNOTATION = "resume.spendgate.dev/abnormal-spend"
 RESUMED = "AbnormalSpendResumed"
+TRIPS = Counter(
+    "spendgate_operator_abnormal_spend_trips",
+    "Abnormal-spend episodes the spend watch acted on, by action (alerted, suspended)",
+    ["action"],
+)
 _TOKEN = "resume_token"  # field of the abnormal state hash: the last annotation value handled
 
 
@@ -125,6 +131,7 @@ async def watch_abnormal(
         await abnormal.mark_alerted(redis, customer, now_ms)
         message = f"abnormal spend for customer {customer}: {detail}"
         acted = "alerted"
+    TRIPS.labels(acted).inc()
     log.warning(
         "abnormal spend", extra={"customer": customer, "budget": target.ref, "action": acted}
     )

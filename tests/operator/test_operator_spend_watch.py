@@ -207,8 +207,10 @@ async def test_abnormal_spend_suspends_once_and_a_person_lifts_it(world: World) 
     steady = (await watch.pass_once()).abnormal["acme"]
     assert not steady.verdict.tripped and steady.verdict.baseline == UNIT
 
+    trips = sample("spendgate_operator_abnormal_spend_trips_total", action="suspended")
     outcomes = await burst(world, watch, 3, 3 * UNIT)  # a leaked key: 3.00 a minute
     assert [o.acted for o in outcomes] == [None, "suspended", None]
+    assert sample("spendgate_operator_abnormal_spend_trips_total", action="suspended") == trips + 1
     assert await core_abnormal.is_suspended(world.redis, "acme")
     refused = await world.ledger.reserve(
         "acme", "after", UNIT // 10, key_id="main", currency="USD", ttl_ms=60_000
@@ -303,3 +305,12 @@ async def test_resume_annotation_of_a_budget_that_does_not_own_the_customer(
     assert refused.type == "Warning" and "not configured by this budget" in refused.message
     assert await core_abnormal.is_suspended(world.redis, "acme")
     assert await world.redis.hget(for_customer("acme").suspensions, "abnormal-spend")
+
+
+async def test_a_policy_the_crd_cannot_check_is_invalid_spec(world: World) -> None:
+    body = budget_body(balance="100000.00", policy={"abnormalSpend": {**SUSPEND, "window": "90s"}})
+    result = await b.reconcile_budget(body, store=world.store, read_secret=Secrets(secret()))
+    ready = cond.find(result.status["conditions"], "Ready")
+    assert ready is not None and ready["reason"] == "InvalidSpec"
+    assert "spec.policy.abnormalSpend" in ready["message"]
+    assert "window must be whole minutes, from 1m to 24h" in ready["message"]
