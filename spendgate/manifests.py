@@ -29,6 +29,7 @@ from .models import (
     ManifestError,
     Mode,
     PriceBook,
+    format_loc,
     parse_resource,
 )
 from .money import format_amount
@@ -165,7 +166,8 @@ def parse_secret(document: dict[str, Any], source: str) -> Secret:
             continue
         for key, value in raw.items():
             if not isinstance(value, str):
-                problems.append(f"{section}.{key}: must be a string (quote it in YAML)")
+                where = format_loc((section, str(key)))
+                problems.append(f"{where}: must be a string (quote it in YAML)")
             elif section == "stringData":
                 data[key] = value  # stringData wins over data, as in Kubernetes
             else:

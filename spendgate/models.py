@@ -994,6 +994,9 @@ def _format_loc(loc: tuple[int | str, ...]) -> str:
     return text
 
 
+format_loc = _format_loc  # the same field paths for problems found outside the models
+
+
 def _strip_prefix(message: str) -> str:
     for prefix in ("Value error, ", "Assertion failed, "):
         if message.startswith(prefix):

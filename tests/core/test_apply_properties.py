@@ -32,9 +32,11 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 BASE_FILES = [EXAMPLES / "pricebook.yaml", EXAMPLES / "budgets.yaml"]
 BASE_DOCS = [doc for path in BASE_FILES for doc in yaml.safe_load_all(path.read_text()) if doc]
 # A problem names its field after the location: "…(CustomerBudget default/acme): spec.limit: …"
+# A bracketed part is an index or a quoted key (``['a]b']``: its repr may hold brackets).
+_PART = r"\[(?:'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"|[^\]]*)\]"
 FIELD = re.compile(
-    r"(?:\)|document \d+|items\[\d+\]): (?:[A-Za-z_][\w-]*|\[[^\]]*\])"
-    r"(?:\.[A-Za-z0-9_-]+|\[[^\]]*\])*: "
+    rf"(?:\)|document \d+|items\[\d+\]): (?:[A-Za-z_][\w-]*|{_PART})"
+    rf"(?:\.[A-Za-z0-9_-]+|{_PART})*: "
 )
 
 SPECIAL_TEXT = [
