@@ -24,7 +24,7 @@ from multidict import CIMultiDict
 
 from spendgate.expressions import ExpressionPricing, RequestView, ResponseView
 from spendgate.models import PriceBookSpec, PriceRule, parse_resource
-from spendgate.pricing import RequestFacts, cost_of, estimate_of, inspect_body
+from spendgate.pricing import RequestFacts, RulePricing, Used, inspect_body
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADERS = CIMultiDict({"Content-Type": "application/json"})
@@ -102,10 +102,12 @@ def run(iterations: int) -> dict[str, Any]:
     chat = _rule(_pricebook("pricebook.yaml"), "chat")
     chat_body = b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 16}'
     facts: RequestFacts = inspect_body(chat_body, "application/json")
+    simple = RulePricing(chat)
+    used = Used(input_tokens=simple.bound(facts).input_tokens, output_tokens=16, upstream_ms=420)
     results["simple_chat"] = {
-        "bound": _timed(lambda: estimate_of(chat, inspect_body(chat_body, "application/json")),
+        "bound": _timed(lambda: simple.bound(inspect_body(chat_body, "application/json")),
                         iterations),
-        "charge": _timed(lambda: cost_of(chat, facts.input_tokens, 16, 420), iterations),
+        "charge": _timed(lambda: simple.cost(used), iterations),
     }  # fmt: skip
 
     big = ExpressionPricing(
