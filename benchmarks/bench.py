@@ -42,7 +42,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from bench_config import CUSTOMERS, MEASURED, MEASURED_KEYS, configure, ledger_totals, run_async
+from bench_config import (
+    CUSTOMERS,
+    MEASURED,
+    MEASURED_KEYS,
+    configure,
+    ledger_totals,
+    run_async,
+    sweep_cost,
+)
 from bench_report import print_table, report
 from loadgen import LoadResult
 
@@ -64,6 +72,7 @@ HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
 SPENDGATE = str(BIN / "spendgate") if (BIN / "spendgate").exists() else "spendgate"
 BUDGETS = 10_000
+CLUSTER_BUDGETS = 1_000
 CONCURRENCIES = (1, 32)
 TARGETS = ("direct", "bare", "sidecar", "cluster", "images", "ledger", "ledger-cluster")
 STARTUP_TIMEOUT_S = 30.0
@@ -123,13 +132,16 @@ def start_sidecar(
             SPENDGATE, "sidecar", "--upstream", f"http://{HOST}:{model_port}",
             "--listen", f"{HOST}:{port}", "--probe-listen", f"{HOST}:{probe}",
             "--pricebook", "default/bench", *redis, "--pod", name, "--log-level", "WARNING",
+            "--hold-sweep-interval", "0",  # measured on its own: sweep_cost
         ],
     )  # fmt: skip
     wait_until(child, "ready", http_ok(f"http://{HOST}:{probe}/readyz"), timeout=STARTUP_TIMEOUT_S)
     return child, f"http://{HOST}:{port}"
 
 
-def start_everything(procs: Processes, stack: contextlib.ExitStack, budgets: int) -> Setup:
+def start_everything(
+    procs: Processes, stack: contextlib.ExitStack, budgets: int, cluster_budgets: int
+) -> Setup:
     redis, cluster = RedisServer(), RedisCluster(masters=3)
     stack.callback(redis.close)
     stack.callback(cluster.close)
@@ -147,13 +159,15 @@ def start_everything(procs: Processes, stack: contextlib.ExitStack, budgets: int
             "--upstream", f"http://{HOST}:{model_port}", "--listen", f"{HOST}:{bare_port}",
         ],
     )  # fmt: skip
-    total = budgets + CUSTOMERS
-    log(f"configuring a PriceBook and {total} budgets on the single Redis and on the Cluster ...")
+    log(
+        f"configuring a PriceBook and {budgets + CUSTOMERS} budgets on the single Redis,"
+        f" {cluster_budgets + CUSTOMERS} on the Cluster ..."
+    )
     started = time.perf_counter()
 
     async def both() -> None:
         await asyncio.gather(
-            configure(redis.url, False, budgets), configure(cluster.url, True, budgets)
+            configure(redis.url, False, budgets), configure(cluster.url, True, cluster_budgets)
         )
 
     run_async(both())
@@ -257,7 +271,7 @@ def bench_main(ns: argparse.Namespace) -> int:
     stack = contextlib.ExitStack()
     try:
         with sigterm_as_interrupt(), stack:
-            setup = start_everything(procs, stack, ns.budgets)
+            setup = start_everything(procs, stack, ns.budgets, ns.cluster_budgets)
             time.sleep(0.5)
             idle = setup.sidecar.memory_kb()
             before = {
@@ -268,7 +282,7 @@ def bench_main(ns: argparse.Namespace) -> int:
             }
             results: list[LoadResult] = []
             for concurrency in ns.concurrency:
-                for target in ns.targets:
+                for target in [t for _ in range(ns.rounds) for t in ns.targets]:
                     log(f"measuring {target:<14} at {concurrency:>2} connections ...")
                     result = measure(setup, target, concurrency, ns)
                     log(
@@ -279,6 +293,15 @@ def bench_main(ns: argparse.Namespace) -> int:
             after = setup.sidecar.memory_kb()
             bare = setup.bare.memory_kb()
             checks = metering(setup, results, before)
+            log("one pass of the expired-hold sweep on each Redis ...")
+            sweeps = {
+                "single Redis": run_async(
+                    sweep_cost(setup.redis.url, False, setup.redis.cpu_seconds)
+                ),
+                "Redis Cluster": run_async(
+                    sweep_cost(setup.cluster.url, True, setup.cluster.cpu_seconds)
+                ),
+            }
             for child in procs.children:
                 if not child.alive():
                     raise BenchFailure(f"{child.name} died during the benchmark")
@@ -298,7 +321,7 @@ def bench_main(ns: argparse.Namespace) -> int:
         "bare_rss_mb": bare["VmRSS"] / 1024,
         "ok": after["VmHWM"] / 1024 < 100.0,
     }
-    doc = report(results, memory, checks, setup.configure_s)
+    doc = report(results, memory, checks, sweeps, setup.configure_s)
     doc["total_s"] = round(time.monotonic() - started, 1)
     if ns.json:
         print(json.dumps(doc, indent=2))
@@ -331,6 +354,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--budgets", type=int, default=BUDGETS, help=f"extra budgets configured (default {BUDGETS})"
+    )
+    parser.add_argument(
+        "--cluster-budgets",
+        type=int,
+        default=CLUSTER_BUDGETS,
+        help=f"extra budgets configured on the Cluster (default {CLUSTER_BUDGETS})",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="measure the targets this many times, in turn"
     )
     parser.add_argument(
         "--concurrency",

@@ -6,17 +6,21 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from spendgate import keys as rkeys
 from spendgate import redis_connect
 from spendgate.config_store import ConfigStore
 from spendgate.keys import for_customer
 from spendgate.ledger import Ledger
 from spendgate.models import parse_resource
+from spendgate.script_channel import ClusterScriptChannel, ScriptChannel
 
 CUSTOMERS = 32  # measured customers: one per connection
 MEDIA_PRICEBOOK = Path(__file__).resolve().parents[1] / "examples" / "pricebook-media.yaml"
@@ -103,7 +107,7 @@ async def configure(redis_url: str, cluster: bool, budgets: int) -> None:
             for i in range(budgets)
         ]
         await asyncio.gather(*measured, *others)
-        configured = await client.hlen("sg:customers")
+        configured = await client.hlen(rkeys.CUSTOMERS)
         if configured < budgets + CUSTOMERS:
             raise RuntimeError(f"only {configured} budgets configured on {redis_url}")
     finally:
@@ -133,3 +137,35 @@ def run_async(coroutine: Any) -> Any:
     except ImportError:
         return asyncio.run(coroutine)
     return uvloop.run(coroutine)
+
+
+async def sweep_cost(
+    redis_url: str, cluster: bool, redis_cpu: Callable[[], float]
+) -> dict[str, Any]:
+    """One pass of the sidecar's expired-hold sweep over every configured customer.
+
+    The sidecars run it every ``--hold-sweep-interval`` (10 s by default; one sidecar per
+    Redis per interval); the benchmark's sidecars run with it off so that it does not land in
+    some rows and not others, and its cost is measured here instead.
+    """
+    from spendgate.sidecar.hold_sweep import HoldSweep
+
+    client = redis_connect.connect(redis_url, cluster=cluster, timeout_s=10)
+    channel = (ClusterScriptChannel if cluster else ScriptChannel)(redis_url, timeout_s=10)
+    try:
+        customers = await client.hlen(rkeys.CUSTOMERS)
+        sweep = HoldSweep(client, Ledger(client, channel=channel), interval_ms=0)
+        redis_before, started = redis_cpu(), time.perf_counter()
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        client_before = usage.ru_utime + usage.ru_stime
+        await sweep.sweep_once()
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return {
+            "customers": customers,
+            "wall_s": round(time.perf_counter() - started, 3),
+            "client_cpu_s": round(usage.ru_utime + usage.ru_stime - client_before, 3),
+            "redis_cpu_s": round(redis_cpu() - redis_before, 3),
+        }
+    finally:
+        await channel.close()
+        await client.aclose()

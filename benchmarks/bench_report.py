@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import statistics
 import sys
 from dataclasses import asdict
 from typing import Any
@@ -80,13 +81,49 @@ def ratios_of(by: dict[tuple[str, int], LoadResult]) -> dict[str, Any]:
     return ratios
 
 
+def combined(rows: list[LoadResult]) -> LoadResult:
+    """The rounds of one target at one concurrency as one measurement (medians of the
+    rounds' percentiles)."""
+    if len(rows) == 1:
+        return rows[0]
+    first = rows[0]
+    duration = sum(r.duration_s for r in rows)
+    requests = sum(r.requests for r in rows)
+    statuses: dict[str, int] = {}
+    for r in rows:
+        for status, n in r.statuses.items():
+            statuses[status] = statuses.get(status, 0) + n
+    return LoadResult(
+        target=first.target,
+        concurrency=first.concurrency,
+        client=first.client,
+        duration_s=duration,
+        requests=requests,
+        total_requests=sum(r.total_requests for r in rows),
+        rps=requests / duration,
+        p50_ms=statistics.median(r.p50_ms for r in rows),
+        p90_ms=statistics.median(r.p90_ms for r in rows),
+        p99_ms=statistics.median(r.p99_ms for r in rows),
+        mean_ms=sum(r.mean_ms * r.requests for r in rows) / max(1, requests),
+        max_ms=max(r.max_ms for r in rows),
+        statuses=statuses,
+        loadgen_cpu_s=sum(r.loadgen_cpu_s for r in rows),
+        cpu_s={name: sum(r.cpu_s.get(name, 0.0) for r in rows) for name in first.cpu_s},
+        machine_busy_s=sum(r.machine_busy_s for r in rows),
+    )
+
+
 def report(
     results: list[LoadResult],
     memory: dict[str, Any],
     metering: dict[str, dict[str, Any]],
+    sweeps: dict[str, dict[str, Any]],
     setup_s: float,
 ) -> dict[str, Any]:
-    by = {(r.target, r.concurrency): r for r in results}
+    groups: dict[tuple[str, int], list[LoadResult]] = {}
+    for r in results:
+        groups.setdefault((r.target, r.concurrency), []).append(r)
+    by = {key: combined(rows) for key, rows in groups.items()}
     return {
         "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
         "setup_s": round(setup_s, 1),
@@ -102,6 +139,7 @@ def report(
         "ratios": ratios_of(by),
         "memory": memory,
         "metering": metering,
+        "hold_sweep": sweeps,
     }
 
 
@@ -190,4 +228,11 @@ def _print_ratios(doc: dict[str, Any]) -> None:
             f"{check['usage_entries']} usage entries on the ledgers, held now"
             f" {check['held_micros']} -> "
             + ("every request settled" if check["all_settled"] else "MISMATCH")
+        )
+    for name, sweep in doc["hold_sweep"].items():
+        print(
+            f"hold sweep, {name:<13}: one pass over {sweep['customers']} customers took"
+            f" {sweep['wall_s']:.2f} s, {sweep['client_cpu_s']:.2f} s of the sweeping process's"
+            f" CPU and {sweep['redis_cpu_s']:.2f} s of Redis' (every 10 s by default: about"
+            f" {sweep['client_cpu_s'] / 10:.3f} + {sweep['redis_cpu_s'] / 10:.3f} cores)"
         )
