@@ -85,6 +85,8 @@ class SpendWatch:
         result = PassResult(listed=budgets is not None)
         ledger = Ledger(self.redis)
         for customer, ref in sorted((await ConfigStore(self.redis).list_customers()).items()):
+            if self.namespaces and ref.partition("/")[0] not in self.namespaces:
+                continue  # another operator's budget (one Redis, several watched namespaces)
             body = budgets.get(ref) if budgets is not None else None
             try:
                 account = await ledger.account(customer)

@@ -314,3 +314,14 @@ async def test_a_policy_the_crd_cannot_check_is_invalid_spec(world: World) -> No
     assert ready is not None and ready["reason"] == "InvalidSpec"
     assert "spec.policy.abnormalSpend" in ready["message"]
     assert "window must be whole minutes, from 1m to 24h" in ready["message"]
+
+
+async def test_a_namespaced_watch_leaves_other_namespaces_alone(world: World) -> None:
+    await world.set_policy(SUSPEND)
+    await world.spend(1_300_000, hold=UNIT)
+    elsewhere = SpendWatch(world.redis, world.kube, world.inbox, namespaces=["other"])
+    result = await elsewhere.pass_once()
+    assert result.absorbed == {} and result.abnormal == {}
+    mine = SpendWatch(world.redis, world.kube, world.inbox, namespaces=[NS], clock=world.clock)
+    result = await mine.pass_once()
+    assert [f.amount for f in result.absorbed["acme"]] == [300_000] and "acme" in result.abnormal
