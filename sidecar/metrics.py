@@ -47,6 +47,15 @@ class SidecarMetrics:
             "Charges waiting for Redis (fail-open or a failed settle)",
             registry=r,
         )
+        self.journal_pending = Gauge(
+            "spendgate_journal_pending",
+            "Requests in the journal not acknowledged yet (charges waiting for Redis, fail-open"
+            " requests being served)",
+            registry=r,
+        )
+        self.journal_bytes = Gauge(
+            "spendgate_journal_bytes", "Size of the journal file (compacted)", registry=r
+        )
         self.stream_cutoffs = Counter(
             "spendgate_stream_cutoffs", "Streams ended because the balance ran out", registry=r
         )

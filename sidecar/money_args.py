@@ -1,4 +1,5 @@
-"""The sidecar's money-path flags: Redis pool size, hold grace and the expired-hold sweep."""
+"""The sidecar's money-path flags: Redis pool size, hold grace, the expired-hold sweep, the
+fail-open allowance and the journal."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from spendgate.durations import parse_duration
+from spendgate.money import AmountError, parse_amount
 
 # flag, environment variable, SidecarSettings field, kind ("count" or "duration"), help
 _FLAGS = (
@@ -20,6 +22,12 @@ _FLAGS = (
      "a hold outlives its rule's timeout by this much (default 30s)"),
     ("--hold-sweep-interval", "SPENDGATE_HOLD_SWEEP_INTERVAL", "hold_sweep_interval_ms",
      "duration", "release expired holds of every customer this often, 0 = never (default 10s)"),
+    ("--fail-open-allowance", "SPENDGATE_FAIL_OPEN_ALLOWANCE", "fail_open_allowance", "amount",
+     "with --fail-mode open: the most each customer may be served unreserved while Redis is"
+     " unreachable, in the budget's own currency; 0 = nothing (default 1.00)"),
+    ("--journal-dir", "SPENDGATE_JOURNAL_DIR", "journal_dir", "path",
+     "keep charges not on the ledger yet in DIR/journal.jsonl, replayed at start (required"
+     " with --fail-mode open)"),
 )  # fmt: skip
 
 
@@ -41,7 +49,14 @@ def overrides(ns: argparse.Namespace, environ: Mapping[str, str]) -> dict[str, A
             raw = environ.get(env)
         if raw is None or raw == "":
             continue
-        if kind == "count":
+        if kind == "path":
+            values[name] = str(raw)
+        elif kind == "amount":
+            try:
+                values[name] = parse_amount(str(raw))
+            except AmountError as error:
+                raise MoneyArgError(f"{flag}: {error}") from None
+        elif kind == "count":
             if not str(raw).isdigit() or int(raw) <= 0:
                 raise MoneyArgError(f"{flag} {raw!r}: expected a positive integer")
             values[name] = int(raw)

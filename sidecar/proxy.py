@@ -42,10 +42,12 @@ from . import errors
 from .billing import Metered
 from .config_cache import ConfigCache
 from .customer_view import BALANCE_PATH, CustomerView
+from .fail_open import FailOpenAllowance, upper_bound
 from .front import context
 from .front.body import BodyRefused, inspect, read_body
 from .headers import extract_api_key
 from .holds import Holds
+from .journal import JournalError
 from .metrics import SidecarMetrics
 from .reconcile import PendingCharges
 from .refusal_counts import RefusalCounter
@@ -90,6 +92,7 @@ class Proxy:
         pending: PendingCharges,
         session: aiohttp.ClientSession,
         customer_view: CustomerView | None = None,
+        fail_open: FailOpenAllowance | None = None,
     ) -> None:
         self.customer_view = customer_view or CustomerView(
             ledger, config, metrics, RefusalCounter(ledger.redis)
@@ -98,6 +101,10 @@ class Proxy:
         self.ledger = ledger
         self.config = config
         self.metrics = metrics
+        self.pending = pending
+        self.fail_open = fail_open or FailOpenAllowance(
+            settings.fail_open_allowance, pending.journal
+        )
         self.settlement = Settlement(settings, ledger, config, metrics, pending)
         self.relay = Relay(
             settings, metrics, session, self.settlement, Holds(settings, ledger, metrics)
@@ -121,7 +128,10 @@ class Proxy:
             access.outcome = refused.outcome
             return refused.response
         self.metrics.added_latency.observe(time.perf_counter() - received)
-        return await self.relay.forward(request, metered)
+        response = await self.relay.forward(request, metered)
+        if not metered.reserved:  # its charge is on disk before the response is released
+            await self.pending.durable(metered.owner.customer_id, metered.request_id)
+        return response
 
     # ----------------------------------------------------------------- admission
 
@@ -289,6 +299,7 @@ class Proxy:
         except (RedisError, OSError, TimeoutError) as error:
             self.metrics.redis_errors.labels("reserve").inc()
             if self.settings.fail_mode is FailMode.open:
+                await self._admit_fail_open(owner, request_id, upper_bound(bound, rule.max_cost))
                 log.warning(
                     "billing store unavailable; serving fail-open",
                     extra={"customer": owner.customer_id, "error": repr(error)},
@@ -299,3 +310,22 @@ class Proxy:
                 extra={"customer": owner.customer_id, "error": repr(error)},
             )
             raise self._refuse("store_unavailable", errors.store_unavailable()) from None
+
+    async def _admit_fail_open(self, owner: KeyOwner, request_id: str, amount: int) -> None:
+        """Take the request's upper bound from the customer's fail-open allowance, or refuse
+        as if failing closed."""
+        customer = owner.customer_id
+        try:
+            admitted = await self.fail_open.admit(
+                customer, request_id, amount, int(time.time() * 1000)
+            )
+        except JournalError as error:
+            log.error("fail-open refused: journal unusable", extra={"error": str(error)})
+            admitted = False
+        if not admitted:
+            log.warning(
+                "billing store unavailable; fail-open allowance used up, refusing",
+                extra={"customer": customer, "bound": amount,
+                       "used": self.fail_open.used(customer), "allowance": self.fail_open.limit},
+            )  # fmt: skip
+            raise self._refuse("fail_open_exhausted", errors.store_unavailable())

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 from typing import Any
 
 import aiohttp
@@ -29,6 +30,7 @@ from .front.cors import ALLOWED_METHODS, Cors
 from .front.protocol import GuardedAppRunner
 from .front.targets import refuse_target
 from .hold_sweep import HoldSweep
+from .journal import Journal
 from .metrics import SidecarMetrics
 from .probes import create_probe_app
 from .proxy import Proxy
@@ -84,7 +86,12 @@ class Sidecar:
             settings.pricebook,
             refresh_s=settings.key_refresh_s,
         )
-        self.pending = PendingCharges(self.ledger, self.metrics)
+        # Replayed before anything is served; JournalError (not writable, in use) ends the start.
+        self.journal = Journal(settings.journal_dir or None)
+        self.replayed = self.journal.open()
+        self.pending = PendingCharges(
+            self.ledger, self.metrics, self.journal, pod=settings.pod or socket.gethostname()
+        )
         self.session: aiohttp.ClientSession | None = None
         self.proxy: Proxy | None = None
         self.scripts_loaded = False
@@ -118,6 +125,8 @@ class Sidecar:
                 "redis_cluster": self.settings.cluster,
                 "pricebook": self.settings.pricebook,
                 "fail_mode": self.settings.fail_mode.value,
+                "journal": self.settings.journal_dir or None,
+                "journal_replayed": len(self.pending),
                 "keys": len(self.config.keys),
             },
         )
@@ -154,6 +163,7 @@ class Sidecar:
         checks["scripts"] = "loaded" if self.scripts_loaded else "missing"
         checks["pricebook"] = "loaded" if self.config.pricebook else "missing"
         checks["pending_settlements"] = len(self.pending)
+        checks["journal_pending"] = len(self.journal.pending)
         ok = checks["redis"] == "ok" and self.scripts_loaded and self.config.pricebook is not None
         return ok, checks
 
@@ -244,7 +254,12 @@ async def run(settings: SidecarSettings, *, stop: asyncio.Event | None = None) -
     except BaseException:
         sock.close()
         raise
-    app = create_app(settings)
+    try:
+        app = create_app(settings)  # replays the journal: JournalError if it is unusable
+    except BaseException:
+        sock.close()
+        probe_sock.close()
+        raise
     context.install_request_id_filter(handlers=True)
     runner = GuardedAppRunner(app, **runner_options(settings))
     await runner.setup()

@@ -22,6 +22,10 @@ class SidecarSettings:
     cors_origins: tuple[str, ...] = ()  # origins whose browsers may call the API ("*": any)
     pricebook: str = "default/default"  # namespace/name
     fail_mode: FailMode = FailMode.closed
+    # Fail-open: what a customer may be served unreserved (per process, micro-units of the
+    # budget's own currency); 0 serves nothing unreserved.
+    fail_open_allowance: int = 1_000_000
+    journal_dir: str = ""  # charges not on the ledger yet, on local disk ("": memory only)
     pod: str = ""  # pod name for the ledger (downward API in Kubernetes)
     max_body_bytes: int = 10 * 1024 * 1024
     redis_timeout_s: float = 0.5

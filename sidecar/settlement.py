@@ -65,6 +65,16 @@ class Settlement:
         )  # fmt: skip
         context.current().outcome, context.current().cost = outcome, cost
         context.current().upstream_ms = metered.elapsed_ms() if metered.upstream_started else None
+        if not metered.reserved:  # served fail-open: journaled now, settled by reconciliation
+            self.pending.add(
+                PendingCharge(
+                    metered.owner.customer_id, metered.request_id, cost,
+                    metered.owner.key_name, usage, unreserved=True,
+                )
+            )  # fmt: skip
+            if cost > 0:
+                self.metrics.settlements.labels("deferred").inc()
+            return cost
         task = asyncio.create_task(self._settle(metered, cost, usage))
         self.background.add(task)
         task.add_done_callback(self.background.discard)

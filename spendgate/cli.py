@@ -280,6 +280,12 @@ def sidecar_settings_from_args(
     if max_body is not None and (not str(max_body).isdigit() or int(max_body) <= 0):
         raise UsageError(f"--max-body-bytes {max_body!r}: expected a positive integer")
     redis_url, cluster = redis_settings(ns, env)
+    money_path = money_path_settings(ns, env)
+    if fail_mode == FailMode.open.value and not money_path.get("journal_dir"):
+        raise UsageError(
+            "--fail-mode open needs --journal-dir (or SPENDGATE_JOURNAL_DIR): charges served"
+            " without Redis must survive a crash"
+        )
     settings = SidecarSettings(
         upstream=upstream.rstrip("/"),
         redis_url=redis_url,
@@ -292,7 +298,7 @@ def sidecar_settings_from_args(
         fail_mode=FailMode(fail_mode),
         pod=ns.pod or env.get("SPENDGATE_POD", ""),
         cluster=cluster,
-        **money_path_settings(ns, env),
+        **money_path,
     )
     return settings if max_body is None else replace(settings, max_body_bytes=int(max_body))
 
@@ -307,9 +313,14 @@ def _setup_logging(ns: argparse.Namespace) -> None:
 def cmd_sidecar(ns: argparse.Namespace) -> int:
     settings = sidecar_settings_from_args(ns)
     _setup_logging(ns)
+    from spendgate.sidecar.journal import JournalError
     from spendgate.sidecar.server import serve  # written separately; imported only when used
 
-    serve(settings)
+    try:
+        serve(settings)
+    except JournalError as error:
+        print(f"spendgate sidecar: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

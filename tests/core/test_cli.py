@@ -260,7 +260,7 @@ def test_sidecar_settings_from_flags() -> None:
     flags = (
         "--upstream http://127.0.0.1:8000/ --listen 127.0.0.1:9090 --pricebook models/llama"
         " --fail-mode open --pod web-0 --max-body-bytes 1024 --redis redis://r:6379/1"
-        " --redis-cluster"
+        " --redis-cluster --journal-dir /var/lib/spendgate --fail-open-allowance 2.50"
     )
     settings = sidecar(flags.split())
     assert settings == SidecarSettings(
@@ -274,6 +274,8 @@ def test_sidecar_settings_from_flags() -> None:
         pod="web-0",
         max_body_bytes=1024,
         cluster=True,
+        journal_dir="/var/lib/spendgate",
+        fail_open_allowance=2_500_000,
     )
 
 
@@ -283,6 +285,7 @@ def test_sidecar_settings_from_environment() -> None:
         "SPENDGATE_LISTEN": "[::]:8081",
         "SPENDGATE_PRICEBOOK": "ns/pb",
         "SPENDGATE_FAIL_MODE": "open",
+        "SPENDGATE_JOURNAL_DIR": "/tmp/journal",
         "SPENDGATE_POD": "pod-1",
         "SPENDGATE_REDIS_URL": "redis://redis:6379/0",
         "SPENDGATE_REDIS_CLUSTER": "1",

@@ -1,0 +1,49 @@
+"""Bounded fail-open: how much a customer may be served unreserved while Redis is unreachable.
+
+Each sidecar process gives every customer at most ``--fail-open-allowance`` (micro-units of
+the customer's own budget currency) of requests served without a reservation and not yet on
+the ledger. A request counts its *upper bound* from the moment it is admitted, so the allowance
+is a hard bound, not an estimate; once it ends, its actual cost (at most that bound) takes its
+place, until the charge is settled. The allowance in use lives in the journal, so a restarted
+sidecar does not start with a fresh one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from spendgate.pricing import Bound
+
+from .journal import Journal, JournalError
+
+
+def upper_bound(bound: Bound, max_cost: int) -> int:
+    """The most a request served without a reservation can cost: its hold, or — when the hold
+    is a window of GPU time that a reserved request would extend while it runs — the rule's
+    maximum."""
+    return bound.hold if bound.window_ms == 0 else max(bound.hold, max_cost)
+
+
+class FailOpenAllowance:
+    def __init__(self, limit: int, journal: Journal) -> None:
+        self.limit = limit
+        self.journal = journal
+
+    def used(self, customer: str) -> int:
+        return self.journal.allowance_used.get(customer, 0)
+
+    async def admit(self, customer: str, request_id: str, amount: int, now_ms: int) -> bool:
+        """Take ``amount`` of the customer's allowance and journal it (fsync'd) before the
+        request is served; False when it does not fit (an allowance of 0 admits nothing)."""
+        # Check and take with no await in between: atomic among this process' requests.
+        if self.limit <= 0 or amount > self.limit - self.used(customer):
+            return False
+        record = {"op": "open", "id": request_id, "customer": customer, "allowance": amount}
+        written = self.journal.append({**record, "ts": now_ms})
+        try:
+            await asyncio.shield(written)
+        except JournalError:
+            # Not durable: give the allowance back and refuse rather than serve unrecorded.
+            self.journal.append_soon({"op": "done", "id": request_id, "customer": customer})
+            raise
+        return True
