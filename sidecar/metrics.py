@@ -53,6 +53,11 @@ class SidecarMetrics:
             " requests being served)",
             registry=r,
         )
+        self.fail_open_used = Gauge(
+            "spendgate_fail_open_used_micros",
+            "Served fail-open and not on the ledger yet, summed over customers (micro-units)",
+            registry=r,
+        )
         self.journal_bytes = Gauge(
             "spendgate_journal_bytes", "Size of the journal file (compacted)", registry=r
         )

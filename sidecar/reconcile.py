@@ -171,6 +171,7 @@ class PendingCharges:
         self.metrics.pending_settlements.set(len(self))
         self.metrics.journal_pending.set(len(self.journal.pending))
         self.metrics.journal_bytes.set(self.journal.size)
+        self.metrics.fail_open_used.set(sum(self.journal.allowance_used.values()))
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="reconcile")

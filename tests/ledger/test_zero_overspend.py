@@ -70,7 +70,9 @@ def worst_case_model() -> web.Application:
     return app
 
 
-def _sidecars(upstream: str, redis_url: str, cluster: bool, fail_mode: str) -> list[Any]:
+def _sidecars(
+    upstream: str, redis_url: str, cluster: bool, fail_mode: str, journal: Path
+) -> list[Any]:
     spendgate = Path(sys.executable).parent / "spendgate"
     env = {**os.environ, "SPENDGATE_REDIS_URL": redis_url, "SPENDGATE_LOG_LEVEL": "ERROR",
            # 1,000 requests on 2 shared cores queue for seconds: they wait, nobody times out.
@@ -82,11 +84,19 @@ def _sidecars(upstream: str, redis_url: str, cluster: bool, fail_mode: str) -> l
         port, probe_port = free_port(), free_port()
         command = [str(spendgate), "sidecar", "--upstream", upstream,
                    "--listen", f"127.0.0.1:{port}", "--probe-listen", f"127.0.0.1:{probe_port}",
-                   "--fail-mode", fail_mode,
+                   "--fail-mode", fail_mode, "--journal-dir", str(journal / f"sidecar-{index}"),
                    "--pod", f"sidecar-{index}"]  # fmt: skip
         proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         procs.append((port, probe_port, proc))
     return procs
+
+
+async def _metrics(probe_port: int) -> str:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"http://127.0.0.1:{probe_port}/metrics") as resp,
+    ):
+        return await resp.text()
 
 
 async def _lowest_balance(client: Any, stop: asyncio.Event) -> int:
@@ -106,7 +116,7 @@ async def _lowest_balance(client: Any, stop: asyncio.Event) -> int:
     ],
 )
 async def test_1000_token_priced_requests_never_overspend(
-    target: str, fail_mode: str, request: pytest.FixtureRequest
+    target: str, fail_mode: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
     cluster = target == "cluster"
     url = request.getfixturevalue("redis_cluster_url" if cluster else "redis_url")
@@ -122,7 +132,7 @@ async def test_1000_token_priced_requests_never_overspend(
     ledger = Ledger(client)
     upstream = TestServer(worst_case_model(), host="127.0.0.1")
     await upstream.start_server()
-    procs = _sidecars(str(upstream.make_url("")).rstrip("/"), url, cluster, fail_mode)
+    procs = _sidecars(str(upstream.make_url("")).rstrip("/"), url, cluster, fail_mode, tmp_path)
     try:
         for _, probe_port, proc in procs:
             await asyncio.to_thread(wait_ready, probe_port, proc)
@@ -160,6 +170,14 @@ async def test_1000_token_priced_requests_never_overspend(
         assert sum(int(e["absorbed"]) for e in usage) == 0
         assert len(usage) == statuses[200]
         assert sum(int(e["cost"]) for e in usage) == FUNDING - account.balance
+        # Fail-open or not, with Redis healthy every request was reserved: none unreserved.
+        assert all(int(e["estimate"]) > 0 for e in usage)
+        for _, probe_port, _ in procs:
+            metrics = await _metrics(probe_port)
+            assert 'spendgate_decisions_total{outcome="fail_open"}' not in metrics
+            assert "spendgate_journal_pending 0.0" in metrics
+        for index in range(len(procs)):  # nothing was ever journaled
+            assert (tmp_path / f"sidecar-{index}" / "journal.jsonl").read_bytes() == b""
     finally:
         for _, _, proc in procs:
             proc.terminate()
