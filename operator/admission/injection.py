@@ -33,6 +33,15 @@ ANNOTATIONS = (UPSTREAM_PORT, PORT, PROBE_PORT, PRICEBOOK, FAIL_MODE, INJECTED, 
 CONTAINER_NAME = "spendgate-sidecar"
 PORT_NAME = "spendgate"
 PROBE_PORT_NAME = "spendgate-probe"  # /healthz, /readyz, /metrics: never the customer's port
+JOURNAL_VOLUME = "spendgate-journal"  # an emptyDir: fail-open charges outlive the container
+# Sidecar settings passed through as given (the sidecar checks them; "" = its own default).
+PASSED_SETTINGS = {
+    "fail_open_allowance": "SPENDGATE_FAIL_OPEN_ALLOWANCE",
+    "redis_pool_size": "SPENDGATE_REDIS_POOL_SIZE",
+    "redis_timeout": "SPENDGATE_REDIS_TIMEOUT",
+    "hold_grace": "SPENDGATE_HOLD_GRACE",
+    "hold_sweep_interval": "SPENDGATE_HOLD_SWEEP_INTERVAL",
+}
 FAIL_MODES = ("closed", "open")
 SKIPPED_NAMESPACES = frozenset({"kube-system", "kube-public", "kube-node-lease"})
 
@@ -62,6 +71,14 @@ class InjectionDefaults:
     redis_secret: str = "spendgate-redis"  # Secret with key "url" (may hold a password)
     redis_secret_key: str = "url"
     redis_cluster: bool = False
+    # Passed to every sidecar when set (PASSED_SETTINGS); "" keeps the sidecar's default.
+    fail_open_allowance: str = ""
+    redis_pool_size: str = ""
+    redis_timeout: str = ""
+    hold_grace: str = ""
+    hold_sweep_interval: str = ""
+    journal_dir: str = "/var/lib/spendgate/journal"  # the journal's emptyDir is mounted here
+    journal_size_limit: str = "64Mi"  # of that emptyDir
     # Native sidecar (init container with restartPolicy Always, Kubernetes >= 1.29):
     # None = detect from the API server's /version; True/False forces it.
     native_sidecars: bool | None = None
@@ -198,6 +215,9 @@ def sidecar_config(pod: Mapping[str, Any], defaults: InjectionDefaults) -> Sidec
     for name in (PORT_NAME, PROBE_PORT_NAME):
         if any(isinstance(p, Mapping) and p.get("name") == name for _, p in ports):
             problems.append(f"a container already has a port named {name!r}; rename it")
+    volumes = (pod.get("spec") or {}).get("volumes") or []
+    if any(isinstance(v, Mapping) and v.get("name") == JOURNAL_VOLUME for v in volumes):
+        problems.append(f"the pod already has a volume named {JOURNAL_VOLUME!r}; rename it")
     taken = {p.get("containerPort"): name for name, p in ports if isinstance(p, Mapping)}
     port = _own_port(annotations, PORT, defaults.port, {UPSTREAM_PORT: upstream}, taken, problems)
     probe_port = _own_port(
@@ -275,7 +295,14 @@ def sidecar_container(
             {"name": "SPENDGATE_NAMESPACE", "valueFrom": field("metadata.namespace")},
             {"name": "SPENDGATE_REDIS_URL", "valueFrom": secret},
             {"name": "SPENDGATE_REDIS_CLUSTER", "value": str(defaults.redis_cluster).lower()},
+            {"name": "SPENDGATE_JOURNAL_DIR", "value": defaults.journal_dir},
+            *(
+                {"name": env, "value": getattr(defaults, setting)}
+                for setting, env in PASSED_SETTINGS.items()
+                if getattr(defaults, setting)
+            ),
         ],
+        "volumeMounts": [{"name": JOURNAL_VOLUME, "mountPath": defaults.journal_dir}],
         "ports": [
             {"name": PORT_NAME, "containerPort": config.port, "protocol": "TCP"},
             {"name": PROBE_PORT_NAME, "containerPort": config.probe_port, "protocol": "TCP"},
@@ -301,8 +328,21 @@ def sidecar_container(
     return container
 
 
-def _patch(pod: Mapping[str, Any], container: dict[str, Any], native: bool, version: str):
-    """Adds the annotation and the container; an absent (or null) list is created whole.
+def _append(pod: Mapping[str, Any], field: str, value: dict[str, Any]) -> dict[str, Any]:
+    """Append to ``spec.<field>``; an absent (or null) list is created whole."""
+    if isinstance(pod["spec"].get(field), list):
+        return {"op": "add", "path": f"/spec/{field}/-", "value": value}
+    return {"op": "add", "path": f"/spec/{field}", "value": [value]}
+
+
+def _patch(
+    pod: Mapping[str, Any],
+    container: dict[str, Any],
+    native: bool,
+    version: str,
+    defaults: InjectionDefaults,
+):
+    """Adds the annotation, the container and the journal's volume.
 
     ``metadata.annotations`` exists: the upstream-port annotation is required."""
     annotation = {
@@ -310,10 +350,9 @@ def _patch(pod: Mapping[str, Any], container: dict[str, Any], native: bool, vers
         "path": f"/metadata/annotations/{escape(INJECTED)}",
         "value": version,
     }
+    journal = {"name": JOURNAL_VOLUME, "emptyDir": {"sizeLimit": defaults.journal_size_limit}}
     field = "initContainers" if native else "containers"
-    if isinstance(pod["spec"].get(field), list):
-        return [annotation, {"op": "add", "path": f"/spec/{field}/-", "value": container}]
-    return [annotation, {"op": "add", "path": f"/spec/{field}", "value": [container]}]
+    return [annotation, _append(pod, field, container), _append(pod, "volumes", journal)]
 
 
 def plan_injection(
@@ -340,4 +379,5 @@ def plan_injection(
         return Refusal(f"spendgate: {error}")
     container = sidecar_container(config, namespace, defaults, native=native_sidecars)
     kind = "native sidecar" if native_sidecars else "container"
-    return Injection(_patch(pod, container, native_sidecars, version), f"injected as {kind}")
+    patch = _patch(pod, container, native_sidecars, version, defaults)
+    return Injection(patch, f"injected as {kind}")

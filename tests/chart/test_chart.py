@@ -693,6 +693,38 @@ def test_sidecar_defaults_reach_the_injector() -> None:
     assert (injection.cpu_request, injection.memory_limit) == ("100m", "256Mi")
 
 
+def test_sidecar_money_path_values_reach_every_injected_sidecar() -> None:
+    from spendgate.cli import build_parser, sidecar_settings_from_args
+    from spendgate.operator.admission.injection import SidecarConfig, sidecar_container
+
+    injection = _operator_settings(render("everything")).injection
+    config = SidecarConfig(8000, 8080, "default", "open", {"requests": {}, "limits": {}})
+    sidecar = sidecar_container(config, "models", injection, native=True)
+    env = {e["name"]: e["value"] for e in sidecar["env"] if "value" in e}
+    assert sidecar["volumeMounts"] == [{"name": "spendgate-journal", "mountPath": "/journal"}]
+    assert injection.journal_size_limit == "16Mi"
+    # What the sidecar makes of them: the chart's values, parsed by the sidecar itself.
+    ns = build_parser().parse_args(["sidecar"])
+    settings = sidecar_settings_from_args(ns, env)
+    assert settings.fail_open_allowance == 250_000
+    assert settings.journal_dir == "/journal"
+    assert (settings.redis_pool_size, settings.redis_timeout_s) == (64, 1.0)
+    assert (settings.hold_grace_ms, settings.hold_sweep_interval_ms) == (45_000, 0)
+    defaults = sidecar_settings_from_args(
+        ns, {e["name"]: e["value"] for e in _default_sidecar_env() if "value" in e}
+    )
+    assert defaults.fail_open_allowance == 1_000_000  # values.yaml: "1.00"
+    assert defaults.journal_dir == "/var/lib/spendgate/journal"
+
+
+def _default_sidecar_env() -> list[dict[str, Any]]:
+    from spendgate.operator.admission.injection import SidecarConfig, sidecar_container
+
+    injection = _operator_settings(render("default")).injection
+    config = SidecarConfig(8000, 8080, "default", "closed", {"requests": {}, "limits": {}})
+    return sidecar_container(config, "models", injection, native=True)["env"]
+
+
 def test_sidecar_defaults_are_passed_as_injection_fields() -> None:
     from spendgate.operator.admission.injection import InjectionDefaults
 

@@ -76,7 +76,17 @@ def test_vllm_template_gets_a_native_sidecar() -> None:
         },
         "SPENDGATE_REDIS_URL": {"secretKeyRef": {"name": "spendgate-redis", "key": "url"}},
         "SPENDGATE_REDIS_CLUSTER": "false",
+        "SPENDGATE_JOURNAL_DIR": "/var/lib/spendgate/journal",
     }
+    # Fail-open charges are journaled on an emptyDir: they outlive a crashed container.
+    assert sidecar["volumeMounts"] == [
+        {"name": "spendgate-journal", "mountPath": "/var/lib/spendgate/journal"}
+    ]
+    assert after["spec"]["volumes"][-1] == {
+        "name": "spendgate-journal",
+        "emptyDir": {"sizeLimit": "64Mi"},
+    }
+    assert after["spec"]["volumes"][:-1] == pod["spec"].get("volumes", [])
     assert sidecar["ports"] == [
         {"name": "spendgate", "containerPort": 8080, "protocol": "TCP"},
         {"name": "spendgate-probe", "containerPort": 8081, "protocol": "TCP"},
@@ -104,8 +114,9 @@ def test_vllm_template_gets_a_native_sidecar() -> None:
     annotations = pod["metadata"]["annotations"]
     assert after["metadata"]["annotations"] == {**annotations, "spendgate.dev/injected": "0.1.0"}
     for key in ("spec", "metadata"):
-        rest = {k: v for k, v in after[key].items() if k not in ("initContainers", "annotations")}
-        assert rest == {k: v for k, v in pod[key].items() if k != "annotations"}
+        added = ("initContainers", "annotations", "volumes")
+        rest = {k: v for k, v in after[key].items() if k not in added}
+        assert rest == {k: v for k, v in pod[key].items() if k not in ("annotations", "volumes")}
 
 
 def test_without_native_sidecars_a_regular_container_is_appended() -> None:
@@ -125,6 +136,7 @@ def test_triton_keeps_its_init_containers_and_ports() -> None:
     assert [op["path"] for op in result.patch] == [
         "/metadata/annotations/spendgate.dev~1injected",
         "/spec/initContainers/-",
+        "/spec/volumes" if "volumes" not in pod["spec"] else "/spec/volumes/-",
     ]
     after = jsonpatch.apply_patch(pod, result.patch)
     assert [c["name"] for c in after["spec"]["initContainers"]] == [
@@ -318,3 +330,33 @@ def test_quantities(text: str, value: str) -> None:
 @pytest.mark.parametrize("text", ["", "Mi", "1.2.3", "1 Mi", "1mi", "1GB", "-1", "1Ki1", "0x10"])
 def test_invalid_quantities(text: str) -> None:
     assert parse_quantity(text) is None
+
+
+def test_money_path_settings_and_the_journal_reach_every_sidecar() -> None:
+    defaults = InjectionDefaults(
+        fail_open_allowance="0.25", redis_pool_size="64", redis_timeout="1s",
+        hold_grace="45s", hold_sweep_interval="5s", journal_size_limit="16Mi",
+    )  # fmt: skip
+    pod = vllm_pod(fail_mode="open")
+    pod["spec"]["volumes"] = None  # null reads as absent: the list is created whole
+    after = injected(pod, defaults=defaults)
+    env = env_of(sidecars(after)[0])
+    assert env["SPENDGATE_FAIL_OPEN_ALLOWANCE"] == "0.25"
+    assert env["SPENDGATE_REDIS_POOL_SIZE"] == "64"
+    assert env["SPENDGATE_REDIS_TIMEOUT"] == "1s"
+    assert env["SPENDGATE_HOLD_GRACE"] == "45s"
+    assert env["SPENDGATE_HOLD_SWEEP_INTERVAL"] == "5s"
+    assert env["SPENDGATE_JOURNAL_DIR"] == "/var/lib/spendgate/journal"
+    assert after["spec"]["volumes"] == [
+        {"name": "spendgate-journal", "emptyDir": {"sizeLimit": "16Mi"}}
+    ]
+    # Unset: the sidecar's own defaults, no variable at all.
+    plain = env_of(sidecars(injected(vllm_pod()))[0])
+    assert "SPENDGATE_FAIL_OPEN_ALLOWANCE" not in plain
+    assert "SPENDGATE_REDIS_POOL_SIZE" not in plain
+
+
+def test_a_pod_with_a_volume_named_like_the_journal_is_refused() -> None:
+    pod = vllm_pod()
+    pod["spec"]["volumes"] = [{"name": "spendgate-journal", "emptyDir": {}}]
+    assert "already has a volume named 'spendgate-journal'" in refusal(pod)

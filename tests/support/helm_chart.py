@@ -203,7 +203,17 @@ VALUE_SETS: dict[str, Obj] = {
             "bundled": {"networkPolicy": {"enabled": True}, "persistence": {"enabled": False}},
             "secret": {"copyToNamespaces": ["models"]},
         },
-        "sidecar": {"failMode": "open", "nativeSidecars": True, "image": {"tag": "0.1.1"}},
+        "sidecar": {
+            "failMode": "open",
+            "nativeSidecars": True,
+            "image": {"tag": "0.1.1"},
+            "failOpenAllowance": "0.25",
+            "redisPoolSize": 64,
+            "redisTimeout": "1s",
+            "holdGrace": "45s",
+            "holdSweepInterval": "0",
+            "journal": {"dir": "/journal", "sizeLimit": "16Mi"},
+        },
         "metrics": {
             "serviceMonitor": {"enabled": True},
             "podMonitor": {"enabled": True},
