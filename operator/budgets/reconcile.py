@@ -23,65 +23,51 @@ temporary, so it shows as ``Ready=Unknown`` (``RedisUnavailable``) and the calle
 applied and the budget reports ``SecretMissing``/``SecretInvalid``. Deleting a key's Secret thus
 stops that key at once, which is the safe reading of an ambiguous situation.
 
-What a budget refers to is checked in :mod:`.checks`; its status is computed from the
-account in Redis by :mod:`.status`.
+Read top to bottom: one function per kopf handler, each a straight line of steps --
+**parse** (:func:`.checks.parse_budget`) -> **check and apply to Redis**
+(:func:`.apply.apply_budget`) -> **status, conditions, Events** (:func:`configured`, from the
+account in Redis by :mod:`.status`); :func:`misconfigured` and :func:`retry_later` are the two
+ways out before the end.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any
 
-from spendgate.config_store import BudgetApplied, ConfigConflict, ConfigStore
-from spendgate.models import BudgetState, CustomerBudget, ManifestError, Mode
-from spendgate.money import format_amount
+from spendgate.config_store import BudgetApplied, ConfigStore
+from spendgate.ledger import Account
+from spendgate.models import BudgetState, CustomerBudget, ManifestError
 
 from ..alerts.sender import Alert
 from ..kube import conditions as cond
 from ..kube.conditions import INVALID_SPEC, READY
 from ..kube.objects import EventSpec, generation_of, object_ref, plain, status_patch
 from ..kube.retry import RetryableError, redis_call
-from .checks import (
-    API_KEY_CONFLICT,
-    CUSTOMER_ID_CONFLICT,
-    STRIPE_CUSTOMER_CONFLICT,
-    Problem,
-    SecretReader,
-    check_pricebooks,
-    parse_budget,
-    raw_customer_id,
-    ready_condition,
-    resolve_keys,
-)
+from .apply import Applied, applied_changes, apply_budget, configured_summary, plural
+from .checks import Problem, SecretReader, parse_budget, raw_customer_id, ready_condition
 from .ledger_condition import read_audit_record, set_ledger_condition
-from .status import (
-    ACCOUNT_FIELDS,
-    PAYMENT_METHOD_SOURCE,
-    clear_account_status,
-    fill_account_status,
-    transition_events,
+from .locks import KeyedLocks
+from .status import ACCOUNT_FIELDS, clear_account_status, fill_account_status, transition_events
+from .stripe_hooks import StripeHooks
+
+# What a reconciliation keeps of the old status until it knows better.
+CARRIED_STATUS = (
+    "conditions",
+    "state",
+    "stateReasons",
+    "customerId",
+    "alertedThreshold",
+    "alertBaseline",
+    "activeKeys",
+    *ACCOUNT_FIELDS,
 )
-
-
-class StripeHooks(Protocol):
-    """Stripe's part of reconciling a budget; Redis errors propagate (retried)."""
-
-    async def link(self, spec: Any) -> str | None:
-        """Record the budget's Stripe link (or drop it: no ``spec.stripe``); a message when
-        another budget holds the Stripe customer (nothing is linked then)."""
-        ...
-
-    async def status(self, spec: Any) -> dict[str, Any]:
-        """``lastStripeSync``, ``exportLagSeconds``, ``exchangeRate`` (None when not linked)."""
-        ...
-
-    async def unlink(self, customer_id: str) -> None:
-        """The budget is deleted: release its link once its usage is exported."""
-        ...
+INVALID_SPEC_STATE = "the spec is invalid; the last valid configuration (if any) stays in effect"
+NOT_APPLIED_STATE = "the budget is not applied: see the Ready condition"
 
 
 @dataclass
@@ -99,22 +85,7 @@ class Reconciled:
         return status_patch(old_status, self.status)
 
 
-class KeyedLocks:
-    """One asyncio.Lock per key (customer id): two budgets claiming one customer never race."""
-
-    def __init__(self) -> None:
-        self._locks: dict[str, asyncio.Lock] = {}
-
-    def __call__(self, key: str) -> asyncio.Lock:
-        lock = self._locks.get(key)
-        if lock is None:
-            lock = self._locks[key] = asyncio.Lock()
-        return lock
-
-    def forget(self, key: str) -> None:
-        lock = self._locks.get(key)
-        if lock is not None and not lock.locked():
-            del self._locks[key]
+# --------------------------------------------------------------------------- create/update/resume
 
 
 async def reconcile_budget(
@@ -133,150 +104,114 @@ async def reconcile_budget(
     """
     now = now or datetime.now(UTC)
     old_status: dict[str, Any] = plain(body.get("status") or {})
-    status: dict[str, Any] = {
-        key: old_status.get(key)
-        for key in (
-            "conditions",
-            "state",
-            "stateReasons",
-            "customerId",
-            "alertedThreshold",
-            "alertBaseline",
-            "activeKeys",
-            *ACCOUNT_FIELDS,
-        )
-        if key in old_status
-    }
+    status = {key: old_status[key] for key in CARRIED_STATUS if key in old_status}
     generation = generation_of(body)
     try:
         budget = parse_budget(body)
     except ManifestError as error:
         problems = [Problem(INVALID_SPEC, problem) for problem in error.problems]
-        status["conditions"] = cond.set_condition(
-            status.get("conditions"), ready_condition(problems, generation, now, "")
+        return misconfigured(
+            old_status, status, problems, generation, now, INVALID_SPEC_STATE, raw_customer_id(body)
         )
-        status["state"] = BudgetState.misconfigured.value
-        status["stateReasons"] = [
-            "the spec is invalid; the last valid configuration (if any) stays in effect"
-        ]
-        status["observedGeneration"] = generation
-        events = transition_events(old_status, status, configured_message=None)
-        return Reconciled(status, events, customer_id=raw_customer_id(body))
-
     customer = budget.spec.customer_id
     try:
         async with locks(customer) if locks is not None else contextlib.nullcontext():
-            return await _reconcile_parsed(
-                budget, old_status, status, store, read_secret, now, stripe
-            )
-    except RetryableError as error:
-        status["conditions"] = cond.set_condition(
-            status.get("conditions"), error.ready_condition(generation, now)
-        )
-        events = transition_events(old_status, status, configured_message=None)
-        return Reconciled(status, events, error=error, customer_id=customer)
-
-
-async def _reconcile_parsed(
-    budget: CustomerBudget,
-    old_status: dict[str, Any],
-    status: dict[str, Any],
-    store: ConfigStore,
-    read_secret: SecretReader,
-    now: datetime,
-    stripe: StripeHooks | None = None,
-) -> Reconciled:
-    spec = budget.spec
-    generation = budget.metadata.generation
-    problems: list[Problem] = []
-
-    owner = await redis_call(store.owner_of(spec.customer_id))
-    if owner is not None and owner != budget.ref:
-        problems.append(
-            Problem(
-                CUSTOMER_ID_CONFLICT,
-                f"spec.customerId: {spec.customer_id!r} is already claimed by CustomerBudget"
-                f" {owner}; each customer needs exactly one budget (this one is not applied)",
-            )
-        )
-        return _unapplied(budget, old_status, status, problems, now)
-
-    resolution = await resolve_keys(budget, read_secret)
-    problems += resolution.problems
-    problems += await check_pricebooks(budget, store)
-    effective = budget
-    if resolution.unusable:
-        effective = budget.model_copy(
-            update={
-                "spec": spec.model_copy(
-                    update={
-                        "api_keys": [
-                            key.model_copy(update={"disabled": True})
-                            if key.name in resolution.unusable
-                            else key
-                            for key in spec.api_keys
-                        ]
-                    }
+            outcome = await apply_budget(budget, store, read_secret, stripe)
+            if outcome.applied is None:
+                # Nothing was applied: never show another budget's account.
+                clear_account_status(status)
+                status["customerId"] = customer
+                return misconfigured(
+                    old_status,
+                    status,
+                    outcome.problems,
+                    generation,
+                    now,
+                    NOT_APPLIED_STATE,
+                    customer,
                 )
-            }
-        )
-    try:
-        applied = await redis_call(store.apply_budget(effective, resolution.keys))
-    except ConfigConflict as error:
-        reason = CUSTOMER_ID_CONFLICT if "customerId" in str(error) else API_KEY_CONFLICT
-        problems.append(Problem(reason, str(error)))
-        return _unapplied(budget, old_status, status, problems, now)
-    if not spec.policy.require_payment_method:
-        await redis_call(store.ledger.unsuspend(spec.customer_id, PAYMENT_METHOD_SOURCE))
-    if stripe is not None:
-        conflict = await redis_call(stripe.link(spec))
-        if conflict is not None:
-            problems.append(
-                Problem(STRIPE_CUSTOMER_CONFLICT, f"spec.stripe.customerId: {conflict}")
-            )
-        status.update(await redis_call(stripe.status(spec)))
-    account = await redis_call(store.ledger.account(spec.customer_id))
-    audited = await redis_call(read_audit_record(store.redis, spec.customer_id))
+            status.update(outcome.linked)
+            account = await redis_call(store.ledger.account(customer))
+            audited = await redis_call(read_audit_record(store.redis, customer))
+    except RetryableError as error:
+        return retry_later(old_status, status, error, generation, now, customer)
+    return configured(budget, old_status, status, outcome, account, audited, now)
 
-    summary = _summary(budget, applied.keys_added)
+
+def configured(
+    budget: CustomerBudget,
+    old_status: Mapping[str, Any],
+    status: dict[str, Any],
+    outcome: Applied,
+    account: Account,
+    audited: Mapping[str, str],
+    now: datetime,
+) -> Reconciled:
+    """The budget is applied: its conditions, its account in the status, and what to tell."""
+    applied = outcome.applied
+    assert applied is not None
+    generation = budget.metadata.generation
+    summary = configured_summary(budget, applied.keys_added)
     status["conditions"] = cond.set_condition(
-        status.get("conditions"), ready_condition(problems, generation, now, summary)
+        status.get("conditions"), ready_condition(outcome.problems, generation, now, summary)
     )
     status["observedGeneration"] = generation
     status["activeKeys"] = applied.keys_added
-    events_acc, alerts = fill_account_status(budget, account, old_status, status, now)
-    events_acc += set_ledger_condition(audited, old_status, status, generation, now)
+    account_events, alerts = fill_account_status(budget, account, old_status, status, now)
+    account_events += set_ledger_condition(audited, old_status, status, generation, now)
     changed = (
         old_status.get("observedGeneration") != generation
         or applied.balance_change != 0
         or applied.keys_removed > 0
     )
-    detail = summary + _changes(applied)
-    events = transition_events(old_status, status, configured_message=detail if changed else None)
+    detail = summary + applied_changes(applied) if changed else None
+    events = transition_events(old_status, status, configured_message=detail)
     return Reconciled(
-        status, events + events_acc, alerts, applied=applied, customer_id=spec.customer_id
+        status,
+        events + account_events,
+        alerts,
+        applied=applied,
+        customer_id=budget.spec.customer_id,
     )
 
 
-def _unapplied(
-    budget: CustomerBudget,
-    old_status: dict[str, Any],
+def misconfigured(
+    old_status: Mapping[str, Any],
     status: dict[str, Any],
     problems: list[Problem],
+    generation: int | None,
     now: datetime,
+    why: str,
+    customer_id: str | None,
 ) -> Reconciled:
-    """Nothing was applied: report why; never show another budget's account."""
-    generation = budget.metadata.generation
+    """The budget as written is not in effect: ``Ready=False`` with ``problems``."""
     status["conditions"] = cond.set_condition(
         status.get("conditions"), ready_condition(problems, generation, now, "")
     )
-    clear_account_status(status)
-    status["customerId"] = budget.spec.customer_id
     status["state"] = BudgetState.misconfigured.value
-    status["stateReasons"] = ["the budget is not applied: see the Ready condition"]
+    status["stateReasons"] = [why]
     status["observedGeneration"] = generation
     events = transition_events(old_status, status, configured_message=None)
-    return Reconciled(status, events, customer_id=budget.spec.customer_id)
+    return Reconciled(status, events, customer_id=customer_id)
+
+
+def retry_later(
+    old_status: Mapping[str, Any],
+    status: dict[str, Any],
+    error: RetryableError,
+    generation: int | None,
+    now: datetime,
+    customer_id: str | None,
+) -> Reconciled:
+    """Redis or the API did not answer: ``Ready=Unknown``, the rest as it was; retried."""
+    status["conditions"] = cond.set_condition(
+        status.get("conditions"), error.ready_condition(generation, now)
+    )
+    events = transition_events(old_status, status, configured_message=None)
+    return Reconciled(status, events, error=error, customer_id=customer_id)
+
+
+# --------------------------------------------------------------------------- timer
 
 
 async def refresh_budget(
@@ -294,46 +229,49 @@ async def refresh_budget(
     no longer configured in Redis (a Redis that lost its data) is reconciled in full instead.
     """
     now = now or datetime.now(UTC)
+    in_full = functools.partial(
+        reconcile_budget,
+        body,
+        store=store,
+        read_secret=read_secret,
+        locks=locks,
+        now=now,
+        stripe=stripe,
+    )
     old_status: dict[str, Any] = plain(body.get("status") or {})
-    full = not cond.is_true(old_status.get("conditions"), READY) or old_status.get(
-        "observedGeneration"
-    ) != generation_of(body)
-    budget: CustomerBudget | None = None
-    if not full:
-        try:
-            budget = parse_budget(body)
-        except ManifestError:
-            full = True
-    if full or budget is None:
-        return await reconcile_budget(
-            body, store=store, read_secret=read_secret, locks=locks, now=now, stripe=stripe
-        )
+    budget = _applied_as_is(body, old_status)
+    if budget is None:
+        return await in_full()
+    customer = budget.spec.customer_id
     try:
-        owner = await redis_call(store.owner_of(budget.spec.customer_id))
-        account = await redis_call(store.ledger.account(budget.spec.customer_id))
+        owner = await redis_call(store.owner_of(customer))
+        account = await redis_call(store.ledger.account(customer))
         linked = await redis_call(stripe.status(budget.spec)) if stripe is not None else {}
-        audited = await redis_call(read_audit_record(store.redis, budget.spec.customer_id))
+        audited = await redis_call(read_audit_record(store.redis, customer))
     except RetryableError as error:
-        status = dict(old_status)
-        status["conditions"] = cond.set_condition(
-            status.get("conditions"), error.ready_condition(budget.metadata.generation, now)
-        )
-        return Reconciled(
-            status,
-            transition_events(old_status, status, configured_message=None),
-            error=error,
-            customer_id=budget.spec.customer_id,
-        )
+        generation = budget.metadata.generation
+        return retry_later(old_status, dict(old_status), error, generation, now, customer)
     if owner != budget.ref or not account.configured:
-        return await reconcile_budget(
-            body, store=store, read_secret=read_secret, locks=locks, now=now, stripe=stripe
-        )
-    status = dict(old_status)
-    status.update(linked)
+        return await in_full()
+    status = {**old_status, **linked}
     events, alerts = fill_account_status(budget, account, old_status, status, now)
     events += set_ledger_condition(audited, old_status, status, budget.metadata.generation, now)
     events = transition_events(old_status, status, configured_message=None) + events
-    return Reconciled(status, events, alerts, customer_id=budget.spec.customer_id)
+    return Reconciled(status, events, alerts, customer_id=customer)
+
+
+def _applied_as_is(body: Mapping[str, Any], old_status: Mapping[str, Any]) -> CustomerBudget | None:
+    """The budget, when Ready for the generation it has now; None: reconcile it in full."""
+    ready = cond.is_true(old_status.get("conditions"), READY)
+    if not ready or old_status.get("observedGeneration") != generation_of(body):
+        return None
+    try:
+        return parse_budget(body)
+    except ManifestError:
+        return None
+
+
+# --------------------------------------------------------------------------- delete
 
 
 async def finalize_budget(
@@ -367,44 +305,20 @@ async def finalize_budget(
         EventSpec(
             "Normal",
             "Revoked",
-            f"customer {customer}: {_plural(removed, 'API key')} revoked and the account"
+            f"customer {customer}: {plural(removed, 'API key')} revoked and the account"
             " suspended; ledger entries not yet exported are kept",
         )
     ]
-
-
-def _summary(budget: CustomerBudget, keys: int) -> str:
-    """What is configured: the stable message of ``Ready=True``."""
-    spec = budget.spec
-    parts = [f"customer {spec.customer_id}", f"{_plural(keys, 'API key')}"]
-    if spec.mode is Mode.capped and spec.limit is not None:
-        parts.append(f"capped at {format_amount(spec.limit)} {spec.currency} per {spec.period}")
-    else:
-        opening = format_amount(spec.balance or 0)
-        parts.append(f"prepaid, opening balance {opening} {spec.currency}")
-    return ", ".join(parts)
-
-
-def _changes(applied: BudgetApplied) -> str:
-    """What this apply changed, for the ``Configured`` Event."""
-    parts = []
-    if applied.balance_change:
-        sign = "+" if applied.balance_change > 0 else ""
-        parts.append(f"balance {sign}{format_amount(applied.balance_change)}")
-    if applied.keys_removed:
-        parts.append(f"{_plural(applied.keys_removed, 'key')} revoked")
-    return f" ({', '.join(parts)})" if parts else ""
-
-
-def _plural(count: int, word: str) -> str:
-    return f"{count} {word}{'' if count == 1 else 's'}"
 
 
 __all__ = [
     "KeyedLocks",
     "Reconciled",
     "StripeHooks",
+    "configured",
     "finalize_budget",
+    "misconfigured",
     "reconcile_budget",
     "refresh_budget",
+    "retry_later",
 ]

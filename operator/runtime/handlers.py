@@ -48,7 +48,9 @@ from ..alerts.sender import AlertSender
 from ..budgets import abnormal as budget_abnormal
 from ..budgets import checks as budget_checks
 from ..budgets import reconcile as budgets
-from ..budgets.reconcile import KeyedLocks, Reconciled, StripeHooks
+from ..budgets.locks import KeyedLocks
+from ..budgets.reconcile import Reconciled
+from ..budgets.stripe_hooks import StripeHooks
 from ..kube import conditions as cond
 from ..kube.client import BUDGETS, GROUP, PRICEBOOKS, REFRESH_ANNOTATION, VERSION, KubeClient
 from ..kube.conditions import READY
@@ -205,6 +207,16 @@ def build_registry(runtime: Runtime, *, login: LoginFn | None = None) -> kopf.Op
 
     # ------------------------------------------------------------------ CustomerBudgets
 
+    def for_budget(step: Callable[..., Awaitable[Reconciled]], body: kopf.Body) -> Any:
+        """``step`` (reconcile or refresh) of one budget with the runtime's clients."""
+        return step(
+            body,
+            store=runtime.store,
+            read_secret=runtime.kube.read_secret,
+            locks=runtime.locks,
+            stripe=runtime.stripe,
+        )
+
     def publish(result: Reconciled, body: kopf.Body, patch: kopf.Patch) -> None:
         lag = result.status.get("exportLagSeconds")
         if isinstance(lag, int):
@@ -239,13 +251,7 @@ def build_registry(runtime: Runtime, *, login: LoginFn | None = None) -> kopf.Op
             with metrics.counted("CustomerBudget") as outcome:
                 result = await _bounded(
                     settings,
-                    budgets.reconcile_budget(
-                        body,
-                        store=runtime.store,
-                        read_secret=runtime.kube.read_secret,
-                        locks=runtime.locks,
-                        stripe=runtime.stripe,
-                    ),
+                    for_budget(budgets.reconcile_budget, body),
                     "reconciling the budget",
                 )
                 outcome.append(metrics.outcome_of(result.status, result.error))
@@ -281,13 +287,7 @@ def build_registry(runtime: Runtime, *, login: LoginFn | None = None) -> kopf.Op
         last = runtime.last_full.get(uid)
         due = last is None or started - last >= settings.resync_interval_s
         reconcile = budgets.reconcile_budget if due else budgets.refresh_budget
-        work = reconcile(
-            body,
-            store=runtime.store,
-            read_secret=runtime.kube.read_secret,
-            locks=runtime.locks,
-            stripe=runtime.stripe,
-        )
+        work = for_budget(reconcile, body)
         result = await _bounded(settings, work, "refreshing the budget status")
         if due and result.error is None:
             runtime.last_full[uid] = started

@@ -1,6 +1,6 @@
 """Stripe inside the running operator: what ``main`` starts when ``settings.stripe`` is set.
 
-- :class:`BudgetLinks` (the budgets' :class:`~spendgate.operator.budgets.reconcile.StripeHooks`): a
+- :class:`BudgetLinks` (the budgets' :class:`~..budgets.stripe_hooks.StripeHooks`): a
   reconciled budget is linked to its Stripe customer (``mapping.link_budget``), its status gets
   ``lastStripeSync``, ``exportLagSeconds`` and ``exchangeRate`` (custom units); a deleted
   budget's link is released only once its usage is exported (see :meth:`BudgetLinks.unlink`).
