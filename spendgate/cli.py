@@ -463,20 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     op.add_argument("--webhook-cert-file", help="env SPENDGATE_WEBHOOK_CERT_FILE")
     op.add_argument("--webhook-key-file", help="env SPENDGATE_WEBHOOK_KEY_FILE")
-    op.add_argument(
-        "--peering", metavar="NAME", help="ClusterKopfPeering name (env SPENDGATE_PEERING)"
-    )
-    op.add_argument(
-        "--standalone",
-        action="store_true",
-        help="no peering: run exactly one replica (env SPENDGATE_STANDALONE=1)",
-    )
-    op.add_argument(
-        "--priority",
-        type=int,
-        help="peering priority (env SPENDGATE_PEERING_PRIORITY; default random per start)",
-    )
-    op.add_argument("--pod-name", help="peering and leader identity (env POD_NAME)")
+    op.add_argument("--pod-name", help="leader identity (env POD_NAME)")
     op.add_argument(
         "--lease-name",
         metavar="NAME",
@@ -486,8 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument(
         "--no-leader-election",
         action="store_true",
-        help="run no singleton work: no Stripe processing or export, no bypass check"
-        " (env SPENDGATE_LEADER_ELECTION=false)",
+        help="one replica only: kopf's handlers at once, no Lease and no singleton work (no"
+        " Stripe processing or export, no bypass check) (env SPENDGATE_LEADER_ELECTION=false)",
     )
     op.add_argument(
         "--bypass-check-interval",

@@ -93,8 +93,6 @@ def operator_settings_from_args(
     for flag, port in (("--health-port", health_port), ("--webhook-port", webhook_port)):
         if port is not None and not 0 <= port < 65536:
             raise UsageError(f"{flag} {port}: expected a TCP port")
-    priority = _flag_or_env(int, ns.priority, env, "SPENDGATE_PEERING_PRIORITY", "--priority")
-    standalone = ns.standalone or env.get("SPENDGATE_STANDALONE", "").lower() in TRUE_WORDS
     alert_url = ns.alert_webhook_url or env.get("SPENDGATE_ALERT_WEBHOOK_URL") or None
     if alert_url is not None and urlsplit(alert_url).scheme not in ("http", "https"):
         raise UsageError("--alert-webhook-url: expected an http(s) URL")
@@ -141,9 +139,6 @@ def operator_settings_from_args(
         webhook_key_file=ns.webhook_key_file
         or env.get("SPENDGATE_WEBHOOK_KEY_FILE")
         or defaults.webhook_key_file,
-        peering=ns.peering or env.get("SPENDGATE_PEERING") or defaults.peering,
-        peering_standalone=standalone,
-        peering_priority=priority,
         pod_name=ns.pod_name or env.get("POD_NAME") or env.get("SPENDGATE_POD") or "",
         injection=injection_defaults_from_env(env),
         leader_election=not ns.no_leader_election and election in TRUE_WORDS,

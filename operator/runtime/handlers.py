@@ -12,7 +12,7 @@ handler                  does
 login                    kopf's login (``kopf.login_via_client`` by default); the operator's
                          own API client (Secrets, annotations) takes the same credentials
 startup ``configure``    production kopf settings (:func:`.kopf_settings.configure_kopf`)
-cleanup                  ``Runtime.cleanups`` (main: the leader's work stops, Lease released)
+cleanup                  ``Runtime.cleanups`` (the leader's other work stops, Lease released)
 index ``budget_refs``    ``("Secret"|"PriceBook", namespace, name)`` → budgets using it
 CustomerBudget
   field ``resume``       :func:`..budgets.abnormal.resume_budget`: the resume annotation
@@ -146,6 +146,18 @@ def _refs(index: kopf.Index[Any, Any] | None, key: tuple[str, str, str]) -> list
     return [str(name) for name in index.get(key, [])]
 
 
+async def log_in(runtime: Runtime, login: LoginFn | None, /, **kwargs: Any) -> Any:
+    """Credentials from ``login`` (default ``kopf.login_via_client``: in-cluster service
+    account or kubeconfig) for the operator's own API client; kopf's login handler, and the
+    leader election's before kopf runs."""
+    info = (login or kopf.login_via_client)(**{"logger": log, **kwargs})
+    if inspect.isawaitable(info):
+        info = await info
+    if info is not None:
+        runtime.kube.configure(info)
+    return info
+
+
 # --------------------------------------------------------------------------- registry
 
 
@@ -154,36 +166,23 @@ def build_registry(runtime: Runtime, *, login: LoginFn | None = None) -> kopf.Op
     (``kopf.login_via_client``: in-cluster service account or kubeconfig)."""
     registry = kopf.OperatorRegistry()
     settings = runtime.settings
-    login_fn = login or kopf.login_via_client
 
     @kopf.on.login(registry=registry)
     async def login_handler(**kwargs: Any) -> Any:
-        info = login_fn(**kwargs)
-        if inspect.isawaitable(info):
-            info = await info
-        if info is not None:
-            runtime.kube.configure(info)
-        return info
+        return await log_in(runtime, login, **kwargs)
 
     @kopf.on.startup(registry=registry)
     async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         configure_kopf(settings, runtime.settings)
-        log.info(
-            "operator configured",
-            extra={
-                "peering": "standalone"
-                if runtime.settings.peering_standalone
-                else settings.peering.name,
-                "priority": settings.peering.priority,
-            },
-        )
+        log.info("kopf configured; its handlers start", extra={"pod": runtime.settings.pod_name})
 
     @kopf.on.cleanup(registry=registry)
     async def cleanup(**_: Any) -> None:
         # kopf may still run a handler or two after this (workers draining their queues):
-        # ``stopping`` makes them give up before they start any work. First the work beside
-        # kopf stops (the leader releases its Lease with the API client), then the clients
-        # close: their idle connections would hold kopf's exit for 5 s.
+        # ``stopping`` makes them give up before they start any work. First the leader's
+        # other work stops and the Lease is released (kopf's handlers have stopped: a standby
+        # may take over now), then the clients close: their idle connections would hold
+        # kopf's exit for 5 s (kopf waits for every task created after it started).
         runtime.stopping = True
         for stop in runtime.cleanups:
             await stop()

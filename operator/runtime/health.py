@@ -24,9 +24,9 @@ def readiness_checks(parts: Sequence[Any]) -> list[Check]:
 
 
 class Health:
-    """``/healthz``, ``/readyz``, ``/readyz/full`` and ``/metrics``; ``ready`` is kopf's ready
-    flag, ``checks`` the services' own readiness (the admission webhook listens), ``info``
-    what ``/readyz/full`` reports besides (Stripe)."""
+    """``/healthz``, ``/readyz``, ``/readyz/full`` and ``/metrics``; ``ready`` is set once the
+    replica's servers listen (leader or standby), ``checks`` the services' own readiness (the
+    admission webhook listens), ``info`` what ``/readyz/full`` reports besides (Stripe)."""
 
     def __init__(
         self,
@@ -49,7 +49,7 @@ class Health:
         return web.json_response({"status": "ok"})
 
     def _problems(self) -> list[str]:
-        problems = [] if self.ready.is_set() else ["kopf has not started"]
+        problems = [] if self.ready.is_set() else ["the operator has not started"]
         return problems + [p for check in self.checks if (p := check()) is not None]
 
     async def readyz(self, _request: web.Request) -> web.Response:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import random
 import socket
 
 import kopf
@@ -12,11 +11,6 @@ from .settings import OperatorSettings
 
 PREFIX = "spendgate.dev"  # kopf's progress and diff-base annotations: spendgate.dev/...
 FINALIZER = "spendgate.dev/finalizer"
-
-
-def default_priority() -> int:
-    """A random peering priority: replicas differ, so exactly one of them is active."""
-    return random.SystemRandom().randint(1, 2**30)
 
 
 def configure_kopf(kopf_settings: kopf.OperatorSettings, settings: OperatorSettings) -> None:
@@ -40,15 +34,9 @@ def configure_kopf(kopf_settings: kopf.OperatorSettings, settings: OperatorSetti
     ks.watching.client_timeout = 330
     ks.process.ultimate_exiting_timeout = 60
     ks.queueing.worker_limit = settings.max_workers
-    ks.peering.name = settings.peering
-    ks.peering.clusterwide = True  # one ClusterKopfPeering, also for namespaced operators
-    ks.peering.standalone = settings.peering_standalone
-    ks.peering.mandatory = not settings.peering_standalone
-    ks.peering.priority = (
-        settings.peering_priority if settings.peering_priority is not None else default_priority()
-    )
-    ks.peering.lifetime = settings.peering_lifetime_s
-    ks.peering.stealth = True  # keep-alives are not logged
+    # No kopf peering: the Lease (operator/runtime/leading.py) decides which replica runs kopf.
+    ks.peering.standalone = True
+    ks.peering.mandatory = False
 
 
-__all__ = ["FINALIZER", "PREFIX", "configure_kopf", "default_priority"]
+__all__ = ["FINALIZER", "PREFIX", "configure_kopf"]

@@ -1,9 +1,8 @@
 """Leader election on a ``coordination.k8s.io/v1`` Lease, the standard Kubernetes mechanism
 (the one client-go's ``leaderelection`` package and kube-controller-manager use).
 
-kopf's peering already makes one replica the active one for kopf's handlers. The singleton work
-outside them -- the Stripe event processor, reconciliation, usage export and grace timer, and
-the Service bypass check -- runs only on the holder of a Lease:
+The holder runs kopf's handlers and the singleton work (operator/runtime/leading.py); every
+replica serves admission, the Stripe receiver and health either way:
 
 - **acquire**: the Lease is created if absent; taken over when free (no holder) or expired. A
   replica judges expiry by its *own* clock: the holder's record (holder, renewTime,
@@ -40,6 +39,11 @@ from ..kube.client import Conflict
 log = logging.getLogger("spendgate.operator.leader")
 
 LeaderTask = Callable[[asyncio.Event], Awaitable[None]]
+
+
+class LeadershipLost(RuntimeError):
+    """This replica led and no longer does (its Lease was taken, not renewed in time, or its
+    work ended); raised by an elector that does not ``rejoin``."""
 
 
 class LeaseApi(Protocol):
@@ -83,12 +87,21 @@ class LeaderElector:
         *,
         on_change: Callable[[bool], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        rejoin: bool = True,
+        stop_grace_s: float | None = None,
     ) -> None:
         self.api = api
         self.config = config
         self.on_change = on_change
         self.clock = clock
+        # False: after leading once, raise LeadershipLost instead of campaigning again.
+        self.rejoin = rejoin
+        # How long the work may take to stop on shutdown (nobody takes over meanwhile: the
+        # Lease is still ours); on a loss it is half the margin before the Lease expires.
+        self.stop_grace_s = stop_grace_s
         self.is_leader = False
+        self._work_stop: asyncio.Event | None = None  # the running work's stop event
+        self._workers: list[asyncio.Task[None]] = []
         self._observed: tuple[Any, ...] | None = None  # the holder's record as last seen
         self._observed_at = 0.0  # when (our clock) that record was first seen
         self._version: str | None = None  # resourceVersion of the Lease we last wrote
@@ -197,16 +210,37 @@ class LeaderElector:
                 log.warning("leader election: the API failed", extra={"error": repr(error)})
                 leading = False
             pause = cfg.retry_s
-            if leading and not await self._lead(tasks, stop):
-                pause = cfg.duration_s  # the work failed here: give another replica a chance
+            if leading:
+                healthy = await self._lead(tasks, stop)
+                if not self.rejoin and not stop.is_set():
+                    why = "its work ended" if not healthy else "the Lease is no longer ours"
+                    raise LeadershipLost(f"stopped leading: {why}")
+                if not healthy:
+                    pause = cfg.duration_s  # the work failed here: give another replica a chance
             await _wait(stop, pause * random.uniform(1.0, 1.2))
+
+    async def hand_over(self, exclude: Sequence[asyncio.Task[Any] | None] = ()) -> None:
+        """Stop the leader's work now but for ``exclude`` (the task calling this, which is
+        ending anyway: kopf, from its cleanup) and release the Lease, so a standby takes over
+        at once. Idempotent; the rest of the step-down follows when the work has ended."""
+        if self._work_stop is None:
+            return
+        self._work_stop.set()
+        others = [w for w in self._workers if w not in exclude]
+        await _finish(others, grace_s=self._grace(stopping=True))
+        await asyncio.shield(self.release())
+
+    def _grace(self, *, stopping: bool) -> float:
+        cfg = self.config
+        on_loss = max(0.5, cfg.duration_s - cfg.renew_deadline_s) / 2
+        return self.stop_grace_s if stopping and self.stop_grace_s is not None else on_loss
 
     async def _lead(self, tasks: Sequence[LeaderTask], stop: asyncio.Event) -> bool:
         """Lead until stopped or no longer the leader; False if the work failed."""
         cfg = self.config
         self._set(True)
-        work_stop = asyncio.Event()
-        workers = [
+        work_stop = self._work_stop = asyncio.Event()
+        workers = self._workers = [
             asyncio.create_task(task(work_stop), name=f"leader {getattr(task, '__name__', task)}")
             for task in tasks
         ]
@@ -241,12 +275,12 @@ class LeaderElector:
                         break
         finally:
             self._set(False)
+            if not ours:
+                self._version = None  # nothing to release
             work_stop.set()
-            await _finish(workers, grace_s=max(0.5, cfg.duration_s - cfg.renew_deadline_s) / 2)
-            if ours:
-                await asyncio.shield(self.release())
-            else:
-                self._version = None
+            await _finish(workers, grace_s=self._grace(stopping=stop.is_set()))
+            self._work_stop, self._workers = None, []
+            await asyncio.shield(self.release())
         return healthy
 
 
@@ -273,4 +307,4 @@ async def _finish(tasks: Sequence[asyncio.Task[Any]], grace_s: float) -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
-__all__ = ["LeaderElector", "LeaderTask", "LeaseApi", "LeaseConfig", "micro_time"]
+__all__ = ["LeaderElector", "LeaderTask", "LeadershipLost", "LeaseApi", "LeaseConfig", "micro_time"]

@@ -1,31 +1,21 @@
-"""Running the operator: kopf, a health server, and extra services side by side.
+"""Running the operator: one replica's servers, and -- on the leader -- kopf and the loops.
 
 ``run(settings)`` is what ``spendgate operator`` calls. It connects to Redis, builds the
 handler registry and runs, in one event loop:
 
-- ``kopf.operator(...)`` -- cluster-wide, or the namespaces in ``settings.namespaces``; with
-  kopf peering (``ClusterKopfPeering`` named ``settings.peering``) so that of several replicas
-  exactly one runs the handlers, unless ``peering_standalone``;
-- ``services`` on **every replica**: more long-running coroutines, each started with the
-  settings -- by default (:func:`default_services`) the admission webhook, when its certificate
-  and key files are configured;
-- with ``settings.stripe``, the Stripe webhook receiver on every replica
-  (:mod:`..stripe.wiring`);
-- **leader election** on a Lease (:mod:`.leader`): the holder runs the singleton work --
-  Stripe's processor, reconciliation, usage export, grace timer and budget import
-  (:mod:`..stripe.budget_import`), and the Service bypass check (:mod:`..admission.services`);
-- a health server on ``health_port``:
+- on **every replica**, from start-up: ``services`` (by default, :func:`default_services`, the
+  admission webhook when its certificate and key files are configured), the Stripe webhook
+  receiver with ``settings.stripe`` (:mod:`..stripe.wiring`), and the health server
+  (:mod:`.health`: ``/healthz``, ``/readyz`` -- never Redis -- ``/readyz/full``, ``/metrics``);
+- **one election**, on a Lease (:mod:`.leading`, :mod:`.leader`): the holder runs kopf's
+  handlers (``kopf.operator``, standalone: no kopf peering) and the singleton work -- Stripe's
+  processor, reconciliation, usage export, grace timer and budget import
+  (:mod:`..stripe.budget_import`), the Service bypass check (:mod:`..admission.services`),
+  the audit and the spend watch (:mod:`..budgets`). A replica that loses the Lease stops them
+  and ``run`` exits 1 (Kubernetes restarts it as a standby).
 
-  ``/healthz``      liveness: the process and kopf are alive;
-  ``/readyz``       readiness, the probe behind the webhook's Service: kopf has started and the
-                    admission webhook listens. **Redis is not part of it**: admission needs no
-                    Redis, and a Redis outage must not take the webhook (failurePolicy Fail)
-                    and with it every opted-in pod creation down;
-  ``/readyz/full``  for people and monitors: the above, plus Redis answering PING (503 if
-                    not) and the Stripe integration's state;
-  ``/metrics``      Prometheus (:mod:`.metrics`).
-
-When any of them ends, the others are stopped; SIGTERM/SIGINT stop kopf gracefully.
+When any of them ends, the others are stopped; SIGTERM/SIGINT stop the replica in order: the
+leader's work (kopf's cleanup releases the Lease), then after ``shutdown_drain_s`` the servers.
 """
 
 from __future__ import annotations
@@ -37,7 +27,6 @@ import socket
 from collections.abc import Sequence
 from typing import Any
 
-import kopf
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisClusterException, RedisError
 from redis.retry import Retry
@@ -54,10 +43,10 @@ from ..budgets.spend_watch import SpendWatch
 from ..kube.client import KubeClient
 from ..stripe.budget_import import TemplateFile, load_import_template
 from ..stripe.wiring import StripeService
-from . import metrics
 from .handlers import LoginFn, Runtime, build_registry
 from .health import Health, readiness_checks, serve_health
-from .leader import LeaderElector, LeaderTask, LeaseConfig
+from .leader import LeadershipLost, LeaderTask
+from .leading import Companions, KopfRunner, Signals, campaign, make_elector, without_election
 from .listeners import Service, bind_ports
 from .settings import OperatorSettings
 
@@ -133,26 +122,6 @@ def leader_tasks(
     return tasks
 
 
-async def campaign(
-    settings: OperatorSettings, kube: KubeClient, tasks: Sequence[LeaderTask], stop: asyncio.Event
-) -> None:
-    """Leader election (once kopf has logged in), running ``tasks`` while leading."""
-    config = LeaseConfig(
-        name=settings.lease_name,
-        namespace=settings.lease_ns,
-        identity=identity_of(settings),
-        duration_s=settings.lease_duration_s,
-        renew_deadline_s=settings.lease_renew_deadline_s,
-        retry_s=settings.lease_retry_s,
-    )
-    elector = LeaderElector(kube, config, on_change=metrics.leader_changed)
-    await kube.wait_configured()
-    log.info(
-        "campaigning for the leader lease", extra={"lease": f"{config.namespace}/{config.name}"}
-    )
-    await elector.run(tasks, stop)
-
-
 def identity_of(settings: OperatorSettings) -> str:
     return settings.pod_name or socket.gethostname()
 
@@ -167,7 +136,9 @@ async def run_operator(
     ready_flag: asyncio.Event | None = None,
     health: bool = True,
 ) -> None:
-    """Run until stopped (``stop_flag``, a signal, or a service or kopf ending)."""
+    """Run until stopped (``stop_flag``, SIGINT/SIGTERM, or a service or kopf ending); raises
+    :class:`~.leader.LeadershipLost` when this replica led and lost the Lease. ``ready_flag``
+    is set when kopf's handlers have started here (on the leader)."""
     template: TemplateFile | None = None
     if settings.stripe is not None and settings.stripe.enabled and settings.stripe.import_enabled:
         # Before anything starts: an invalid import template stops the operator here.
@@ -202,54 +173,52 @@ async def run_operator(
     else:
         log.info("Stripe is disabled")
     registry = build_registry(runtime, login=login)
-    ready = ready_flag or asyncio.Event()
-    namespaces = list(settings.namespaces)
-    operator = asyncio.create_task(
-        kopf.operator(
-            registry=registry,
-            clusterwide=not namespaces,
-            namespaces=namespaces,
-            standalone=settings.peering_standalone,
-            identity=settings.pod_name or None,  # type: ignore[arg-type]
-            stop_flag=stop_flag,
-            ready_flag=ready,
-        ),
-        name="kopf operator",
-    )
+    stop = stop_flag if stop_flag is not None else asyncio.Event()
+    signals = Signals(stop)
+    signals.install()
+    kopf_runner = KopfRunner(settings, registry, ready_flag or asyncio.Event(), signals)
+    started = asyncio.Event()  # every replica is ready once its servers listen, leader or not
     extra = [
         asyncio.create_task(service(settings), name=f"service {getattr(service, '__name__', '?')}")
         for service in services
     ]
     if stripe is not None:
         extra.append(asyncio.create_task(stripe.run(), name="service stripe"))
-    tasks = leader_tasks(settings, runtime, stripe)
-    companions = Companions(extra, settings.lease_duration_s, settings.shutdown_drain_s)
-    if settings.leader_election and tasks:
-        companions.elector = asyncio.create_task(
-            campaign(settings, runtime.kube, tasks, companions.leader_stop), name="leader election"
-        )
-    # kopf's cleanup stops them (the Lease released), before kopf reaps leftover tasks.
-    runtime.cleanups.append(companions.stop)
+    drain = settings.shutdown_drain_s
+    companions = Companions(extra, settings.lease_duration_s + 5, drain)
+    if settings.leader_election:
+        elector = make_elector(runtime, identity_of(settings))
+        work = [kopf_runner.run, *leader_tasks(settings, runtime, stripe)]
+        leading = campaign(runtime, login, elector, work, companions.leader_stop)
+
+        async def hand_over() -> None:
+            await elector.hand_over(exclude=[kopf_runner.task])
+
+        # kopf's cleanup (its handlers have stopped) stops the rest and releases the Lease.
+        runtime.cleanups.append(hand_over)
+    else:
+        leading = without_election(runtime, login, kopf_runner, companions.leader_stop)
+    companions.elector = asyncio.create_task(leading, name="leader election")
+    stopped = asyncio.create_task(stop.wait(), name="stop flag")
     try:
         async with contextlib.AsyncExitStack() as stack:
             if health:
                 checker = Health(
                     redis_client,
-                    ready,
-                    lambda: not operator.done(),
+                    started,
+                    companions.alive,
                     checks=[*readiness_checks(services), companions.readiness],
                     info=readiness_checks([stripe]),
                 )
                 assert listeners.health is not None
                 await stack.enter_async_context(serve_health(checker, listeners.health))
                 log.info("health endpoints listening", extra={"port": settings.health_port})
+            started.set()
             done, _ = await asyncio.wait(
-                [operator, *companions.tasks()], return_when=asyncio.FIRST_COMPLETED
+                [stopped, *companions.tasks()], return_when=asyncio.FIRST_COMPLETED
             )
-            if companions.stopping:
-                await asyncio.wait([operator])  # kopf is shutting down: let it finish
             for task in done:
-                if companions.stopping or task is operator or task.cancelled():
+                if task is stopped or task.cancelled():
                     continue
                 if task.exception() is None:
                     log.warning(
@@ -257,65 +226,28 @@ async def run_operator(
                     )
     finally:
         runtime.stopping = True
+        stopped.cancel()
         await companions.stop()
-        operator.cancel()
-        await asyncio.gather(operator, return_exceptions=True)
+        signals.remove()
         if runtime.alerts is not None:
             await runtime.alerts.aclose()
         await runtime.kube.aclose()
         if own_redis:
             with contextlib.suppress(RedisError, RedisClusterException, OSError):
                 await redis_client.aclose()
-    for task in [operator, *companions.tasks()]:
+    for task in companions.tasks():
         if task.done() and not task.cancelled() and task.exception() is not None:
             raise task.exception()  # type: ignore[misc]
 
 
-class Companions:
-    """The tasks beside kopf: services and the leader election. :meth:`stop` (idempotent)
-    first ends the leader's work and releases the Lease, then -- after ``drain_s``, for the
-    requests the API server or Stripe still route to a terminating pod -- stops the services."""
-
-    def __init__(
-        self, services: list[asyncio.Task[None]], timeout_s: float, drain_s: float = 0.0
-    ) -> None:
-        self.services = services
-        self.timeout_s = timeout_s
-        self.drain_s = drain_s
-        self.elector: asyncio.Task[None] | None = None
-        self.leader_stop = asyncio.Event()
-        self.stopping = False
-        self._stopped: asyncio.Future[None] | None = None
-
-    def readiness(self) -> str | None:
-        return "the operator is stopping" if self.stopping else None
-
-    def tasks(self) -> list[asyncio.Task[None]]:
-        return [*self.services, *([self.elector] if self.elector is not None else [])]
-
-    async def stop(self) -> None:
-        self.stopping = True
-        if self._stopped is not None:
-            await asyncio.shield(self._stopped)
-            return
-        self._stopped = asyncio.get_running_loop().create_future()
-        try:
-            if self.elector is not None:
-                self.leader_stop.set()
-                await asyncio.wait([self.elector], timeout=self.timeout_s)
-                self.elector.cancel()
-            if self.services and self.drain_s > 0:
-                await asyncio.wait(self.services, timeout=self.drain_s)
-            for task in self.services:
-                task.cancel()
-            await asyncio.gather(*self.tasks(), return_exceptions=True)
-        finally:
-            self._stopped.set_result(None)
-
-
 def run(settings: OperatorSettings, *, services: Sequence[Service] | None = None) -> None:
-    """Blocking entry point for ``spendgate operator``."""
-    asyncio.run(run_operator(settings, services=services))
+    """Blocking entry point for ``spendgate operator``; exit status 1 when this replica lost
+    the leadership (Kubernetes restarts it as a standby)."""
+    try:
+        asyncio.run(run_operator(settings, services=services))
+    except LeadershipLost as error:
+        log.error("%s; exiting so that this replica restarts as a standby", error)
+        raise SystemExit(1) from None
 
 
 __all__ = [

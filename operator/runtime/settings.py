@@ -25,7 +25,6 @@ class OperatorSettings:
     shutdown_drain_s: float = 3.0
     health_port: int = 8081  # /healthz, /readyz
     health_host: str = "0.0.0.0"
-    peering: str = "spendgate"  # kopf peering object name
     # --- reconciliation (spendgate.operator.runtime.handlers)
     retry_delay_s: float = 5.0  # before retrying a reconcile that met Redis/API trouble
     reconcile_timeout_s: float = 30.0  # one reconcile attempt, all I/O included
@@ -34,16 +33,12 @@ class OperatorSettings:
     kube_timeout_s: float = 10.0  # one request of the operator's own API client
     alert_attempts: int = 4  # POSTs per alert at most (exponential backoff between)
     alert_timeout_s: float = 5.0  # per POST
-    # --- HA: kopf peering. The replica with the highest priority works; the others wait.
-    peering_standalone: bool = False  # no peering at all: exactly one replica (dev, tests)
-    peering_priority: int | None = None  # None: random at each start (distinct replicas)
-    peering_lifetime_s: int = 30  # a silent peer counts as gone after this long
-    pod_name: str = ""  # peering identity and Event reportingInstance (downward API)
+    pod_name: str = ""  # Lease holder identity and Event reportingInstance (downward API)
     injection: InjectionDefaults = field(default_factory=InjectionDefaults)
-    # --- HA: singleton work outside kopf's handlers (Stripe processing, reconciliation, usage
-    # export, grace timer; the Service bypass check) runs on the holder of a Lease
-    # (coordination.k8s.io/v1, operator/runtime/leader.py) in ``lease_namespace`` (default:
-    # namespace).
+    # --- HA: one election. The holder of a Lease (coordination.k8s.io/v1,
+    # operator/runtime/leader.py) in ``lease_namespace`` (default: namespace) runs kopf's
+    # handlers and the singleton work (Stripe processing, reconciliation, usage export, grace
+    # timer; the bypass check, audit, spend watch); False: kopf at once, no singleton work.
     leader_election: bool = True
     lease_name: str = "spendgate-leader"
     lease_namespace: str | None = None

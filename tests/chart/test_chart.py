@@ -326,42 +326,18 @@ def test_chart_crds_are_the_repository_crds() -> None:
         link = CHART / "crds" / source.name
         assert link.is_symlink(), f"{link} must be a symlink to {source}"
         assert link.resolve() == source.resolve()
-    kopf = [p.name for p in (CHART / "crds").glob("*.yaml") if not p.is_symlink()]
-    assert kopf == ["kopfpeerings.kopf.dev.yaml"]
+    # Nothing else: kopf's peering CRDs are not shipped (the Lease elects the leader).
+    assert [p.name for p in (CHART / "crds").glob("*.yaml") if not p.is_symlink()] == []
 
 
-def test_kopf_peering_crds_match_what_kopf_uses() -> None:
-    from kopf._cogs.structs import references
-
-    crds = {c["metadata"]["name"]: c for c in crd_files()}
-    for selector, scope in (
-        (references.CLUSTER_PEERINGS_K, "Cluster"),
-        (references.NAMESPACED_PEERINGS_K, "Namespaced"),
-    ):
-        crd = crds[f"{selector.any_name}.{selector.group}"]
-        assert crd["spec"]["names"]["plural"] == selector.any_name
-        assert crd["spec"]["scope"] == scope
-        assert [v["name"] for v in crd["spec"]["versions"]] == [selector.version]
-        status = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
-        assert status["x-kubernetes-preserve-unknown-fields"] is True
-
-
-def test_default_install_ships_the_crds_and_the_peering_object() -> None:
+def test_default_install_ships_the_crds_and_no_peering_object() -> None:
     objects = render("default")
     names = {c["metadata"]["name"] for c in find(objects, "CustomResourceDefinition")}
-    assert names == {
-        "customerbudgets.spendgate.dev",
-        "pricebooks.spendgate.dev",
-        "clusterkopfpeerings.kopf.dev",
-        "kopfpeerings.kopf.dev",
-    }
-    peering = one(objects, "ClusterKopfPeering")
-    assert peering["metadata"]["name"] == values_yaml()["operator"]["peering"]
-    assert peering["metadata"]["name"] == _operator_settings(objects).peering
-    # The operator uses one ClusterKopfPeering also when it watches only some namespaces.
-    assert one(render("namespaced"), "ClusterKopfPeering") and not find(
-        render("namespaced"), "KopfPeering"
-    )
+    assert names == {"customerbudgets.spendgate.dev", "pricebooks.spendgate.dev"}
+    assert find(objects, "ClusterKopfPeering") == []
+    assert "peering" not in values_yaml()["operator"]
+    assert not find(render("namespaced"), "ClusterKopfPeering")
+    assert not find(render("namespaced"), "KopfPeering")
 
 
 def test_templated_crds_are_the_crd_files_and_are_kept() -> None:
@@ -636,14 +612,12 @@ def test_operator_settings_from_the_rendered_deployment() -> None:
     assert settings.health_port == values["operator"]["ports"]["health"]
     assert settings.webhook_cert_file == "/etc/spendgate/webhook-tls/tls.crt"
     assert settings.webhook_key_file == "/etc/spendgate/webhook-tls/tls.key"
-    assert settings.peering == values["operator"]["peering"]
     assert settings.pod_name.startswith(OPERATOR)
     assert settings.status_interval_s == 30
     assert settings.redis_url.startswith("redis://:") and settings.redis_url.endswith(
         f"@{FULLNAME}-redis.{NAMESPACE}.svc:6379/0"
     )
     assert settings.redis_cluster is False
-    assert not settings.peering_standalone
     # Leader election: a Lease per release, in the namespace of the chart's Role for leases.
     assert settings.leader_election and settings.lease_ns == NAMESPACE
     assert settings.lease_name == f"{OPERATOR}-leader"

@@ -117,7 +117,6 @@ def test_service_account_has_what_the_chart_grants_and_no_more(
         ("create", "events", "-n", "default"),
         ("list", "customresourcedefinitions.apiextensions.k8s.io"),
         ("get", "namespaces"),
-        ("patch", "clusterkopfpeerings.kopf.dev"),
         ("create", "leases.coordination.k8s.io", "-n", namespace),
     ]
     for check in allowed:

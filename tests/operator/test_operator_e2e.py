@@ -1,7 +1,7 @@
 """The operator end to end: kopf running in the test's event loop against an in-memory
 Kubernetes API (tests/support/kube_emulator.py, on kmock) and a real Redis.
 
-Each test starts its own operator (standalone: no peering) and drives it like a user with
+Each test starts its own operator (the leader of its Lease) and drives it like a user with
 kubectl would: create, edit and delete objects, then wait for Redis, status and Events.
 """
 
@@ -157,7 +157,6 @@ async def running_operator(
                 "retry_delay_s": 0.3,
                 "reconcile_timeout_s": 5.0,
                 "kube_timeout_s": 3.0,
-                "peering_standalone": True,
                 "alert_webhook_url": inbox.url,
                 "pod_name": "operator-test-0",
                 **overrides,

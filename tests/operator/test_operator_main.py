@@ -44,21 +44,9 @@ def test_configure_kopf_for_production() -> None:
     assert ks.networking.request_timeout and ks.networking.connect_timeout
     assert ks.watching.server_timeout and ks.watching.client_timeout
     assert ks.watching.client_timeout > ks.watching.server_timeout
-    assert ks.peering.name == "spendgate" and ks.peering.clusterwide
-    assert ks.peering.mandatory and not ks.peering.standalone
-    assert 1 <= ks.peering.priority <= 2**30
-    assert ks.peering.lifetime == 30
+    # One election, the Lease: kopf never peers (only the leader runs it).
+    assert ks.peering.standalone and not ks.peering.mandatory
     assert ks.queueing.worker_limit == 100
-
-
-def test_peering_priority_pinned_or_random() -> None:
-    ks = kopf.OperatorSettings()
-    kopf_settings.configure_kopf(ks, OperatorSettings(peering_priority=7))
-    assert ks.peering.priority == 7
-    assert len({kopf_settings.default_priority() for _ in range(20)}) > 1
-    standalone = kopf.OperatorSettings()
-    kopf_settings.configure_kopf(standalone, OperatorSettings(peering_standalone=True))
-    assert standalone.peering.standalone and not standalone.peering.mandatory
 
 
 def test_registry_has_the_handlers() -> None:
@@ -109,7 +97,7 @@ async def test_health_endpoints(quick_redis: Any, fresh_redis_server: RedisServe
         response = await client.get("/readyz")
         assert response.status == 503
         problems = (await response.json())["problems"]
-        assert "kopf has not started" in problems
+        assert "the operator has not started" in problems
         assert "the admission webhook is not listening yet" in problems
         ready.set()
         admission["problem"] = None
@@ -196,7 +184,6 @@ def test_operator_settings_from_flags_and_env() -> None:
         "SPENDGATE_ALERT_WEBHOOK_URL": "https://hooks.example.com/x",
         "POD_NAME": "op-0",
         "POD_NAMESPACE": "spendgate",
-        "SPENDGATE_PEERING_PRIORITY": "5",
     }
     settings = cli_args.operator_settings_from_args(_parse(), env)
     assert settings.redis_url == "redis://redis:6379/1"
@@ -204,23 +191,19 @@ def test_operator_settings_from_flags_and_env() -> None:
     assert settings.status_interval_s == 15.0
     assert settings.alert_webhook_url == "https://hooks.example.com/x"
     assert (settings.pod_name, settings.namespace) == ("op-0", "spendgate")
-    assert settings.peering_priority == 5 and not settings.peering_standalone
     flags = cli_args.operator_settings_from_args(
         _parse(
             "--watch-namespace",
             "x",
             "--status-interval",
             "2",
-            "--standalone",
             "--health-port",
             "9000",
-            "--priority",
-            "9",
         ),
         env,
     )
     assert flags.namespaces == ("x",) and flags.status_interval_s == 2.0
-    assert flags.peering_standalone and flags.health_port == 9000 and flags.peering_priority == 9
+    assert flags.health_port == 9000
     defaults = cli_args.operator_settings_from_args(_parse(), {})
     assert defaults == OperatorSettings()
 
@@ -259,7 +242,6 @@ def test_leader_election_bypass_check_and_stripe_settings() -> None:
         ([], {"SPENDGATE_STATUS_INTERVAL": "soon"}, "expected a number"),
         (["--health-port", "70000"], {}, "TCP port"),
         (["--alert-webhook-url", "ftp://x"], {}, "http"),
-        ([], {"SPENDGATE_PEERING_PRIORITY": "high"}, "integer"),
     ],
 )
 def test_bad_operator_settings(argv: list[str], env: dict[str, str], message: str) -> None:
@@ -292,7 +274,7 @@ async def test_services_run_beside_kopf_and_their_failure_stops_it(redis_url: st
             with pytest.raises(RuntimeError, match="admission server crashed"):
                 await asyncio.wait_for(
                     run_operator(
-                        OperatorSettings(redis_url=redis_url, peering_standalone=True),
+                        OperatorSettings(redis_url=redis_url),
                         redis_client=client,
                         login=lambda **_: kopf.ConnectionInfo(server=url),
                         services=[admission_like],
@@ -377,7 +359,6 @@ async def test_admission_is_served_beside_kopf_and_gates_readiness(
     webhook_port, health_port = _free_ports(2)
     settings = OperatorSettings(
         redis_url=fresh_redis_server.url,
-        peering_standalone=True,
         leader_election=False,
         webhook_host="127.0.0.1",
         webhook_port=webhook_port,

@@ -37,7 +37,7 @@ def free_port() -> int:
 def test_spendgate_operator_on_a_port_in_use_is_one_line(busy_port: int) -> None:
     process = subprocess.run(
         [
-            *(sys.executable, "-m", "spendgate.cli", "operator", "--standalone"),
+            *(sys.executable, "-m", "spendgate.cli", "operator", "--no-leader-election"),
             *("--health-port", str(busy_port), "--redis", "redis://127.0.0.1:9/0"),
         ],
         capture_output=True,
@@ -94,7 +94,7 @@ async def test_run_operator_says_nothing_started_when_a_port_is_taken(
     busy_port: int, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
-    settings = OperatorSettings(health_port=busy_port, peering_standalone=True)
+    settings = OperatorSettings(health_port=busy_port)
     with pytest.raises(ListenError):
         await run_operator(settings, services=[])
     assert not [r for r in caplog.records if "start" in r.getMessage()]

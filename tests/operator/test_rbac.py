@@ -5,7 +5,7 @@ tests/operator/test_operator_wiring.py against the recording API emulator of
 tests/support/kube_emulator.py):
 the ones recorded earlier in this pytest session (this file sorts after them), or, when they
 are not part of the session, from a run of them in a subprocess (the venv's own ``pytest``).
-Calls that those tests cannot show (they run kopf standalone and hand the admission webhook its
+Calls that those tests cannot show (they hand the admission webhook its
 cluster reads) are listed below with the code that makes them. Every call must be allowed by
 the rendered ClusterRole/Roles, and every (apiGroup, resource, verb) the chart grants must be
 used by some call.
@@ -47,16 +47,11 @@ E2E = tuple(
     for name in ("test_operator_e2e.py", "test_operator_wiring.py")
 )
 SERVICE_ACCOUNT = f"{RELEASE}-spendgate-operator"
-CLUSTER_SCOPED = {"namespaces", "customresourcedefinitions", "clusterkopfpeerings"}
+CLUSTER_SCOPED = {"namespaces", "customresourcedefinitions"}
 DISCOVERY_PREFIXES = ("/api", "/apis", "/version", "/openapi")
 
 # Calls of production runs that the end-to-end tests cannot record.
 PRODUCTION_ONLY = [
-    # kopf peering (the e2e tests run `standalone`): kopf lists and watches ClusterKopfPeerings
-    # and patches its keep-alive into the status of the one named by operator.peering.
-    ApiCall("list", "kopf.dev", "clusterkopfpeerings"),
-    ApiCall("watch", "kopf.dev", "clusterkopfpeerings"),
-    ApiCall("patch", "kopf.dev", "clusterkopfpeerings", name="spendgate"),
     # The admission webhook reads a pod's namespace labels (InClusterApi.namespace_labels);
     # its tests pass their own callable.
     ApiCall("get", "", "namespaces", name="models"),
@@ -243,6 +238,9 @@ def test_hand_written_kopf_calls_are_allowed() -> None:
         ApiCall("create", "coordination.k8s.io", "leases", namespace="a"),
         ApiCall("update", "", "events", namespace="a", name="x"),
         ApiCall("patch", "kopf.dev", "kopfpeerings", namespace="a", name="spendgate"),
+        # No kopf peering (kopf runs standalone on the Lease's holder): nothing of it granted.
+        ApiCall("list", "kopf.dev", "clusterkopfpeerings"),
+        ApiCall("patch", "kopf.dev", "clusterkopfpeerings", name="spendgate"),
     ]
     assert [c for c in refused if allowed(pairs, c)] == []
 
@@ -343,5 +341,4 @@ def test_production_only_calls_are_still_made_by_the_code() -> None:
 
     assert "/api/v1/namespaces/" in inspect.getsource(InClusterApi.namespace_labels)
     source = inspect.getsource(kopf_settings)
-    assert "ks.peering.clusterwide = True" in source
-    assert "ks.peering.name = settings.peering" in source
+    assert "ks.peering.standalone = True" in source  # kopf never peers: nothing to grant
