@@ -33,10 +33,21 @@ class _Protocol(asyncio.Protocol):
         self.reader = hiredis.Reader()
         self.pending: deque[asyncio.Future[Any]] = deque()
         self.closed = asyncio.Event()
+        self.outgoing: list[bytes] = []  # commands sent in this turn of the event loop
 
     def send(self, command: bytes) -> None:
+        """Queue ``command``; every command queued in one turn of the event loop goes out in
+        one write, so many calls in flight cost Redis one wake-up instead of one each."""
+        if self.transport is None or self.transport.is_closing():
+            return
+        if not self.outgoing:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self.outgoing.append(command)
+
+    def _flush(self) -> None:
+        outgoing, self.outgoing = self.outgoing, []
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(command)
+            self.transport.write(b"".join(outgoing))
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]

@@ -29,6 +29,30 @@ async def test_many_calls_in_flight_get_their_own_replies(redis_url: str) -> Non
         await channel.close()
 
 
+async def test_calls_sent_together_leave_in_one_write(redis_url: str) -> None:
+    channel = ScriptChannel(redis_url)
+    try:
+        await channel.evalsha(ECHO_SHA, ECHO, ["warm"], [0])
+        protocol = channel._protocol
+        assert protocol is not None and protocol.transport is not None
+        writes: list[bytes] = []
+        write = protocol.transport.write
+
+        def counted(data: bytes) -> None:
+            writes.append(bytes(data))
+            write(data)
+
+        protocol.transport.write = counted  # type: ignore[method-assign]
+        replies = await asyncio.gather(
+            *(channel.evalsha(ECHO_SHA, ECHO, [f"k{i}"], [i]) for i in range(100))
+        )
+        assert replies == [[f"k{i}".encode(), str(i).encode()] for i in range(100)]
+        assert len(writes) == 1  # one syscall, one Redis wake-up, for all 100 calls
+        assert writes[0].count(b"EVALSHA") == 100
+    finally:
+        await channel.close()
+
+
 async def test_script_is_loaded_again_after_a_flush(redis_url: str) -> None:
     channel = ScriptChannel(redis_url)
     client = redis.asyncio.Redis.from_url(redis_url)
