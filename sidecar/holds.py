@@ -134,7 +134,10 @@ class GpuClock:
                 await asyncio.sleep(delay / 1000)
             if refused:
                 break
-            refused = not await self._extend(paid) or self._paid_ms() == paid
+            try:
+                refused = not await self._extend(paid) or self._paid_ms() == paid
+            except _StoreDown:
+                return  # fail-open: served to the timeout, settled later like any fail-open
         metered.out_of_time = metered.cut_off = True
         self.holds.metrics.time_cutoffs.inc()
         self.up.set()
@@ -165,7 +168,13 @@ class GpuClock:
             return False
         except (RedisError, OSError, TimeoutError):
             holds.metrics.redis_errors.labels("extend").inc()
+            if holds.settings.fail_mode is FailMode.open:
+                raise _StoreDown from None
             return False
         if extension.ok:
             metered.hold += extra
         return extension.ok
+
+
+class _StoreDown(Exception):
+    """Redis is unreachable and the sidecar fails open: stop watching, keep serving."""

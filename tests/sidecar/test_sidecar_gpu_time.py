@@ -13,9 +13,18 @@ import time
 from typing import Any
 
 from spendgate.money import parse_amount
+from spendgate.sidecar.settings import FailMode
 from spendgate.sidecar.standin import StandinConfig
 from tests.sidecar.test_sidecar_streaming import content_event, sse_app
-from tests.support.sidecar_env import ACME_KEY, PRICEBOOK, DataPlane, budget, data_plane
+from tests.support.redis_servers import RedisServer
+from tests.support.sidecar_env import (
+    ACME_KEY,
+    PRICEBOOK,
+    DataPlane,
+    budget,
+    data_plane,
+    replace,
+)
 
 MICRO = 1_000_000
 WINDOW = 200_000  # 200 ms at 1.00 per second, in micro-units
@@ -267,3 +276,34 @@ async def test_without_a_window_an_expression_bound_holds_the_whole_timeout(
         resp = await infer(plane, 10)
         assert resp.status == 200
         assert resp.headers["X-Spendgate-Cost-Limit"] == "5.00"
+
+
+# --------------------------------------------------------------------------- Redis gone mid-way
+
+
+async def _slow_while_redis_hangs(server: RedisServer, mode: FailMode) -> tuple[int, float]:
+    settings = lambda s: replace(s, fail_mode=mode, redis_timeout_s=0.2)  # noqa: E731
+    async with data_plane(server.url, pricebook=gpu_pricebook(), settings=settings) as plane:
+        started = time.monotonic()
+        request = asyncio.create_task(plane.client.get("/slow?ms=1200", headers=AUTH))
+        await asyncio.sleep(0.05)
+        server.freeze()  # the first extension (at 100 ms) finds Redis hung
+        try:
+            resp = await asyncio.wait_for(request, 15)
+            return resp.status, time.monotonic() - started
+        finally:
+            server.thaw()
+
+
+async def test_failing_closed_a_request_whose_hold_cannot_be_extended_is_stopped(
+    fresh_redis_server: RedisServer,
+) -> None:
+    status, elapsed = await _slow_while_redis_hangs(fresh_redis_server, FailMode.closed)
+    assert status == 402 and elapsed < 1.0
+
+
+async def test_failing_open_a_request_whose_hold_cannot_be_extended_is_served(
+    fresh_redis_server: RedisServer,
+) -> None:
+    status, elapsed = await _slow_while_redis_hangs(fresh_redis_server, FailMode.open)
+    assert status == 200 and elapsed >= 1.2
