@@ -668,7 +668,8 @@ def test_sidecar_defaults_reach_the_injector() -> None:
 
 
 def test_sidecar_money_path_values_reach_every_injected_sidecar() -> None:
-    from spendgate.cli import build_parser, sidecar_settings_from_args
+    from spendgate.cli import build_parser
+    from spendgate.cli.servers import sidecar_settings_from_args
     from spendgate.operator.admission.injection import SidecarConfig, sidecar_container
 
     injection = _operator_settings(render("everything")).injection

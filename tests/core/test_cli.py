@@ -15,7 +15,8 @@ import pytest
 import redis
 
 from spendgate import cli
-from spendgate.cli import UsageError, build_parser, main, sidecar_settings_from_args
+from spendgate.cli import UsageError, build_parser, main
+from spendgate.cli.servers import sidecar_settings_from_args
 from spendgate.keys import for_customer
 from spendgate.logs import JsonFormatter, RedactingFilter
 from spendgate.sidecar.settings import FailMode, SidecarSettings

@@ -160,7 +160,8 @@ def test_fail_open_without_a_journal_is_a_usage_error() -> None:
     ("value", "expected"), [("1.00", 1_000_000), ("0", 0), ("0.000001", 1), ("2.5", 2_500_000)]
 )
 def test_fail_open_allowance_is_a_decimal_amount(value: str, expected: int) -> None:
-    from spendgate.cli import build_parser, sidecar_settings_from_args
+    from spendgate.cli import build_parser
+    from spendgate.cli.servers import sidecar_settings_from_args
 
     ns = build_parser().parse_args(["sidecar", "--upstream", "http://m:1"])
     env = {"SPENDGATE_FAIL_OPEN_ALLOWANCE": value}

@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from spendgate.cli import UsageError, build_parser, sidecar_settings_from_args
+from spendgate.cli import UsageError, build_parser
+from spendgate.cli.servers import sidecar_settings_from_args
 from spendgate.sidecar.settings import FailMode
 from tests.support.sidecar_env import ACME_KEY, data_plane, replace
 

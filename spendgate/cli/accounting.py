@@ -12,17 +12,17 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-from . import cli
-from .accounting import abnormal
-from .accounting.audit import audit_customer
-from .accounting.entries import KINDS, LedgerEntry, follow, last_id, make_filter, read_entries
-from .accounting.settlement import InFlight, SettleTimeout, in_flight, wait_settled
-from .accounting.usage import GROUPS, UsageError, rows_csv, rows_json, rows_table, usage_rows
-from .config_store import ConfigStore
-from .durations import parse_duration
-from .keys import check_customer_id
-from .ledger import Ledger
-from .money import format_amount
+from .. import cli
+from ..accounting import abnormal
+from ..accounting.audit import audit_customer
+from ..accounting.entries import KINDS, LedgerEntry, follow, last_id, make_filter, read_entries
+from ..accounting.settlement import InFlight, SettleTimeout, in_flight, wait_settled
+from ..accounting.usage import GROUPS, UsageError, rows_csv, rows_json, rows_table, usage_rows
+from ..config_store import ConfigStore
+from ..durations import parse_duration
+from ..keys import check_customer_id
+from ..ledger import Ledger
+from ..money import format_amount
 
 AUDIT_MISMATCH_EXIT = 3
 

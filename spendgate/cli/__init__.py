@@ -15,34 +15,25 @@ import os
 import sys
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
-from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import urlsplit
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from spendgate.sidecar.money_args import MoneyArgError
-from spendgate.sidecar.money_args import add_arguments as add_money_path_arguments
-from spendgate.sidecar.money_args import overrides as money_path_overrides
-from spendgate.sidecar.settings import FailMode, SidecarSettings
-
-from . import redis_connect
-from .accounting.balance import balance_view
-from .config_store import ConfigStore
-from .credits import CreditRefused
-from .keys import check_customer_id
-from .ledger import Account, Ledger, LedgerError, check_request_id
-from .listening import ListenError
-from .logs import redact, setup_logging
-from .manifests import ApplyError, apply_resources, dry_run_results, load_resources
-from .money import AmountError, format_amount, parse_amount
+from .. import redis_connect
+from ..accounting.balance import balance_view
+from ..config_store import ConfigStore
+from ..credits import CreditRefused
+from ..keys import check_customer_id
+from ..ledger import Account, Ledger, LedgerError, check_request_id
+from ..listening import ListenError
+from ..logs import redact
+from ..manifests import ApplyError, apply_resources, dry_run_results, load_resources
+from ..money import AmountError, format_amount, parse_amount
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
-DEFAULT_LISTEN = "0.0.0.0:8080"
-DEFAULT_PROBE_PORT = 8081
 TRUE_WORDS = {"1", "true", "yes", "on"}
 EXIT_BROKEN_PIPE = 128 + 13  # SIGPIPE
 
@@ -194,7 +185,7 @@ def balance_report(account: Account, now_ms: int) -> dict[str, Any]:
 
 
 async def cmd_balance(ns: argparse.Namespace) -> int:
-    from .cli_accounting import in_flight_lines, settlement_state
+    from .accounting import in_flight_lines, settlement_state
 
     try:
         check_customer_id(ns.customer)
@@ -231,112 +222,6 @@ async def cmd_balance(ns: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- sidecar
-
-
-def _listen(text: str, flag: str = "--listen") -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise UsageError(f"{flag} {text!r}: expected HOST:PORT, like 0.0.0.0:8080")
-    host = host.strip("[]") or "0.0.0.0"
-    return host, int(port)
-
-
-def money_path_settings(ns: argparse.Namespace, env: Mapping[str, str]) -> dict[str, Any]:
-    try:
-        return money_path_overrides(ns, env)
-    except MoneyArgError as error:
-        raise UsageError(str(error)) from None
-
-
-def sidecar_settings_from_args(
-    ns: argparse.Namespace, environ: Mapping[str, str] | None = None
-) -> SidecarSettings:
-    """``SidecarSettings`` from flags, falling back to ``SPENDGATE_*`` variables, then defaults."""
-    env = os.environ if environ is None else environ
-    upstream = ns.upstream or env.get("SPENDGATE_UPSTREAM")
-    if not upstream:
-        raise UsageError(
-            "--upstream (or SPENDGATE_UPSTREAM) is required, e.g. http://127.0.0.1:8000"
-        )
-    parts = urlsplit(upstream)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise UsageError(f"--upstream {upstream!r}: expected an http(s) URL")
-    host, port = _listen(ns.listen or env.get("SPENDGATE_LISTEN") or DEFAULT_LISTEN)
-    probe_listen = ns.probe_listen or env.get("SPENDGATE_PROBE_LISTEN")
-    probe_listen = probe_listen or f"{host}:{DEFAULT_PROBE_PORT}"  # where --listen listens
-    probe_host, probe_port = _listen(probe_listen, "--probe-listen")
-    if probe_port == port:
-        raise UsageError(f"--probe-listen {probe_listen!r}: must differ from the --listen port")
-    cors = ns.cors_origin or [o for o in env.get("SPENDGATE_CORS_ORIGINS", "").split(",") if o]
-    pricebook = ns.pricebook or env.get("SPENDGATE_PRICEBOOK") or "default/default"
-    if pricebook.count("/") != 1 or "" in pricebook.split("/"):
-        raise UsageError(f"--pricebook {pricebook!r}: expected NAMESPACE/NAME")
-    fail_mode = ns.fail_mode or env.get("SPENDGATE_FAIL_MODE") or FailMode.closed.value
-    if fail_mode not in FailMode.__members__:
-        raise UsageError(f"--fail-mode {fail_mode!r}: expected closed or open")
-    max_body = ns.max_body_bytes
-    if max_body is None:
-        max_body = env.get("SPENDGATE_MAX_BODY_BYTES")
-    if max_body is not None and (not str(max_body).isdigit() or int(max_body) <= 0):
-        raise UsageError(f"--max-body-bytes {max_body!r}: expected a positive integer")
-    redis_url, cluster = redis_settings(ns, env)
-    money_path = money_path_settings(ns, env)
-    if fail_mode == FailMode.open.value and not money_path.get("journal_dir"):
-        raise UsageError(
-            "--fail-mode open needs --journal-dir (or SPENDGATE_JOURNAL_DIR): charges served"
-            " without Redis must survive a crash"
-        )
-    settings = SidecarSettings(
-        upstream=upstream.rstrip("/"),
-        redis_url=redis_url,
-        listen_host=host,
-        listen_port=port,
-        probe_host=probe_host,
-        probe_port=probe_port,
-        cors_origins=tuple(o.strip() for o in cors),
-        pricebook=pricebook,
-        fail_mode=FailMode(fail_mode),
-        pod=ns.pod or env.get("SPENDGATE_POD", ""),
-        cluster=cluster,
-        **money_path,
-    )
-    return settings if max_body is None else replace(settings, max_body_bytes=int(max_body))
-
-
-def _setup_logging(ns: argparse.Namespace) -> None:
-    """``--log-level``/``--log-format``, else ``SPENDGATE_LOG_LEVEL``/``_FORMAT``: INFO, json."""
-    env = os.environ
-    level = ns.log_level or env.get("SPENDGATE_LOG_LEVEL") or "INFO"
-    setup_logging(level, json=(ns.log_format or env.get("SPENDGATE_LOG_FORMAT")) != "text")
-
-
-def cmd_sidecar(ns: argparse.Namespace) -> int:
-    settings = sidecar_settings_from_args(ns)
-    _setup_logging(ns)
-    from spendgate.sidecar.journal import JournalError
-    from spendgate.sidecar.server import serve  # written separately; imported only when used
-
-    try:
-        serve(settings)
-    except JournalError as error:
-        print(f"spendgate sidecar: {error}", file=sys.stderr)
-        return 1
-    return 0
-
-
-# --------------------------------------------------------------------------- operator
-
-
-def cmd_operator(ns: argparse.Namespace) -> int:
-    # The operator package (never kopf: that is main's) is imported only for this command.
-    from spendgate.operator.runtime.cli_args import operator_settings_from_args
-
-    settings = operator_settings_from_args(ns)
-    _setup_logging(ns)
-    from spendgate.operator.runtime.main import run  # kopf is imported only when the operator runs
-
-    run(settings)
-    return 0
 
 
 # --------------------------------------------------------------------------- parser
@@ -395,97 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     balance.add_argument("--timeout", default="60s", help="for --wait-settled (default 60s)")
 
-    side = sub.add_parser("sidecar", parents=[common], help="run the metering proxy")
-    side.add_argument("--upstream", metavar="URL", help="model server (env SPENDGATE_UPSTREAM)")
-    side.add_argument(
-        "--listen", metavar="HOST:PORT", help=f"env SPENDGATE_LISTEN, default {DEFAULT_LISTEN}"
-    )
-    side.add_argument(
-        "--probe-listen",
-        metavar="HOST:PORT",
-        help="/healthz, /readyz and /metrics (env SPENDGATE_PROBE_LISTEN,"
-        f" default: the --listen host, port {DEFAULT_PROBE_PORT})",
-    )
-    side.add_argument(
-        "--cors-origin",
-        action="append",
-        metavar="ORIGIN",
-        help="a browser origin allowed to call the API, repeatable, '*' for any"
-        " (env SPENDGATE_CORS_ORIGINS, comma-separated; default none)",
-    )
-    side.add_argument(
-        "--pricebook", metavar="NS/NAME", help="env SPENDGATE_PRICEBOOK, default default/default"
-    )
-    side.add_argument(
-        "--fail-mode",
-        choices=["closed", "open"],
-        help="when Redis is unreachable (env SPENDGATE_FAIL_MODE, default closed)",
-    )
-    side.add_argument("--pod", help="pod name for the ledger (env SPENDGATE_POD)")
-    add_money_path_arguments(side)
-    side.add_argument(
-        "--max-body-bytes",
-        type=int,
-        metavar="N",
-        help="largest request body (env SPENDGATE_MAX_BODY_BYTES)",
-    )
-    _add_logging_flags(side)
+    from .servers import add_commands as add_server_commands  # it imports this module
 
-    op = sub.add_parser("operator", parents=[common], help="run the Kubernetes operator (kopf)")
-    op.add_argument(
-        "--watch-namespace",
-        action="append",
-        metavar="NS",
-        help="watch only this namespace, repeatable (env SPENDGATE_WATCH_NAMESPACES=a,b;"
-        " default: cluster-wide)",
-    )
-    op.add_argument(
-        "--operator-namespace",
-        metavar="NS",
-        help="where the operator runs (env SPENDGATE_OPERATOR_NAMESPACE or POD_NAMESPACE)",
-    )
-    op.add_argument(
-        "--status-interval",
-        type=float,
-        metavar="SECONDS",
-        help="status refresh from Redis (env SPENDGATE_STATUS_INTERVAL, default 30)",
-    )
-    op.add_argument(
-        "--alert-webhook-url",
-        metavar="URL",
-        help="POST Slack-compatible JSON alerts here (env SPENDGATE_ALERT_WEBHOOK_URL)",
-    )
-    op.add_argument(
-        "--health-port", type=int, help="/healthz and /readyz (env SPENDGATE_HEALTH_PORT, 8081)"
-    )
-    op.add_argument(
-        "--webhook-port", type=int, help="admission webhook (env SPENDGATE_WEBHOOK_PORT, 8443)"
-    )
-    op.add_argument("--webhook-cert-file", help="env SPENDGATE_WEBHOOK_CERT_FILE")
-    op.add_argument("--webhook-key-file", help="env SPENDGATE_WEBHOOK_KEY_FILE")
-    op.add_argument("--pod-name", help="leader identity (env POD_NAME)")
-    op.add_argument(
-        "--lease-name",
-        metavar="NAME",
-        help="Lease of the leader election, in the operator's namespace (env"
-        " SPENDGATE_LEASE_NAME, default spendgate-leader)",
-    )
-    op.add_argument(
-        "--no-leader-election",
-        action="store_true",
-        help="one replica only: kopf's handlers at once, no Lease and no singleton work (no"
-        " Stripe processing or export, no bypass check) (env SPENDGATE_LEADER_ELECTION=false)",
-    )
-    op.add_argument(
-        "--bypass-check-interval",
-        type=float,
-        metavar="SECONDS",
-        help="check Services bypassing the sidecar this often, 0 = never"
-        " (env SPENDGATE_BYPASS_CHECK_INTERVAL, default 120)",
-    )
-    _add_logging_flags(op)
+    add_server_commands(sub, common)
 
-    from .cli_accounting import add_commands  # it imports this module
+    from .accounting import add_commands  # it imports this module
 
     add_commands(sub, common)
     sub.add_parser(
@@ -494,13 +293,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the stand-in OpenAI-compatible model server (see --help)",
     )
     return parser
-
-
-def _add_logging_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--log-level", help="env SPENDGATE_LOG_LEVEL, default INFO")
-    parser.add_argument(
-        "--log-format", choices=["json", "text"], help="env SPENDGATE_LOG_FORMAT, default json"
-    )
 
 
 _ASYNC_COMMANDS = {
@@ -549,11 +341,11 @@ def _run_parsed(args: list[str]) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
-        if ns.command == "sidecar":
-            return cmd_sidecar(ns)
-        if ns.command == "operator":
-            return cmd_operator(ns)
-        from .cli_accounting import COMMANDS as ACCOUNTING_COMMANDS
+        if ns.command in ("sidecar", "operator"):
+            from .servers import COMMANDS as SERVER_COMMANDS
+
+            return SERVER_COMMANDS[ns.command](ns)
+        from .accounting import COMMANDS as ACCOUNTING_COMMANDS
 
         return asyncio.run({**_ASYNC_COMMANDS, **ACCOUNTING_COMMANDS}[ns.command](ns))
     except ApplyError as error:
