@@ -16,6 +16,7 @@ import redis
 
 from spendgate import cli
 from spendgate.cli import UsageError, build_parser, main
+from spendgate.cli import servers as cli_servers
 from spendgate.cli.servers import sidecar_settings_from_args
 from spendgate.keys import for_customer
 from spendgate.logs import JsonFormatter, RedactingFilter
@@ -358,7 +359,7 @@ def test_sidecar_command_calls_serve_lazily(
     fake = types.ModuleType("spendgate.sidecar.server")
     fake.serve = served.append  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "spendgate.sidecar.server", fake)
-    monkeypatch.setattr(cli, "setup_logging", lambda *a, **k: None)
+    monkeypatch.setattr(cli_servers, "setup_logging", lambda *a, **k: None)
     assert run(capsys, "sidecar", "--upstream", "http://127.0.0.1:8000")[0] == 0
     assert served == [SidecarSettings(upstream="http://127.0.0.1:8000")]
     code, _, err = run(capsys, "sidecar")
