@@ -581,7 +581,7 @@ def _env_names_read_by_the_cli() -> set[str]:
     return set(
         re.findall(
             r'"(SPENDGATE_[A-Z_]+|POD_NAME|POD_NAMESPACE)"',
-            (ROOT / "spendgate" / "cli.py").read_text()
+            "".join(p.read_text() for p in sorted((ROOT / "spendgate" / "cli").glob("*.py")))
             + (ROOT / "operator" / "runtime" / "cli_args.py").read_text(),
         )
     )
