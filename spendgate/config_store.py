@@ -11,9 +11,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import keys as rkeys
-from .keys import hash_api_key
+from .keys import decode_ancestors, encode_ancestors, hash_api_key
 from .ledger import Ledger
 from .models import CustomerBudget, PriceBook, PriceBookSpec
+from .tree_rules import Level, gather_levels, place, reparenting_problem
 
 
 class ConfigConflict(ValueError):
@@ -80,6 +81,7 @@ class ConfigStore:
                 f"customerId {spec.customer_id!r} is already claimed by CustomerBudget {owner};"
                 f" {budget.ref} cannot use it too"
             )
+        ancestors = await self.check_place(budget)
         wanted: dict[str, KeyOwner] = {}
         for key in spec.api_keys:
             if key.disabled:
@@ -99,11 +101,50 @@ class ConfigStore:
             wanted[digest] = KeyOwner(spec.customer_id, key.name)
 
         await self.redis.hset(rkeys.CUSTOMERS, spec.customer_id, budget.ref)
-        balance_change = await self.ledger.configure(spec)
+        if ancestors:  # recorded for good before the budget's keys exist (see budget_tree)
+            await self.redis.hset(rkeys.TREE, spec.customer_id, encode_ancestors(ancestors))
+        parent = ancestors[0] if ancestors else None
+        balance_change = await self.ledger.configure(spec, parent=parent)
         await self.ledger.unsuspend(spec.customer_id, "deleted")  # a re-created budget
         removed = await self._replace_keys(spec.customer_id, wanted)
         await self.publish(f"customer:{spec.customer_id}")
         return BudgetApplied(spec.customer_id, len(wanted), removed, balance_change)
+
+    # ----------------------------------------------------------------- trees
+
+    async def applied_level(self, ref: str) -> Level | None:
+        """The tree rules' view of the applied budget ``namespace/name``, None if not applied."""
+        owners = await self.list_customers()
+        customer_id = next((cid for cid, owner in owners.items() if owner == ref), None)
+        if customer_id is None:
+            return None
+        ancestors = decode_ancestors(await self.redis.hget(rkeys.TREE, customer_id))
+        cfg = await self.redis.hmget(
+            rkeys.for_customer(customer_id, ancestors).cfg, "currency", "limit", "period"
+        )
+        currency, limit, period = (_text(v) if v is not None else "" for v in cfg)
+        return Level(ref, customer_id, currency, int(limit or 0), period, None, ancestors)
+
+    async def recorded_place(self, customer_id: str) -> tuple[str, ...] | None:
+        """A customer's ancestors as Redis has them; None if it has no account anywhere."""
+        recorded = await self.redis.hget(rkeys.TREE, customer_id)
+        if recorded is not None:
+            return decode_ancestors(recorded)
+        exists = await self.redis.exists(rkeys.for_customer(customer_id).acct)
+        return () if exists else None
+
+    async def check_place(self, budget: CustomerBudget) -> tuple[str, ...]:
+        """The budget's ancestors (parent first) by the tree rules, against Redis."""
+        levels = await gather_levels([budget], {}, self.applied_level)
+        placement = place(budget, levels.get)
+        problems = list(placement.problems)
+        if not problems:
+            recorded = await self.recorded_place(budget.spec.customer_id)
+            moved = reparenting_problem(budget.spec.customer_id, recorded, placement.ancestors)
+            problems += [moved] if moved else []
+        if problems:
+            raise ConfigConflict("; ".join(problems))
+        return placement.ancestors
 
     async def _replace_keys(self, customer_id: str, wanted: dict[str, KeyOwner]) -> int:
         index = _key_index(customer_id)

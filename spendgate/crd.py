@@ -87,6 +87,7 @@ RESOURCES = (
         ("cb",),
         (
             _column("Customer", ".spec.customerId"),
+            _column("Parent", ".spec.parent"),
             _column("Mode", ".spec.mode", priority=1),
             _column("State", ".status.state"),
             _column("Currency", ".spec.currency", priority=1),

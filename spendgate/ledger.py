@@ -18,8 +18,9 @@ from typing import Any
 from redis.exceptions import MaxConnectionsError
 
 from .backpressure import CallLimiter, LocalExhaustion
+from .budget_tree import TreeIndex
 from .credits import Credit, credit_result
-from .keys import for_customer
+from .keys import CustomerKeys, for_customer, tree_script_keys
 from .models import CustomerBudgetSpec, Mode, RateLimit
 from .script_channel import ClusterRedirect, ClusterScriptChannel, ScriptChannel
 
@@ -41,6 +42,9 @@ class Outcome(StrEnum):
     insufficient = "insufficient"
     cap_reached = "cap_reached"
     rate_limited = "rate_limited"
+
+
+_STALE_TREE = ("unknown_customer", "moved")  # the keys named were not where the budget lives
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,7 @@ class Reservation:
     retry_after_ms: int | None = None
     limit_id: str | None = None
     detail: str = ""
+    level: str = ""  # for a tree: the customerId of the level that refused, "key" for a key's cap
 
     @property
     def ok(self) -> bool:
@@ -77,6 +82,7 @@ class Extension:
     hold: int = 0
     available: int | None = None
     reason: str = ""
+    level: str = ""  # for a tree: the customerId of the level that refused, "key" for a key's cap
 
 
 @dataclass(frozen=True)
@@ -195,6 +201,8 @@ def budget_config(spec: CustomerBudgetSpec) -> dict[str, str]:
             config[f"krl:{key.name}"] = json.dumps(
                 _rate_limit_entries(key.rate_limits, f"k:{key.name}")
             )
+        if key.limit is not None and key.period is not None:
+            config[f"kcap:{key.name}"] = f"{key.limit}|{key.period.value}"
     return config
 
 
@@ -218,6 +226,7 @@ class Ledger:
         self.channel = channel  # a pipelined hot-path connection; redis-py otherwise
         self.limiter = limiter  # bounds the calls in flight (the sidecar's pool size)
         self._scripts = {name: redis.register_script(_load_script(name)) for name in SCRIPT_NAMES}
+        self.tree = TreeIndex(redis)
 
     def _now(self) -> int:
         return self.clock() if self.clock else 0
@@ -234,6 +243,31 @@ class Ledger:
             return await self._call(name, keys, args)
         async with self.limiter.slot():
             return await self._call(name, keys, args)
+
+    async def keys_of(self, customer_id: str) -> CustomerKeys:
+        """The keys of a budget, wherever it sits in its tree."""
+        return for_customer(customer_id, await self.tree.ancestors(customer_id))
+
+    async def _run_tree(
+        self, name: str, customer_id: str, idempotency: str | None, args: list[Any]
+    ) -> tuple[list[Any], tuple[str, ...]]:
+        """Run a script on a budget and every ancestor; returns the result and the path used
+        (the budget first). A stale view of the tree (a budget applied since) is read again."""
+        ancestors = await self.tree.ancestors(customer_id)
+        _, keys = tree_script_keys(customer_id, ancestors, idempotency)
+        result = await self._run(name, keys, args)
+        if result and result[0] in _STALE_TREE:
+            fresh = await self.tree.ancestors(customer_id, fresh=True)
+            if fresh != ancestors:
+                ancestors = fresh
+                _, keys = tree_script_keys(customer_id, ancestors, idempotency)
+                result = await self._run(name, keys, args)
+        if result and result[0] == "moved":
+            raise LedgerError(
+                f"customer {customer_id!r}: its tree in Redis ({', '.join(ancestors) or 'none'})"
+                " does not match its configuration; re-apply the budget"
+            )
+        return result, (customer_id, *ancestors)
 
     async def _call(self, name: str, keys: list[str], args: list[Any]) -> list[Any]:
         script = self._scripts[name]
@@ -268,10 +302,9 @@ class Ledger:
         minimum = estimate if minimum is None else minimum
         if not 0 <= minimum <= estimate:
             raise LedgerError(f"minimum must be within 0..{estimate}, got {minimum}")
-        keys = for_customer(customer_id)
         rid = check_request_id(request_id)
         args = [self._now(), rid, key_id, estimate, currency, ttl_ms, minimum]
-        result = await self._run("reserve", keys.script_keys(keys.request(rid)), args)
+        result, path = await self._run_tree("reserve", customer_id, f"req:{rid}", args)
         outcome = Outcome(result[0])
         if outcome is Outcome.reserved:
             rate = RateInfo(*result[4:7]) if result[4] >= 0 else None
@@ -287,13 +320,19 @@ class Ledger:
                 retry_after_ms=result[1],
                 rate=RateInfo(result[2], result[3], result[4]),
                 limit_id=result[5],
+                level=_level(path, result, 6),
             )
         if outcome in (Outcome.insufficient, Outcome.cap_reached):
-            return Reservation(outcome, rid, estimate, available=result[1])
+            return Reservation(
+                outcome, rid, estimate, available=result[1], level=_level(path, result, 3)
+            )
         if outcome is Outcome.suspended:
-            return Reservation(outcome, rid, estimate, detail=f"{result[1]}: {result[2]}")
+            detail = f"{result[1]}: {result[2]}"
+            return Reservation(outcome, rid, estimate, detail=detail, level=_level(path, result, 3))
         if outcome is Outcome.currency_mismatch:
-            return Reservation(outcome, rid, estimate, detail=result[1])
+            return Reservation(
+                outcome, rid, estimate, detail=result[1], level=_level(path, result, 2)
+            )
         if outcome is Outcome.cost_cap:
             return Reservation(outcome, rid, estimate, available=result[1])
         return Reservation(outcome, rid, estimate)
@@ -303,14 +342,14 @@ class Ledger:
     ) -> Extension:
         if extra <= 0:
             raise LedgerError(f"extension must be positive, got {extra}")
-        keys = for_customer(customer_id)
         rid = check_request_id(request_id)
         args = [self._now(), rid, extra, ttl_ms]
-        result = await self._run("extend", keys.script_keys(keys.request(rid)), args)
+        result, path = await self._run_tree("extend", customer_id, f"req:{rid}", args)
         if result[0] == "ok":
             return Extension(True, hold=result[1], available=result[2])
         if result[0] == "insufficient":
-            return Extension(False, available=result[1], reason="insufficient")
+            level = _level(path, result, 3)
+            return Extension(False, available=result[1], reason="insufficient", level=level)
         return Extension(False, reason=result[0])
 
     async def settle(
@@ -324,10 +363,11 @@ class Ledger:
     ) -> Settlement:
         if cost < 0:
             raise LedgerError(f"cost must not be negative, got {cost}")
-        keys = for_customer(customer_id)
         rid = check_request_id(request_id)
         args = [self._now(), rid, cost, key_id, IDEMPOTENCY_TTL_MS, *(usage or Usage()).fields()]
-        result = await self._run("settle", keys.script_keys(keys.request(rid)), args)
+        if self.tree.path(customer_id)[1:] or await self.tree.ancestors(customer_id):
+            args += ["budget", customer_id]  # entries of a tree name the budget of the key
+        result, _ = await self._run_tree("settle", customer_id, f"req:{rid}", args)
         if result[0] == "duplicate":
             return Settlement(duplicate=True)
         return Settlement(
@@ -336,17 +376,15 @@ class Ledger:
 
     async def release(self, customer_id: str, request_id: str) -> int | None:
         """Free a hold without charging; returns the amount freed, None if already final."""
-        keys = for_customer(customer_id)
         rid = check_request_id(request_id)
         args = [self._now(), rid, IDEMPOTENCY_TTL_MS]
-        result = await self._run("release", keys.script_keys(keys.request(rid)), args)
+        result, _ = await self._run_tree("release", customer_id, f"req:{rid}", args)
         return None if result[0] == "duplicate" else int(result[1])
 
     async def sweep(self, customer_id: str, max_holds: int = 500) -> tuple[int, int]:
         """Release up to ``max_holds`` expired holds; returns (released, still expired)."""
-        keys = for_customer(customer_id)
         args = [self._now(), max_holds]
-        result = await self._run("sweep", keys.script_keys(keys.request("sweep")), args)
+        result, _ = await self._run_tree("sweep", customer_id, "req:sweep", args)
         return int(result[1]), int(result[2])
 
     # ----------------------------------------------------------------- money in
@@ -388,7 +426,7 @@ class Ledger:
         note: str,
         allow_negative: bool,
     ) -> Credit:
-        keys = for_customer(customer_id)
+        keys = await self.keys_of(customer_id)
         fid = check_request_id(funding_id)
         flag = "1" if allow_negative else "0"
         args = [self._now(), fid, amount, kind, flag, "source", source, "note", note]
@@ -397,34 +435,41 @@ class Ledger:
 
     # ----------------------------------------------------------------- configuration
 
-    async def configure(self, spec: CustomerBudgetSpec) -> int:
-        """Write a budget's configuration; returns the balance change its opening balance made."""
-        keys = for_customer(spec.customer_id)
+    async def configure(self, spec: CustomerBudgetSpec, parent: str | None = None) -> int:
+        """Write a budget's configuration; returns the balance change its opening balance made.
+
+        ``parent`` is the parent budget's customerId, for a budget in a tree (whose place is
+        recorded in ``sg:tree`` first, by ``ConfigStore``)."""
+        ancestors = await self.tree.ancestors(spec.customer_id, fresh=True)
+        keys = for_customer(spec.customer_id, ancestors)
         spec_balance = spec.balance if spec.balance is not None else -1
+        config = budget_config(spec)
+        if parent is not None:
+            config["parent"] = parent
         pairs: list[str] = []
-        for name, value in budget_config(spec).items():
+        for name, value in config.items():
             pairs += [name, value]
         args = [self._now(), spec_balance, "1" if spec.policy.suspended else "0", *pairs]
         result = await self._run("configure", keys.script_keys(keys.cfg), args)
         return int(result[1])
 
     async def suspend(self, customer_id: str, source: str, reason: str) -> None:
-        await self.redis.hset(for_customer(customer_id).suspensions, source, reason)
+        await self.redis.hset((await self.keys_of(customer_id)).suspensions, source, reason)
 
     async def unsuspend(self, customer_id: str, source: str) -> None:
-        await self.redis.hdel(for_customer(customer_id).suspensions, source)
+        await self.redis.hdel((await self.keys_of(customer_id)).suspensions, source)
 
     # ----------------------------------------------------------------- reading
 
     async def account(self, customer_id: str) -> Account:
-        keys = for_customer(customer_id)
+        keys = await self.keys_of(customer_id)
         cfg = await self.redis.hgetall(keys.cfg)
         acct = await self.redis.hgetall(keys.acct)
         suspensions = await self.redis.hgetall(keys.suspensions)
         return account_from_hashes(customer_id, cfg, acct, suspensions)
 
     async def ledger_entries(self, customer_id: str, count: int = 100) -> list[dict[str, str]]:
-        keys = for_customer(customer_id)
+        keys = await self.keys_of(customer_id)
         entries = await self.redis.xrange(keys.ledger, count=count)
         return [
             {"id": _text(entry_id), **{_text(k): _text(v) for k, v in fields.items()}}
@@ -432,8 +477,21 @@ class Ledger:
         ]
 
     async def holds(self, customer_id: str) -> dict[str, int]:
-        raw = await self.redis.hgetall(for_customer(customer_id).holds)
+        raw = await self.redis.hgetall((await self.keys_of(customer_id)).holds)
         return {_text(rid): int(_text(value).split("|")[0]) for rid, value in raw.items()}
+
+
+def _level(path: tuple[str, ...], result: list[Any], index: int) -> str:
+    """The level a refusal names (1 = the budget, 2 its parent, ..., 0 = the key's cap); ""
+    for a single budget's own refusal."""
+    if len(result) <= index:
+        return ""
+    at = int(result[index])
+    if at == 0:
+        return "key"
+    if len(path) == 1:
+        return ""
+    return path[at - 1] if 0 < at <= len(path) else ""
 
 
 def account_from_hashes(

@@ -33,6 +33,7 @@ from .models import (
     parse_resource,
 )
 from .money import format_amount
+from .tree_rules import Level, gather_levels, level_of, parents_first, place, reparenting_problem
 
 MIN_KEY_LENGTH = 16
 _DNS_RE = re.compile(DNS_SUBDOMAIN_PATTERN)
@@ -293,11 +294,32 @@ def load_resources(inputs: Iterable[tuple[str, str]]) -> Resources:
                     f" by {first}; every key must be unique"
                 )
         resources.budgets.append(PlannedBudget(resource, source, keys))
+    problems += _tree_problems(resources, partial=True)
     if not problems and not parsed:
         problems.append(_nothing_to_apply(names, bool(resources.secrets)))
     if problems:
         raise ApplyError(problems)
     return resources
+
+
+def _tree_problems(
+    resources: Resources, fetched: Mapping[str, Level | None] | None = None, *, partial: bool
+) -> list[str]:
+    """The tree rules over the input's budgets (parents from the input, then ``fetched`` from
+    Redis); orders ``resources.budgets`` parents first."""
+    planned = {p.budget.ref: p for p in resources.budgets}
+    known = {ref: level_of(p.budget) for ref, p in planned.items()}
+
+    def find(ref: str) -> Level | None:
+        return known.get(ref) or (fetched or {}).get(ref)
+
+    problems = []
+    for p in resources.budgets:
+        placement = place(p.budget, find, partial=partial)
+        problems += [f"{p.source}: {problem}" for problem in placement.problems]
+    order = parents_first([p.budget for p in resources.budgets])
+    resources.budgets = [planned[budget.ref] for budget in order]
+    return problems
 
 
 def _nothing_to_apply(names: list[str], secrets: bool) -> str:
@@ -346,11 +368,19 @@ async def check_conflicts(store: ConfigStore, resources: Resources) -> list[str]
     PriceBooks in another currency)."""
     problems: list[str] = []
     currencies = await known_currencies(store, resources) if resources.budgets else {}
+    known = {p.budget.ref: level_of(p.budget) for p in resources.budgets}
+    fetched = await gather_levels([p.budget for p in resources.budgets], known, store.applied_level)
+    problems += _tree_problems(resources, fetched, partial=False)
     for planned in resources.budgets:
         budget = planned.budget
         problems += [
             f"{planned.source}: {problem}" for problem in currency_problems(budget, currencies)
         ]
+        recorded = await store.recorded_place(budget.spec.customer_id)
+        wanted = place(budget, lambda ref: known.get(ref) or fetched.get(ref)).ancestors
+        moved = reparenting_problem(budget.spec.customer_id, recorded, wanted)
+        if moved and not (wanted == () and budget.spec.parent):
+            problems.append(f"{planned.source}: {moved}")
         owner = await store.owner_of(budget.spec.customer_id)
         if owner is not None and owner != budget.ref:
             problems.append(

@@ -241,10 +241,26 @@ class SecretKeyRef(_Model):
 class ApiKeyRef(_Model):
     """One API key of a customer, held in a Secret; only its SHA-256 hash reaches Redis."""
 
+    model_config = ConfigDict(
+        json_schema_extra=cel(
+            ("has(self.limit) == has(self.period)", "a key's spend cap needs both limit and period")
+        )
+    )
+
     name: str = Field(pattern=KEY_NAME_PATTERN, json_schema_extra=_NAME_SCHEMA)
     secret_ref: SecretKeyRef
     rate_limits: list[RateLimit] = Field(default_factory=list, max_length=8)
+    limit: PositiveAmount | None = Field(
+        default=None, description="This key's own spend cap per period, inside its budget's."
+    )
+    period: Period | None = Field(default=None, description="The period the key's limit counts.")
     disabled: bool = False
+
+    @model_validator(mode="after")
+    def _key_cap(self) -> Self:
+        if (self.limit is None) != (self.period is None):
+            raise ValueError(f"apiKeys[{self.name}]: a key's spend cap needs both limit and period")
+        return self
 
 
 # --------------------------------------------------------------------------- CustomerBudget
@@ -448,11 +464,38 @@ class CustomerBudgetSpec(_Model):
                 " || self.currency.matches('^[a-z]')",
                 "stripe.exchangeRate is for budgets in a custom unit",
             ),
+            (
+                "!has(self.parent) || !has(self.stripe)",
+                "stripe links a root budget; a budget with a parent spends its root's money",
+            ),
+            (
+                "has(self.parent) == has(oldSelf.parent)"
+                " && (!has(self.parent) || self.parent == oldSelf.parent)",
+                "parent is fixed once applied: re-parenting is not supported (create a budget"
+                " with a new customerId under the new parent)",
+            ),
         )
     )
 
     customer_id: str = Field(
         pattern=CUSTOMER_ID_PATTERN, description="Unique across the cluster; names the customer."
+    )
+    parent: str | None = Field(
+        default=None,
+        max_length=253,
+        description="The CustomerBudget (by name, in this namespace) this budget is a level of:"
+        " a request must fit every level up to the root. Fixed once applied.",
+        json_schema_extra=cel(
+            (
+                "!self.contains('/')",
+                "parent must be a CustomerBudget in the same namespace (a name, not"
+                " namespace/name)",
+            ),
+            (
+                f"self.contains('/') || self.matches('{DNS_SUBDOMAIN_PATTERN}')",
+                "parent must be a CustomerBudget name",
+            ),
+        ),
     )
     display_name: str | None = Field(default=None, max_length=200)
     mode: Mode = Field(
@@ -483,6 +526,18 @@ class CustomerBudgetSpec(_Model):
         " operator reports a missing one or one in another currency.",
     )
 
+    @field_validator("parent")
+    @classmethod
+    def _parent_here(cls, value: str | None) -> str | None:
+        if value is not None and "/" in value:
+            raise ValueError(
+                f"{value!r}: parent must be a CustomerBudget in the same namespace (a name, not"
+                " namespace/name)"
+            )
+        if value is not None and not re.match(DNS_SUBDOMAIN_PATTERN, value):
+            raise ValueError(f"{value!r}: parent must be a CustomerBudget name")
+        return value
+
     @model_validator(mode="after")
     def _cross_field(self) -> Self:
         if self.mode is Mode.capped:
@@ -501,6 +556,10 @@ class CustomerBudgetSpec(_Model):
             raise ValueError(
                 f"stripe.exchangeRate is for budgets in a custom unit; this budget counts"
                 f" {self.currency}, which Stripe pays in directly"
+            )
+        if self.parent is not None and self.stripe is not None:
+            raise ValueError(
+                "stripe links a root budget; a budget with a parent spends its root's money"
             )
         names = [key.name for key in self.api_keys]
         duplicates = sorted({name for name in names if names.count(name) > 1})

@@ -7,9 +7,18 @@
 --   3 holds (hash rid -> "amount|deadline|key|estimate")   4 hold deadlines (zset)
 --   5 rate-limit TATs (hash)   6 suspensions (hash source -> reason)   7 ledger (stream)
 --   8 the operation's idempotency key (request id or funding id)
+-- then, for a budget in a tree, 7 keys per ancestor (parent first, the root last), in the
+-- order of 1..7. LEVELS[1] is the budget itself, LEVELS[#LEVELS] the root.
 
 local K_CFG, K_ACCT, K_HOLDS, K_DEADLINES, K_RL, K_SUSP, K_LEDGER, K_IDEM =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+
+local LEVELS = {{cfg = K_CFG, acct = K_ACCT, holds = K_HOLDS, dl = K_DEADLINES, rl = K_RL,
+  susp = K_SUSP, ledger = K_LEDGER}}
+for b = 9, #KEYS - 6, 7 do
+  LEVELS[#LEVELS + 1] = {cfg = KEYS[b], acct = KEYS[b + 1], holds = KEYS[b + 2],
+    dl = KEYS[b + 3], rl = KEYS[b + 4], susp = KEYS[b + 5], ledger = KEYS[b + 6]}
+end
 
 local DAY_MS = 86400000
 
@@ -47,12 +56,14 @@ local function period_start(period, now)
   return 0
 end
 
--- Reset spent at the start of a new period; returns the current period start.
-local function rollover(period, now)
+-- Reset spent at the start of a new period; returns the current period start. `acct` is a
+-- level's account (the budget's own by default); `prefix` names a key's own counters in it.
+local function rollover(period, now, acct, prefix)
   if not period or period == '' then return 0 end
+  acct, prefix = acct or K_ACCT, prefix or ''
   local start = period_start(period, now)
-  if num(redis.call('HGET', K_ACCT, 'pstart')) ~= start then
-    redis.call('HSET', K_ACCT, 'spent', 0, 'pstart', start)
+  if num(redis.call('HGET', acct, prefix .. 'pstart')) ~= start then
+    redis.call('HSET', acct, prefix .. 'spent', 0, prefix .. 'pstart', start)
   end
   return start
 end
@@ -66,10 +77,46 @@ local function encode_hold(amount, deadline, key, estimate)
   return fmt_int(amount) .. '|' .. fmt_int(deadline) .. '|' .. key .. '|' .. fmt_int(estimate)
 end
 
-local function drop_hold(rid, amount)
-  redis.call('HINCRBY', K_ACCT, 'held', 0 - amount)  -- never -0, which HINCRBY refuses
-  redis.call('HDEL', K_HOLDS, rid)
+-- Per-key spend cap "limit|period" (cfg kcap:<key>); counters k:<key>:spent|held|pstart in acct.
+local function key_prefix(key)
+  return 'k:' .. key .. ':'
+end
+
+local function parse_key_cap(raw)
+  if not raw or raw == '' then return nil end
+  local limit, period = string.match(raw, '^(%d+)|(%a*)$')
+  return tonumber(limit), period
+end
+
+-- Take `delta` off a key's held counter, if the key counts one (never below zero: a cap added
+-- while its holds were in flight did not count them).
+local function key_unhold(key, amount)
+  local field = key_prefix(key) .. 'held'
+  if amount ~= 0 and redis.call('HEXISTS', K_ACCT, field) == 1 then
+    if redis.call('HINCRBY', K_ACCT, field, 0 - amount) < 0 then
+      redis.call('HSET', K_ACCT, field, 0)
+    end
+  end
+end
+
+-- Drop a hold at every level (the deadline lives only at the budget itself).
+local function drop_hold(rid, amount, key)
+  for i, level in ipairs(LEVELS) do
+    redis.call('HINCRBY', level.acct, 'held', 0 - amount)  -- never -0, which HINCRBY refuses
+    redis.call('HDEL', level.holds, rid)
+  end
   redis.call('ZREM', K_DEADLINES, rid)
+  if key then key_unhold(key, amount) end
+end
+
+-- Take (or grow to) a hold at every level.
+local function put_hold(rid, amount, extra, deadline, key, estimate)
+  local encoded = encode_hold(amount, deadline, key, estimate)
+  for i, level in ipairs(LEVELS) do
+    redis.call('HSET', level.holds, rid, encoded)
+    redis.call('HINCRBY', level.acct, 'held', extra)
+  end
+  redis.call('ZADD', K_DEADLINES, deadline, rid)
 end
 
 -- Release holds whose deadline has passed (a crashed or partitioned sidecar never settles).
@@ -78,8 +125,8 @@ local function reap(now, max)
   for _, rid in ipairs(expired) do
     local raw = redis.call('HGET', K_HOLDS, rid)
     if raw then
-      local amount = parse_hold(raw)
-      drop_hold(rid, amount or 0)
+      local amount, _, key = parse_hold(raw)
+      drop_hold(rid, amount or 0, key)
     else
       redis.call('ZREM', K_DEADLINES, rid)
     end
@@ -120,15 +167,16 @@ end
 -- Move cost-based rate limits by `delta` (positive: more was spent than counted at reserve;
 -- negative: a refund for what a release or a cheaper settle did not spend). GCRA: the
 -- difference arrives now, so it starts from max(tat, now) like a request; a refund never
--- moves the arrival time into the past.
-local function correct_cost_limits(cfg_rl, key_rl, delta, now)
+-- moves the arrival time into the past. `rl` is a level's rate-limit hash (own by default).
+local function correct_cost_limits(cfg_rl, key_rl, delta, now, rl)
   if delta == 0 then return end
+  rl = rl or K_RL
   for _, l in ipairs(rate_limits(cfg_rl, key_rl)) do
     if l.kind == 'cost' then
-      local tat = num(redis.call('HGET', K_RL, l.id))
+      local tat = num(redis.call('HGET', rl, l.id))
       if tat > 0 then
         local base = math.max(tat, now)
-        redis.call('HSET', K_RL, l.id, math.max(now, base + delta * l.window_ms / l.amount))
+        redis.call('HSET', rl, l.id, math.max(now, base + delta * l.window_ms / l.amount))
       end
     end
   end
@@ -143,6 +191,62 @@ local function available_of(mode, limit, balance, held, spent)
   return available
 end
 
-local function ledger_append(fields)
-  return redis.call('XADD', K_LEDGER, '*', unpack(fields))
+-- Each ancestor's configuration: {currency, mode, limit, period, rl, parent}. A level whose
+-- `parent` presence disagrees with the levels passed means the caller's tree is stale.
+local function ancestor_cfgs()
+  local cfgs = {}
+  for i = 2, #LEVELS do
+    cfgs[i] = redis.call('HMGET', LEVELS[i].cfg, 'currency', 'mode', 'limit', 'period', 'rl',
+      'parent')
+  end
+  return cfgs
+end
+
+local function tree_consistent(own_parent, cfgs)
+  if (own_parent ~= false and own_parent ~= nil) ~= (#LEVELS > 1) then return false end
+  for i = 2, #LEVELS do
+    local has_parent = cfgs[i][6] ~= false and cfgs[i][6] ~= nil
+    if not cfgs[i][1] or has_parent ~= (i < #LEVELS) then return false end
+  end
+  return true
+end
+
+-- Every level's state, after its period rollover: {available, balance, held, mode}. The own
+-- level's configuration is (mode, limit, period); the ancestors' come from ancestor_cfgs.
+local function level_states(now, mode, limit, period, cfgs)
+  local states = {}
+  for i, level in ipairs(LEVELS) do
+    local m, l, p = mode, limit, period
+    if i > 1 then m, l, p = cfgs[i][2], num(cfgs[i][3]), cfgs[i][4] end
+    rollover(p, now, level.acct)
+    local acct = redis.call('HMGET', level.acct, 'balance', 'held', 'spent')
+    local balance, held, spent = num(acct[1]), num(acct[2]), num(acct[3])
+    states[i] = {available_of(m, l, balance, held, spent), balance, held, m}
+  end
+  return states
+end
+
+-- A key's own cap: its available amount after rollover, or nil without a cap.
+local function key_available(key, raw_cap, now)
+  local limit, period = parse_key_cap(raw_cap)
+  if not limit then return nil end
+  local prefix = key_prefix(key)
+  rollover(period, now, K_ACCT, prefix)
+  local acct = redis.call('HMGET', K_ACCT, prefix .. 'spent', prefix .. 'held')
+  return limit - num(acct[1]) - num(acct[2])
+end
+
+-- The tightest level: (index, available); index 0 is the key's own cap. Ties go to the level
+-- closest to the key.
+local function tightest(states, key_avail)
+  local at, least = 1, states[1][1]
+  for i = 2, #states do
+    if states[i][1] < least then at, least = i, states[i][1] end
+  end
+  if key_avail and key_avail < least then at, least = 0, key_avail end
+  return at, least
+end
+
+local function ledger_append(fields, ledger)
+  return redis.call('XADD', ledger or K_LEDGER, '*', unpack(fields))
 end

@@ -1,5 +1,6 @@
--- release: ARGV now, request_id, idem_ttl_ms. Frees a hold without charging, and gives back
--- what it counted against cost-based rate limits (a free request consumes no cost limit).
+-- release: ARGV now, request_id, idem_ttl_ms. Frees a hold at every level without charging,
+-- and gives back what it counted against cost-based rate limits (a free request consumes no
+-- cost limit).
 local now = now_ms(ARGV[1])
 local rid, idem_ttl = ARGV[2], tonumber(ARGV[3])
 
@@ -8,11 +9,15 @@ if done then return {'duplicate', done} end
 local raw = redis.call('HGET', K_HOLDS, rid)
 local amount = 0
 if raw then
-  local _, _, key_id, estimate = parse_hold(raw)
-  amount = parse_hold(raw)
-  drop_hold(rid, amount)
+  local held, _, key_id, estimate = parse_hold(raw)
+  amount = held
+  drop_hold(rid, amount, key_id)
   local cfg = redis.call('HMGET', K_CFG, 'rl', 'krl:' .. key_id)
   correct_cost_limits(cfg[1], cfg[2], 0 - estimate, now)
+  for i = 2, #LEVELS do
+    local rl = redis.call('HGET', LEVELS[i].cfg, 'rl')
+    correct_cost_limits(rl, nil, 0 - estimate, now, LEVELS[i].rl)
+  end
 end
 redis.call('SET', K_IDEM, 'released', 'PX', idem_ttl)
 return {'ok', amount, now}

@@ -1,7 +1,9 @@
 -- reserve: ARGV now, request_id, key_id, hold, currency, ttl_ms, minimum
--- Checks state, cost cap, rate limits and balance; on success holds `hold`, or, when less is
--- available, as much as is available down to `minimum` (the sidecar then lowers the request's
--- output limit to what was held). Returns the amount held.
+-- Checks state, cost cap, rate limits and balance at every level (the budget, each ancestor,
+-- the key's own cap); on success holds `hold` at every level, or, when less is available, as
+-- much as is available everywhere down to `minimum` (the sidecar then lowers the request's
+-- output limit to what was held). Returns the amount held. Refusals name the level: 1 is the
+-- budget, 2 its parent, ..., 0 the key's own cap.
 local now = now_ms(ARGV[1])
 local rid, key_id, wanted, currency, ttl =
   ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6])
@@ -15,57 +17,64 @@ if existing then
 end
 
 local cfg = redis.call('HMGET', K_CFG, 'currency', 'mode', 'limit', 'period', 'max_cost', 'rl',
-  'krl:' .. key_id)
+  'krl:' .. key_id, 'parent', 'kcap:' .. key_id)
 if not cfg[1] then return {'unknown_customer'} end
 if cfg[1] ~= currency then return {'currency_mismatch', cfg[1]} end
+local cfgs = ancestor_cfgs()
+if not tree_consistent(cfg[8], cfgs) then return {'moved'} end
+for i = 2, #LEVELS do
+  if cfgs[i][1] ~= currency then return {'currency_mismatch', cfgs[i][1], i} end
+end
 
-local suspended = redis.call('HGETALL', K_SUSP)
-if #suspended > 0 then return {'suspended', suspended[1], suspended[2]} end
+for i, level in ipairs(LEVELS) do
+  local suspended = redis.call('HGETALL', level.susp)
+  if #suspended > 0 then return {'suspended', suspended[1], suspended[2], i} end
+end
 
 reap(now, 64)
-rollover(cfg[4], now)
 
+local states = level_states(now, cfg[2], num(cfg[3]), cfg[4], cfgs)
 local max_cost = num(cfg[5])
 if max_cost > 0 and minimum > max_cost then return {'cost_cap', max_cost, minimum} end
-
-local acct = redis.call('HMGET', K_ACCT, 'balance', 'held', 'spent')
-local balance, held, spent = num(acct[1]), num(acct[2]), num(acct[3])
-local limit = num(cfg[3])
-local mode = cfg[2]
-local available = available_of(mode, limit, balance, held, spent)
+local at, available = tightest(states, key_available(key_id, cfg[9], now))
 if minimum > available then
-  local by_limit = mode == 'capped' or minimum <= balance - held
-  return {by_limit and 'cap_reached' or 'insufficient', available, minimum}
+  local by_limit = at == 0 or states[at][4] == 'capped'
+    or minimum <= states[at][2] - states[at][3]
+  return {by_limit and 'cap_reached' or 'insufficient', available, minimum, at}
 end
 local amount = math.min(wanted, available)
 if max_cost > 0 then amount = math.min(amount, max_cost) end
 
--- Rate limits: every limit must allow before any is charged.
-local limits = rate_limits(cfg[6], cfg[7])
-local new_tats = {}
+-- Rate limits at every level: every limit must allow before any is charged.
+local updates = {}
 local tightest_ratio, t_limit, t_remaining, t_reset = 2, -1, -1, 0
-for i, l in ipairs(limits) do
-  local units = (l.kind == 'cost') and amount or 1
-  local tat = num(redis.call('HGET', K_RL, l.id))
-  local allowed, new_tat, retry, remaining, reset = gcra(l, tat, now, units)
-  if not allowed then
-    return {'rate_limited', math.ceil(retry), l.amount, remaining, math.ceil(reset), l.id}
+for i, level in ipairs(LEVELS) do
+  local limits
+  if i == 1 then limits = rate_limits(cfg[6], cfg[7]) else limits = rate_limits(cfgs[i][5]) end
+  local new_tats = {}
+  for _, l in ipairs(limits) do
+    local units = (l.kind == 'cost') and amount or 1
+    local tat = num(redis.call('HGET', level.rl, l.id))
+    local allowed, new_tat, retry, remaining, reset = gcra(l, tat, now, units)
+    if not allowed then
+      return {'rate_limited', math.ceil(retry), l.amount, remaining, math.ceil(reset), l.id, i}
+    end
+    new_tats[#new_tats + 1] = l.id
+    new_tats[#new_tats + 1] = new_tat
+    local ratio = remaining / l.amount
+    if ratio < tightest_ratio then
+      tightest_ratio, t_limit, t_remaining, t_reset = ratio, l.amount, remaining, math.ceil(reset)
+    end
   end
-  new_tats[#new_tats + 1] = l.id
-  new_tats[#new_tats + 1] = new_tat
-  local ratio = remaining / l.amount
-  if ratio < tightest_ratio then
-    tightest_ratio, t_limit, t_remaining, t_reset = ratio, l.amount, remaining, math.ceil(reset)
-  end
+  if #new_tats > 0 then updates[#updates + 1] = {level.rl, new_tats} end
 end
-if #new_tats > 0 then
-  redis.call('HSET', K_RL, unpack(new_tats))
-  redis.call('PEXPIRE', K_RL, 2 * DAY_MS)
+for _, update in ipairs(updates) do
+  redis.call('HSET', update[1], unpack(update[2]))
+  redis.call('PEXPIRE', update[1], 2 * DAY_MS)
 end
 
 local deadline = now + ttl
-redis.call('HSET', K_HOLDS, rid, encode_hold(amount, deadline, key_id, amount))
-redis.call('ZADD', K_DEADLINES, deadline, rid)
-redis.call('HINCRBY', K_ACCT, 'held', amount)
-return {'ok', balance, held + amount, available - amount, t_limit, t_remaining, t_reset,
-  deadline, amount}
+put_hold(rid, amount, amount, deadline, key_id, amount)
+if cfg[9] then redis.call('HINCRBY', K_ACCT, key_prefix(key_id) .. 'held', amount) end
+return {'ok', states[1][2], states[1][3] + amount, available - amount, t_limit, t_remaining,
+  t_reset, deadline, amount}

@@ -100,10 +100,16 @@ def _program(rule: str) -> celpy.Runner:
     return _CEL.program(_CEL.compile(rule))
 
 
-def cel_holds(rule: str, value: Any) -> bool:
-    """A rule holds when it evaluates to true; an evaluation error fails it, as in Kubernetes."""
+def cel_holds(rule: str, value: Any, old: Any = None) -> bool:
+    """A rule holds when it evaluates to true; an evaluation error fails it, as in Kubernetes.
+    A transition rule (one reading ``oldSelf``) runs only on an update, given ``old``."""
+    if "oldSelf" in rule and old is None:
+        return True
+    bindings = {"self": celpy.json_to_cel(value)}
+    if old is not None:
+        bindings["oldSelf"] = celpy.json_to_cel(old)
     try:
-        result = _program(rule).evaluate({"self": celpy.json_to_cel(value)})
+        result = _program(rule).evaluate(bindings)
     except CELEvalError:
         return False
     return isinstance(result, celpy.celtypes.BoolType) and bool(result)
@@ -228,6 +234,7 @@ def test_names_versions_and_columns() -> None:
     columns = {c["name"]: c for c in budgets["spec"]["versions"][0]["additionalPrinterColumns"]}
     assert {name: c["jsonPath"] for name, c in columns.items() if not c.get("priority")} == {
         "Customer": ".spec.customerId",
+        "Parent": ".spec.parent",
         "State": ".status.state",
         "Balance": ".status.balance",
         "Spent": ".status.spentThisPeriod",
@@ -548,7 +555,21 @@ CEL_CASES: list[tuple[str, list[dict[str, Any]], dict[str, Any]]] = [
     ("price names are 1-63 letters, digits and _ . : -",
      [pricebook(priced_by(bound="1", prices={"hd_1024x1024": 1, "b.c:d-e": "0.5"}))],
      pricebook(priced_by(bound="1", prices={"a b": 1}))),
+    ("parent must be a CustomerBudget in the same namespace (a name, not namespace/name)",
+     [budget(parent="acme-org"), budget(parent="team.a")],
+     budget(parent="other/acme-org")),
+    ("parent must be a CustomerBudget name",
+     [budget(parent="a")],
+     budget(parent="Team_A")),
+    ("stripe links a root budget; a budget with a parent spends its root's money",
+     [budget(parent="acme-org"), budget(stripe={"customerId": "cus_A"})],
+     budget(parent="acme-org", stripe={"customerId": "cus_A"})),
+    ("a key's spend cap needs both limit and period",
+     [budget(apiKeys=[{**KEY, "limit": "5.00", "period": "day"}])],
+     budget(apiKeys=[{**KEY, "limit": "5.00"}])),
 ]
+TRANSITION = "parent is fixed once applied: re-parenting is not supported (create a budget" \
+    " with a new customerId under the new parent)"
 # fmt: on
 
 
@@ -579,7 +600,31 @@ def test_every_cel_rule_is_tested() -> None:
             declared |= {rule["message"] for rule in node.get("x-kubernetes-validations", [])}
             stack += node.get("properties", {}).values()
             stack += [node["items"]] if "items" in node else []
-    assert declared == {message for message, _, _ in CEL_CASES}
+    assert declared == {message for message, _, _ in CEL_CASES} | {TRANSITION}
+
+
+def _spec_rule(message: str) -> str:
+    rules = schema_of("CustomerBudget")["properties"]["spec"]["x-kubernetes-validations"]
+    return next(rule["rule"] for rule in rules if rule["message"] == message)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "allowed"),
+    [
+        ({}, {}, True),
+        ({"parent": "a"}, {"parent": "a"}, True),
+        ({"parent": "a"}, {"parent": "b"}, False),
+        ({}, {"parent": "a"}, False),
+        ({"parent": "a"}, {}, False),
+    ],
+)
+def test_the_parent_cannot_change_on_update(
+    old: dict[str, str], new: dict[str, str], allowed: bool
+) -> None:
+    rule = _spec_rule(TRANSITION)
+    old_spec, new_spec = budget(**old)["spec"], budget(**new)["spec"]
+    assert cel_holds(rule, new_spec, old_spec) is allowed
+    assert cel_holds(rule, new_spec)  # on create there is no old object: not evaluated
 
 
 # --------------------------------------------------------------------------- cross-check

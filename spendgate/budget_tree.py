@@ -1,0 +1,69 @@
+"""Budget trees: where a budget sits (its ancestors), read from Redis and cached.
+
+A budget with a parent keeps its keys under its root's hash tag (``spendgate.keys``), so the
+ledger must know a budget's ancestors before it can name its keys. They are recorded in
+``sg:tree`` by ``ConfigStore`` before the budget is configured and never change (re-parenting
+is refused), so a budget found there is cached for good. A budget not found (single, a root,
+or not applied yet) is cached briefly: a request against a budget applied since then finds no
+configuration at the old place and looks again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .keys import TREE, decode_ancestors
+
+NOT_IN_A_TREE_TTL_S = 1.0
+
+
+class TreeIndex:
+    def __init__(self, redis: Any, *, monotonic: Callable[[], float] = time.monotonic) -> None:
+        self.redis = redis
+        self._monotonic = monotonic
+        self._known: dict[str, tuple[str, ...]] = {}
+        self._single: dict[str, float] = {}  # customerId -> when it was found in no tree
+        self._reading: dict[str, asyncio.Future[tuple[str, ...]]] = {}  # one read at a time
+
+    def cached(self, customer_id: str) -> tuple[str, ...] | None:
+        known = self._known.get(customer_id)
+        if known is not None:
+            return known
+        seen = self._single.get(customer_id)
+        if seen is not None and self._monotonic() - seen < NOT_IN_A_TREE_TTL_S:
+            return ()
+        return None
+
+    async def ancestors(self, customer_id: str, *, fresh: bool = False) -> tuple[str, ...]:
+        """Parent first, root last; ``()`` for a budget without a parent."""
+        if not fresh:
+            cached = self.cached(customer_id)
+            if cached is not None:
+                return cached
+        reading = self._reading.get(customer_id)
+        if reading is not None:  # concurrent requests of one customer share one read
+            return await asyncio.shield(reading)
+        future: asyncio.Future[tuple[str, ...]] = asyncio.get_running_loop().create_future()
+        self._reading[customer_id] = future
+        try:
+            found = decode_ancestors(await self.redis.hget(TREE, customer_id))
+        except BaseException as error:
+            future.set_exception(error)
+            future.exception()  # retrieved: the waiting callers (if any) raise it themselves
+            raise
+        finally:
+            self._reading.pop(customer_id, None)
+        future.set_result(found)
+        if found:
+            self._known[customer_id] = found
+            self._single.pop(customer_id, None)
+        else:
+            self._single[customer_id] = self._monotonic()
+        return found
+
+    def path(self, customer_id: str) -> tuple[str, ...]:
+        """The budget and its ancestors as last read (for naming a refusing level)."""
+        return (customer_id, *(self.cached(customer_id) or ()))
