@@ -5,6 +5,7 @@ local now = now_ms(ARGV[1])
 local rid, extra, ttl = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 
 if redis.call('EXISTS', K_IDEM) == 1 then return {'duplicate'} end
+reap(now, 16)  -- first: an expired hold (this one included) is gone, not grown back
 local raw = redis.call('HGET', K_HOLDS, rid)
 if not raw then return {'no_hold'} end
 for i, level in ipairs(LEVELS) do
@@ -16,7 +17,6 @@ local cfg = redis.call('HMGET', K_CFG, 'mode', 'limit', 'period', 'max_cost')
 local amount, _, key, estimate = parse_hold(raw)
 local max_cost = num(cfg[4])
 if max_cost > 0 and amount + extra > max_cost then return {'cost_cap', max_cost, amount + extra} end
-reap(now, 16)
 local states = level_states(now, cfg[1], num(cfg[2]), cfg[3], ancestor_cfgs())
 local key_avail = key_available(key, redis.call('HGET', K_CFG, 'kcap:' .. key), now)
 local at, available = tightest(states, key_avail)

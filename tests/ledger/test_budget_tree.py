@@ -224,3 +224,15 @@ async def test_moved_is_an_error_not_a_silent_charge(org: Ledger) -> None:
     await org.redis.hdel("sg:{org}@proj:cfg", "parent")  # Redis edited by hand
     with pytest.raises(LedgerError, match="does not match its configuration"):
         await reserve(org, "proj", "r", UNIT)
+
+
+async def test_an_expired_hold_is_not_grown_back(org: Ledger, clock: Clock) -> None:
+    """Found by Hypothesis: extend reaped the expired hold, then wrote it back grown, counting
+    only the extra in held."""
+    assert (await reserve(org, "team-a", "q1", 1)).ok
+    clock.now += TTL + 1
+    refused = await org.extend("team-a", "q1", 1, ttl_ms=TTL)
+    assert (refused.ok, refused.reason) == (False, "no_hold")
+    for customer in ("team-a", "org"):
+        assert (await state(org, customer))[1] == 0
+        assert await org.holds(customer) == {}
