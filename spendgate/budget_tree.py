@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .keys import TREE, decode_ancestors
+from .keys import TREE, CustomerKeys, decode_ancestors, for_customer
 
 NOT_IN_A_TREE_TTL_S = 1.0
 
@@ -67,3 +67,9 @@ class TreeIndex:
     def path(self, customer_id: str) -> tuple[str, ...]:
         """The budget and its ancestors as last read (for naming a refusing level)."""
         return (customer_id, *(self.cached(customer_id) or ()))
+
+
+async def tree_keys(redis: Any, customer_id: str) -> CustomerKeys:
+    """A budget's keys wherever it sits in its tree, read now (for readers off the hot path:
+    the audit, the ledger CLI)."""
+    return for_customer(customer_id, decode_ancestors(await redis.hget(TREE, customer_id)))

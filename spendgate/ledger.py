@@ -303,7 +303,7 @@ class Ledger:
         if not 0 <= minimum <= estimate:
             raise LedgerError(f"minimum must be within 0..{estimate}, got {minimum}")
         rid = check_request_id(request_id)
-        args = [self._now(), rid, key_id, estimate, currency, ttl_ms, minimum]
+        args = [self._now(), rid, key_id, estimate, currency, ttl_ms, minimum, customer_id]
         result, path = await self._run_tree("reserve", customer_id, f"req:{rid}", args)
         outcome = Outcome(result[0])
         if outcome is Outcome.reserved:
@@ -343,7 +343,7 @@ class Ledger:
         if extra <= 0:
             raise LedgerError(f"extension must be positive, got {extra}")
         rid = check_request_id(request_id)
-        args = [self._now(), rid, extra, ttl_ms]
+        args = [self._now(), rid, extra, ttl_ms, customer_id]
         result, path = await self._run_tree("extend", customer_id, f"req:{rid}", args)
         if result[0] == "ok":
             return Extension(True, hold=result[1], available=result[2])

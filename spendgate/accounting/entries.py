@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..keys import for_customer
+from ..budget_tree import tree_keys
 from ..money import format_amount
 
 LEDGER_SCHEMA_VERSION = 1
@@ -173,7 +173,7 @@ async def scan(
     redis: Any, customer_id: str, start: str = "-", *, page: int = PAGE
 ) -> AsyncIterator[LedgerEntry]:
     """Every retained entry from ``start`` (an id, inclusive, or "-"), oldest first, paged."""
-    ledger = for_customer(customer_id).ledger
+    ledger = (await tree_keys(redis, customer_id)).ledger
     low = start
     while True:
         batch = await redis.xrange(ledger, min=low, max="+", count=page)
@@ -205,7 +205,7 @@ async def read_entries(
 
 async def last_id(redis: Any, customer_id: str) -> str:
     """The newest entry's id ("0-0" for an empty ledger): where ``follow`` starts."""
-    newest = await redis.xrevrange(for_customer(customer_id).ledger, count=1)
+    newest = await redis.xrevrange((await tree_keys(redis, customer_id)).ledger, count=1)
     return _text(newest[0][0]) if newest else "0-0"
 
 
@@ -219,7 +219,7 @@ async def follow(
     stop: asyncio.Event | None = None,
 ) -> AsyncIterator[LedgerEntry]:
     """New matching entries after ``after_id`` as they are appended, until ``stop`` is set."""
-    ledger = for_customer(customer_id).ledger
+    ledger = (await tree_keys(redis, customer_id)).ledger
     cursor = after_id
     while stop is None or not stop.is_set():
         answer = await redis.xread({ledger: cursor}, count=PAGE, block=block_ms)

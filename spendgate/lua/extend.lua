@@ -1,4 +1,4 @@
--- extend: ARGV now, request_id, extra, ttl_ms
+-- extend: ARGV now, request_id, extra, ttl_ms, origin (as for reserve)
 -- Grows a live hold (a stream outrunning its reservation) at every level, if the money is
 -- there at every level (and within the key's own cap). Refusals name the level as reserve does.
 local now = now_ms(ARGV[1])
@@ -23,6 +23,6 @@ local at, available = tightest(states, key_avail)
 if extra > available then return {'insufficient', available, extra, at} end
 
 local deadline = now + ttl
-put_hold(rid, amount + extra, extra, deadline, key, estimate)
+put_hold(rid, amount + extra, extra, deadline, key, estimate, ARGV[5])
 if key_avail then redis.call('HINCRBY', K_ACCT, key_prefix(key) .. 'held', extra) end
 return {'ok', amount + extra, available - extra, deadline}

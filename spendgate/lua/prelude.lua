@@ -109,11 +109,13 @@ local function drop_hold(rid, amount, key)
   if key then key_unhold(key, amount) end
 end
 
--- Take (or grow to) a hold at every level.
-local function put_hold(rid, amount, extra, deadline, key, estimate)
+-- Take (or grow to) a hold at every level. An ancestor's copy names "origin/key" (its deadline
+-- lives with the origin, the budget whose key made the request).
+local function put_hold(rid, amount, extra, deadline, key, estimate, origin)
   local encoded = encode_hold(amount, deadline, key, estimate)
+  local above = encode_hold(amount, deadline, (origin or '') .. '/' .. key, estimate)
   for i, level in ipairs(LEVELS) do
-    redis.call('HSET', level.holds, rid, encoded)
+    redis.call('HSET', level.holds, rid, i == 1 and encoded or above)
     redis.call('HINCRBY', level.acct, 'held', extra)
   end
   redis.call('ZADD', K_DEADLINES, deadline, rid)

@@ -1,4 +1,5 @@
--- reserve: ARGV now, request_id, key_id, hold, currency, ttl_ms, minimum
+-- reserve: ARGV now, request_id, key_id, hold, currency, ttl_ms, minimum, origin (the budget's
+-- customerId, for its ancestors' copies of the hold)
 -- Checks state, cost cap, rate limits and balance at every level (the budget, each ancestor,
 -- the key's own cap); on success holds `hold` at every level, or, when less is available, as
 -- much as is available everywhere down to `minimum` (the sidecar then lowers the request's
@@ -74,7 +75,7 @@ for _, update in ipairs(updates) do
 end
 
 local deadline = now + ttl
-put_hold(rid, amount, amount, deadline, key_id, amount)
+put_hold(rid, amount, amount, deadline, key_id, amount, ARGV[8])
 if cfg[9] then redis.call('HINCRBY', K_ACCT, key_prefix(key_id) .. 'held', amount) end
 return {'ok', states[1][2], states[1][3] + amount, available - amount, t_limit, t_remaining,
   t_reset, deadline, amount}

@@ -15,6 +15,8 @@ import pytest
 import pytest_asyncio
 from redis.crc import key_slot
 
+from spendgate.accounting.audit import audit_customer
+from spendgate.accounting.entries import scan
 from spendgate.config_store import ConfigStore
 from spendgate.keys import TREE, for_customer
 from spendgate.ledger import Ledger, LedgerError, Outcome, Usage
@@ -236,3 +238,18 @@ async def test_an_expired_hold_is_not_grown_back(org: Ledger, clock: Clock) -> N
     for customer in ("team-a", "org"):
         assert (await state(org, customer))[1] == 0
         assert await org.holds(customer) == {}
+
+
+async def test_every_level_of_a_tree_passes_the_audit_with_holds_in_flight(org: Ledger) -> None:
+    assert (await reserve(org, "proj", "in-flight", UNIT)).ok
+    assert (await reserve(org, "team-b", "b", 2 * UNIT)).ok
+    await org.settle("team-b", "b", UNIT)
+    assert (await reserve(org, "proj", "p", UNIT)).ok
+    assert (await org.extend("proj", "p", UNIT, ttl_ms=TTL)).ok
+    await org.settle("proj", "p", 1_500_000)
+    await org.fund("proj", "allocation-1", UNIT)
+    for customer in ("org", "team-a", "proj", "team-b"):
+        audit = await audit_customer(org.redis, customer, "USD", now_ms=T0)
+        assert audit.ok, audit.to_json()
+    entries = [e async for e in scan(org.redis, "proj")]
+    assert [e.kind for e in entries] == ["adjust", "usage", "fund"]
