@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable
 from typing import TypeVar
 
@@ -20,6 +21,7 @@ from spendgate.backpressure import LocalExhaustion
 from spendgate.ledger import Ledger
 
 from .billing import Metered
+from .fail_open import FailOpenAllowance
 from .metrics import SidecarMetrics
 from .settings import FailMode, SidecarSettings
 
@@ -27,10 +29,17 @@ T = TypeVar("T")
 
 
 class Holds:
-    def __init__(self, settings: SidecarSettings, ledger: Ledger, metrics: SidecarMetrics) -> None:
+    def __init__(
+        self,
+        settings: SidecarSettings,
+        ledger: Ledger,
+        metrics: SidecarMetrics,
+        fail_open: FailOpenAllowance | None = None,
+    ) -> None:
         self.settings = settings
         self.ledger = ledger
         self.metrics = metrics
+        self.fail_open = fail_open
 
     async def extend(self, metered: Metered, needed: int = 1) -> bool:
         rule = metered.rule
@@ -53,7 +62,14 @@ class Holds:
             return False  # cut the stream rather than serve what nobody holds
         except (RedisError, OSError, TimeoutError):
             self.metrics.redis_errors.labels("extend").inc()
-            return self.settings.fail_mode is FailMode.open
+            if self.settings.fail_mode is not FailMode.open or self.fail_open is None:
+                return False
+            # Fail-open: go on past the hold only within the customer's allowance.
+            now_ms = int(time.time() * 1000)
+            if not await self.fail_open.extend(customer, request_id, extra, now_ms):
+                return False
+            metered.hold += extra
+            return True
         if extension.ok:
             metered.hold += extra
         return extension.ok

@@ -107,7 +107,11 @@ class Proxy:
         )
         self.settlement = Settlement(settings, ledger, config, metrics, pending)
         self.relay = Relay(
-            settings, metrics, session, self.settlement, Holds(settings, ledger, metrics)
+            settings,
+            metrics,
+            session,
+            self.settlement,
+            Holds(settings, ledger, metrics, self.fail_open),
         )
 
     @property
@@ -196,7 +200,7 @@ class Proxy:
             ) from None
         request_id = context.current().request_id
         context.current().rule, context.current().currency = rule.name, pricebook.currency
-        reservation = await self._reserve(owner, request_id, rule, bound, pricebook.currency)
+        reservation = await self._reserve(owner, request_id, rule, bound, pricebook.currency, form)
         if reservation is not None and not reservation.ok:
             if reservation.outcome is Outcome.currency_mismatch:
                 log.error(
@@ -271,7 +275,13 @@ class Proxy:
         )  # fmt: skip
 
     async def _reserve(
-        self, owner: KeyOwner, request_id: str, rule: PriceRule, bound: Bound, currency: str
+        self,
+        owner: KeyOwner,
+        request_id: str,
+        rule: PriceRule,
+        bound: Bound,
+        currency: str,
+        form: PricingForm,
     ) -> Reservation | None:
         try:
             return await self.ledger.reserve(
@@ -299,7 +309,8 @@ class Proxy:
         except (RedisError, OSError, TimeoutError) as error:
             self.metrics.redis_errors.labels("reserve").inc()
             if self.settings.fail_mode is FailMode.open:
-                await self._admit_fail_open(owner, request_id, upper_bound(bound, rule.max_cost))
+                upper = upper_bound(form, bound, rule.timeout)
+                await self._admit_fail_open(owner, request_id, upper)
                 log.warning(
                     "billing store unavailable; serving fail-open",
                     extra={"customer": owner.customer_id, "error": repr(error)},

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from spendgate.accounting.settlement import report_unreconciled
 from spendgate.ledger import Ledger, Usage
 
-from .journal import Journal, Pending
+from .journal import Journal, Pending, key_of
 from .metrics import SidecarMetrics
 
 log = logging.getLogger("spendgate.sidecar.reconcile")
@@ -109,6 +109,13 @@ class PendingCharges:
                 "charge not journaled; it is kept in memory only",
                 extra={"customer": customer, "request_id": request_id, "error": str(error)},
             )  # fmt: skip
+
+    def settled(self, customer: str, request_id: str) -> None:
+        """A reserved request settled directly: give back what it took from the fail-open
+        allowance (a stream that went on past its hold while Redis was away)."""
+        entry = self.journal.pending.get(key_of(customer, request_id))
+        if entry is not None and entry.charge is None:
+            self._acknowledge(entry)
 
     def _acknowledge(self, entry: Pending) -> None:
         self.journal.append_soon({"op": "done", "id": entry.request_id, "customer": entry.customer})

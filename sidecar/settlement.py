@@ -90,6 +90,7 @@ class Settlement:
             if cost == 0 and metered.reserved:
                 await self.ledger.release(customer, metered.request_id)
                 self.metrics.settlements.labels("released").inc()
+                self.pending.settled(customer, metered.request_id)
                 return
             if cost == 0:
                 return
@@ -97,6 +98,7 @@ class Settlement:
                 customer, metered.request_id, cost, key_id=metered.owner.key_name, usage=usage
             )
             self.metrics.settlements.labels("settled").inc()
+            self.pending.settled(customer, metered.request_id)
             self.metrics.spend.labels(metered.currency).inc(settled.charged)
             if settled.absorbed:
                 self.metrics.absorbed.labels(metered.currency, metered.rule.name).inc(

@@ -12,9 +12,13 @@ from typing import Any
 
 import pytest
 import redis.exceptions
+from aiohttp import web
 
 from spendgate.accounting.settlement import in_flight
 from spendgate.ledger import Usage
+from spendgate.models import PriceRule
+from spendgate.pricing import RequestFacts, RulePricing
+from spendgate.sidecar.fail_open import upper_bound
 from spendgate.sidecar.reconcile import PendingCharge
 from spendgate.sidecar.settings import FailMode
 from tests.support.redis_servers import RedisServer
@@ -213,3 +217,73 @@ async def test_waiting_charges_are_reported_for_spendgate_balance(
         await pending.report()
         state = await in_flight(plane.redis, "acme", 0)
         assert state.unreconciled == [] and state.settled
+
+
+def test_a_time_priced_request_counts_all_the_time_its_timeout_allows() -> None:
+    """Its hold is one window of GPU time; unreserved, nothing would extend (or stop) it."""
+    timed = PriceRule.model_validate(
+        {"name": "gpu", "price": {"flat": "0.01", "perSecond": "1.00"},
+         "estimate": {"seconds": "1s"}, "timeout": "10s", "maximum": "5.00"}
+    )  # fmt: skip
+    pricing = RulePricing(timed)
+    bound = pricing.bound(RequestFacts())
+    assert (bound.hold, bound.window_ms) == (MICRO + CENT, 1_000)
+    assert upper_bound(pricing, bound, timed.timeout) == 5 * MICRO  # 10.01, capped at 5.00
+    short = PriceRule.model_validate(
+        {"name": "gpu", "price": {"perSecond": "1.00"}, "timeout": "3s", "maximum": "9.00"}
+    )
+    short_bound = RulePricing(short).bound(RequestFacts())
+    assert upper_bound(RulePricing(short), short_bound, short.timeout) == 3 * MICRO
+    tokens = PriceRule.model_validate(
+        {"name": "chat", "price": {"perMillionOutputTokens": "10000"}, "maximum": "5.00"}
+    )
+    token_bound = RulePricing(tokens).bound(RequestFacts(max_tokens=10))
+    assert upper_bound(RulePricing(tokens), token_bound, tokens.timeout) == token_bound.hold
+
+
+def overrunning_model(events: int) -> web.Application:
+    """Streams ``events`` tokens whatever max_tokens says, slowly enough to lose Redis mid-way."""
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for _ in range(events):
+            chunk = {"choices": [{"delta": {"content": "x"}}]}
+            await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            await asyncio.sleep(0.05)
+        await response.write(b"data: [DONE]\n\n")
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    return app
+
+
+@pytest.mark.parametrize(("allowance", "cut"), [(5 * CENT, True), (2 * MICRO, False)])
+async def test_a_stream_past_its_hold_without_redis_goes_on_only_within_the_allowance(
+    durable_redis: RedisServer, tmp_path: Path, allowance: int, cut: bool
+) -> None:
+    settings = fail_open(tmp_path, allowance)
+    async with data_plane(
+        durable_redis.url, settings=settings, upstream_app=overrunning_model(20)
+    ) as plane:
+        resp = await plane.post_chat(max_tokens=2, stream=True)  # holds 0.03
+        assert resp.status == 200
+        await resp.content.readany()
+        durable_redis.stop()  # admitted and streaming: now Redis goes away
+        text = (await asyncio.wait_for(resp.read(), 15)).decode()
+        proxy = plane.sidecar.proxy
+        assert proxy is not None
+        if cut:  # growing the hold by a step (1.25) does not fit 0.05: cut at the hold
+            assert "insufficient_balance" in text
+            assert proxy.fail_open.used("acme") == 0
+        else:  # one step fits 2.00: served on, counted against the allowance until settled
+            assert "insufficient_balance" not in text and text.endswith("data: [DONE]\n\n")
+            assert proxy.fail_open.used("acme") == 125 * CENT
+        durable_redis.start()
+
+        async def reconciled() -> bool:
+            return len(plane.sidecar.pending) == 0 and proxy.fail_open.used("acme") == 0
+
+        await eventually(reconciled, 15, "settled and the allowance given back")
+        assert len(await usage_ids(plane, "acme")) == 1
