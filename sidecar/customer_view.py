@@ -110,7 +110,7 @@ class CustomerView:
             if reservation.outcome is Outcome.rate_limited:
                 self.metrics.decisions.labels("rate_limited").inc()
                 self.refused(owner.customer_id, owner.key_name, "rate_limited", None)
-                return errors.refusal(reservation)
+                return errors.refusal(reservation, owner.customer_id)
             if reservation.ok:
                 await self.ledger.release(owner.customer_id, request_id)
             account = await self.ledger.account(owner.customer_id)

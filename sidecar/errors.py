@@ -98,9 +98,48 @@ def _shortfall(outcome: Outcome, estimate: int, available: int) -> str:
     return f"{cost}; your spend limit for this period has {format_amount(available)} left."
 
 
-def refusal(reservation: Reservation) -> web.Response:
-    """The response for a reservation the ledger refused."""
+def _above(reservation: Reservation, customer: str) -> str:
+    """The budget above the customer's own (in its tree) that refused, or "". Its figures are
+    not shown: they count its other children's spend too."""
+    level = reservation.level
+    return level if level not in ("", "key", customer) else ""
+
+
+def _level_refusal(reservation: Reservation, level: str) -> web.Response:
     outcome = reservation.outcome
+    if outcome is Outcome.rate_limited:
+        headers = rate_limit_headers(reservation.rate)
+        headers["Retry-After"] = retry_after_seconds(reservation.retry_after_ms or 0)
+        return error_response(
+            429, "rate_limit_error", "rate_limit_exceeded",
+            f"Rate limit of budget '{level}' reached; retry after {headers['Retry-After']} s.",
+            headers=headers,
+        )  # fmt: skip
+    if outcome is Outcome.suspended:
+        return error_response(
+            403, "permission_error", "account_suspended",
+            f"Budget '{level}' is suspended; contact your provider.",
+        )  # fmt: skip
+    if outcome is Outcome.cap_reached:
+        return error_response(
+            402, "insufficient_quota", "spend_limit_reached",
+            f"Budget '{level}' spend limit for this period reached.",
+        )  # fmt: skip
+    return error_response(
+        402, "insufficient_quota", "insufficient_balance",
+        f"Budget '{level}' balance is insufficient for this request.",
+    )  # fmt: skip
+
+
+def refusal(reservation: Reservation, customer: str = "") -> web.Response:
+    """The response for a reservation the ledger refused; ``customer`` is the budget of the
+    request's key (a refusal by a budget above it in its tree names that budget)."""
+    outcome = reservation.outcome
+    above = _above(reservation, customer)
+    if above and outcome in (
+        Outcome.rate_limited, Outcome.suspended, Outcome.cap_reached, Outcome.insufficient
+    ):  # fmt: skip
+        return _level_refusal(reservation, above)
     if outcome is Outcome.rate_limited:
         headers = rate_limit_headers(reservation.rate)
         headers["Retry-After"] = retry_after_seconds(reservation.retry_after_ms or 0)
@@ -114,7 +153,10 @@ def refusal(reservation: Reservation) -> web.Response:
         return error_response(
             402, "insufficient_quota", "insufficient_balance"
             if outcome is Outcome.insufficient else "spend_limit_reached",
-            _shortfall(outcome, reservation.estimate, reservation.available or 0),
+            _shortfall(outcome, reservation.estimate, reservation.available or 0)
+            if reservation.level != "key" else
+            f"This request may cost up to {format_amount(reservation.estimate)}; this API key's"
+            f" spend limit for this period has {format_amount(reservation.available or 0)} left.",
         )  # fmt: skip
     if outcome is Outcome.cost_cap:
         return error_response(

@@ -209,7 +209,7 @@ class Proxy:
                 )
             outcome = reservation.outcome.value
             self.customer_view.refused(owner.customer_id, owner.key_name, outcome, facts.model)
-            raise self._refuse(outcome, errors.refusal(reservation))
+            raise self._refuse(outcome, errors.refusal(reservation, owner.customer_id))
         self.metrics.decisions.labels("admitted" if reservation else "fail_open").inc()
         held = reservation.estimate if reservation is not None else bound.hold
         output_limit = form.output_for(bound, held)
