@@ -36,8 +36,9 @@ class MoneyArgError(ValueError):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    for flag, env, _, _, help_text in _FLAGS:
-        parser.add_argument(flag, help=f"{help_text} (env {env})")
+    metavars = {"amount": "AMOUNT", "path": "DIR"}
+    for flag, env, _, kind, help_text in _FLAGS:
+        parser.add_argument(flag, metavar=metavars.get(kind), help=f"{help_text} (env {env})")
 
 
 def overrides(ns: argparse.Namespace, environ: Mapping[str, str]) -> dict[str, Any]:
