@@ -21,6 +21,8 @@ other construct raises, so a model change Kubernetes cannot express fails here, 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,6 +35,13 @@ from pydantic import BaseModel
 from .models import GROUP, VERSION, CustomerBudget, PriceBook
 
 Schema = dict[str, Any]
+
+# The CRDs' schema generation, as an annotation on each CRD. The operator needs the installed
+# CRDs at this generation or later (operator/kube/api_checks.py): Helm never upgrades crds/,
+# and an older schema makes the API server refuse (422) or prune what the operator writes.
+# Bump it with every schema change (tests/core/test_crds.py pins each generation's digests).
+SCHEMA_ANNOTATION = f"{GROUP}/schema-generation"
+SCHEMA_GENERATION = 1
 
 HEADER = (
     "# Generated from spendgate/models.py by `python -m spendgate.crd --write crds/`.\n"
@@ -191,6 +200,7 @@ def definition(resource: Resource) -> dict[str, Any]:
         "metadata": {
             "name": resource.name,
             "labels": {"app.kubernetes.io/part-of": "spendgate"},
+            "annotations": {SCHEMA_ANNOTATION: str(SCHEMA_GENERATION)},
         },
         "spec": {
             "group": GROUP,
@@ -215,6 +225,13 @@ def definition(resource: Resource) -> dict[str, Any]:
             ],
         },
     }
+
+
+def schema_digest(resource: Resource) -> str:
+    """A digest of what the API server enforces and shows: the spec (schema, printer columns,
+    names), not the annotations."""
+    spec = json.dumps(definition(resource)["spec"], sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(spec.encode()).hexdigest()[:16]
 
 
 class _Dumper(yaml.SafeDumper):

@@ -36,8 +36,15 @@ _PATTERNS = [
 ]
 _SECRET_FIELD = re.compile(r"(?i)(^|[-_])(api[-_]?key|authorization|password|secret|token)$")
 
-# Attributes every LogRecord has; anything else on a record came in through ``extra``.
-_RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+# Attributes every LogRecord has; anything else on a record came in through ``extra``. kopf
+# puts its whole OperatorSettings (a page of repr) on each of its records: not a log field.
+_RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message",
+    "asctime",
+    "settings",
+}
+# kopf's object loggers: the object is in the message already ("[ns/name] ...") for text.
+_TEXT_SKIPPED = {"k8s_skip", "k8s_ref"}
 
 
 def redact(text: str) -> str:
@@ -88,12 +95,36 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+class TextFormatter(logging.Formatter):
+    """``time LEVEL logger: message key=value ...``: the text format keeps the structured
+    fields (which pod, which budget, which error) that the JSON format has."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        fields = " ".join(
+            f"{k}={_text_value(v)}"
+            for k, v in extra_fields(record).items()
+            if k not in _TEXT_SKIPPED
+        )
+        if not fields:
+            return text
+        head, newline, rest = text.partition("\n")  # a traceback stays below the fields
+        return f"{head} {fields}{newline}{rest}"
+
+
+def _text_value(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return json.dumps(text) if not text or any(c.isspace() or c in '"=' for c in text) else text
+
+
 def setup_logging(level: str | int = "INFO", json: bool = True) -> logging.Handler:
     """Log to stderr through the root logger (its handlers replaced); returns the handler."""
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(RedactingFilter())
-    text = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    handler.setFormatter(JsonFormatter() if json else text)
+    handler.setFormatter(JsonFormatter() if json else TextFormatter())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
@@ -102,4 +133,11 @@ def setup_logging(level: str | int = "INFO", json: bool = True) -> logging.Handl
     return handler
 
 
-__all__ = ["JsonFormatter", "RedactingFilter", "redact", "redact_value", "setup_logging"]
+__all__ = [
+    "JsonFormatter",
+    "RedactingFilter",
+    "TextFormatter",
+    "redact",
+    "redact_value",
+    "setup_logging",
+]

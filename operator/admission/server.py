@@ -4,8 +4,8 @@ Served by every operator replica (it has no state of its own). The decision is
 :func:`.injection.plan_injection`; this module speaks AdmissionReview v1,
 serves TLS from rotating files (:mod:`.tls`) and finds two facts in the cluster through
 injected callables: a namespace's labels and the API server's version (native sidecars need
-Kubernetes >= 1.29). In production both come from
-:class:`~spendgate.operator.kube.service_account.InClusterApi`; tests pass their own.
+Kubernetes >= 1.29). In production both come from the operator's one API client
+(:class:`~spendgate.operator.kube.client.KubeClient`); tests pass their own.
 """
 
 from __future__ import annotations
@@ -144,7 +144,9 @@ class PodMutator:
             operator_namespace=self.settings.namespace,
         )
         meta = pod.get("metadata") or {}
-        where = {"ns": namespace, "pod": meta.get("name") or meta.get("generateName"), "uid": uid}
+        # namespace/name, or namespace/generateName for a pod a controller names on creation
+        pod_name = meta.get("name") or meta.get("generateName") or "?"
+        where = {"pod": f"{namespace}/{pod_name}", "uid": uid}
         if isinstance(plan, Refusal):
             log.info("pod refused", extra={**where, "reason": plan.message})
             return _refuse(uid, 400, plan.message)

@@ -2,14 +2,19 @@
 (leader only). ``main.run_operator`` starts them; both are plain classes, tested alone.
 
 - :class:`AdmissionService`: :func:`.server.start_admission` (HTTPS, with
-  certificate reload) with the in-cluster reads it needs; ``readiness()`` says whether it
-  listens, so a replica joins the webhook's Service only once it can answer.
+  certificate reload) with the two reads it needs, made by the operator's one API client
+  (:class:`~spendgate.operator.kube.client.KubeClient`: a namespace's labels, the server's
+  version); ``readiness()`` says whether it listens, so a replica joins the webhook's Service
+  only once it can answer.
 - :class:`BypassCheck`: every ``bypass_check_interval_s`` it lists the Services (of the watched
   namespaces, or of the cluster) and, in each namespace where a Service selects pods, the
   pods; every Service port that targets the model's port of a spendgate-injected pod
   (:func:`~spendgate.operator.admission.service_check.bypassing_services`) gets a Warning Event
   ``SpendgateMeterBypassed`` on the Service, again after ``bypass_rewarn_s`` if it persists.
-  It needs ``list`` on services and pods, nothing else (no watch: a periodic check is enough
+  A finding seen for the first time since the operator started is first looked up in the
+  Service's Events: one posted less than ``bypass_rewarn_s`` ago (by an earlier replica or
+  before a restart) counts as the warning, so a restart does not post it again.
+  It needs ``list`` on services, pods and events (no watch: a periodic check is enough
   for a warning, and watching every pod of a cluster would cost far more).
 """
 
@@ -20,7 +25,8 @@ import logging
 import socket
 import time
 from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import datetime
 from typing import Any, Protocol
 
 from prometheus_client import Gauge
@@ -29,7 +35,6 @@ from spendgate.listening import bind_listener
 from spendgate.loops import run_every
 
 from ..kube.client import KubeClient
-from ..kube.service_account import InClusterApi
 from .injection import SKIPPED_NAMESPACES
 from .server import AdmissionSettings, start_admission
 from .service_check import bypassing_services
@@ -57,13 +62,21 @@ class BypassCheckSettings(Protocol):
     def bypass_rewarn_s(self) -> float: ...
 
 
+class ClusterReads(Protocol):
+    """What the webhook reads of the cluster (:class:`KubeClient` has both)."""
+
+    def namespace_labels(self, name: str) -> Awaitable[Mapping[str, str]]: ...
+    def server_version(self) -> Awaitable[tuple[int, int]]: ...
+
+
 class AdmissionService:
-    """The mutating webhook server, as a service of ``run_operator``."""
+    """The mutating webhook server, as a service of ``run_operator``; ``api`` is the
+    operator's :class:`KubeClient` (set by ``run_operator`` when not given)."""
 
     __name__ = "admission"
 
-    def __init__(self, api_factory: Callable[[], Any] = InClusterApi.from_environment) -> None:
-        self.api_factory = api_factory
+    def __init__(self, api: ClusterReads | None = None) -> None:
+        self.api = api
         self.port: int | None = None
         self.sock: socket.socket | None = None
 
@@ -79,7 +92,9 @@ class AdmissionService:
             self.sock = None
 
     async def __call__(self, settings: AdmissionSettings) -> None:
-        api = self.api_factory()
+        api = self.api
+        if api is None:
+            raise RuntimeError("the admission webhook was started without an API client")
         sock, self.sock = self.sock, None
         try:
             async with start_admission(
@@ -91,7 +106,6 @@ class AdmissionService:
             self.port = None
             if sock is not None:
                 sock.close()
-            await api.close()
 
     def readiness(self) -> str | None:
         return None if self.port is not None else "the admission webhook is not listening yet"
@@ -106,10 +120,12 @@ class BypassCheck:
         kube: KubeClient,
         *,
         clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
         self.kube = kube
         self.clock = clock
+        self.wall = wall
         self.warned: dict[tuple[str, str, int], float] = {}  # (service uid, port, target)
 
     def _watched(self, namespace: str | None) -> bool:
@@ -146,6 +162,10 @@ class BypassCheck:
                 key = (str(uids.get(warning.service, "")), warning.port, warning.target)
                 seen.add(key)
                 last = self.warned.get(key)
+                if last is None:
+                    last = await self._posted_before(namespace, key[0], warning)
+                    if last is not None:
+                        self.warned[key] = last
                 if last is not None and now - last < self.settings.bypass_rewarn_s:
                     continue
                 involved = {
@@ -160,6 +180,7 @@ class BypassCheck:
                     type="Warning",
                     reason=warning.reason,
                     message=warning.message,
+                    action="CheckServices",
                     instance=self.settings.pod_name,
                 )
                 self.warned[key] = now
@@ -172,6 +193,24 @@ class BypassCheck:
         METER_BYPASSES.set(found)
         return posted
 
+    async def _posted_before(self, namespace: str, uid: str, warning: Any) -> float | None:
+        """When (on ``clock``) the newest same warning on the Service was posted, if any."""
+        if not uid:
+            return None
+        newest: float | None = None
+        for event in await self.kube.list_events(namespace, uid):
+            if (event.get("reason"), event.get("message")) != (warning.reason, warning.message):
+                continue
+            stamp = event.get("lastTimestamp") or event.get("eventTime")
+            try:
+                posted = datetime.fromisoformat(str(stamp).replace("Z", "+00:00")).timestamp()
+            except ValueError:
+                continue
+            newest = posted if newest is None else max(newest, posted)
+        if newest is None:
+            return None
+        return self.clock() - max(0.0, self.wall() - newest)
+
     async def run(self, stop: asyncio.Event) -> None:
         await run_every(
             stop,
@@ -183,4 +222,4 @@ class BypassCheck:
         )
 
 
-__all__ = ["AdmissionService", "BypassCheck"]
+__all__ = ["AdmissionService", "BypassCheck", "ClusterReads"]

@@ -32,6 +32,7 @@ class EventApi(Protocol):
         type: str,
         reason: str,
         message: str,
+        action: str,
         component: str = ...,
         instance: str = ...,
     ) -> None: ...
@@ -78,10 +79,18 @@ def targets_from_bodies(bodies: list[Mapping[str, Any]]) -> dict[str, Mapping[st
 
 
 class BudgetNotifier:
-    def __init__(self, kube: EventApi, alerts: AlertApi | None, *, instance: str = "") -> None:
+    def __init__(
+        self,
+        kube: EventApi,
+        alerts: AlertApi | None,
+        *,
+        instance: str = "",
+        action: str = "WatchSpend",  # the Events' action: what the leader was doing
+    ) -> None:
         self.kube = kube
         self.alerts = alerts
         self.instance = instance
+        self.action = action
 
     async def tell(
         self,
@@ -114,7 +123,12 @@ class BudgetNotifier:
                 cause = f"{reason}@{target.customer_id}"
                 await self.kube.annotate(BUDGETS, namespace, name, {REFRESH_ANNOTATION: cause})
             await self.kube.create_event(
-                target.involved, type=type, reason=reason, message=message, instance=self.instance
+                target.involved,
+                type=type,
+                reason=reason,
+                message=message,
+                action=self.action,
+                instance=self.instance,
             )
         except Exception as error:
             log.warning(

@@ -12,9 +12,15 @@ kopf watches and patches the objects it handles; the operator additionally
 - *lists and creates CustomerBudgets* for the budgets synced from Stripe
   (operator/stripe/budget_import.py; create only, never update or delete).
 
-This client uses the same credentials kopf logged in with (:meth:`KubeClient.configure` is
-called from the login handler), so there is one source of cluster credentials; code that runs
-beside kopf waits for that with :meth:`KubeClient.wait_configured`.
+and, on every replica, *reads a namespace's labels and the server's version* for the
+admission webhook (:meth:`KubeClient.namespace_labels`, :meth:`KubeClient.server_version`).
+
+It is the operator's one client to the API server, configured once: :meth:`KubeClient.login`
+loads the credentials (:func:`~spendgate.operator.kube.credentials.load_connection`: in-cluster,
+else a kubeconfig) and kopf's login handler returns the very same ``kopf.ConnectionInfo``, so
+kopf and this client always use one set of credentials. A 401 loads them again (the kubelet
+rotates service-account tokens; exec plugins' tokens expire) and the request is sent once more.
+A request made before the first login waits for it, up to ``timeout_s``.
 
 Every request is bounded by ``timeout_s``. 404 is "absent"; 409 raises :class:`Conflict`;
 other failures raise :class:`~spendgate.operator.kube.retry.KubernetesUnavailable`, which the
@@ -26,13 +32,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote, urlencode
 
 import aiohttp
 
+from .credentials import Connection
 from .retry import KubernetesUnavailable
 
 log = logging.getLogger("spendgate.operator.kube")
@@ -52,10 +60,33 @@ class Conflict(KubernetesUnavailable):
     """HTTP 409: the object exists already, or changed since it was read."""
 
 
+class Invalid(KubernetesUnavailable):
+    """HTTP 422: the API server refused the object (its schema -- e.g. an older CRD -- or a
+    validation rule); sending the same again fails the same way."""
+
+    reason = "RejectedByApiServer"
+
+
+Loader = Callable[[], Connection]
+
+
 class KubeClient:
-    def __init__(self, *, timeout_s: float = 10.0, user_agent: str = "spendgate-operator") -> None:
+    def __init__(
+        self,
+        *,
+        timeout_s: float = 10.0,
+        user_agent: str = "spendgate-operator",
+        loader: Loader | None = None,
+        labels_cache_s: float = 5.0,
+    ) -> None:
         self.timeout_s = timeout_s
         self.user_agent = user_agent
+        self.loader = loader
+        self.labels_cache_s = labels_cache_s
+        self.source: str | None = None  # where the credentials came from (never the secret)
+        self._info: Any = None
+        self._labels: dict[str, tuple[float, dict[str, str]]] = {}
+        self._proxy: str | None = None
         self._server: str | None = None
         self._session: aiohttp.ClientSession | None = None
         self._retired: list[aiohttp.ClientSession] = []
@@ -66,10 +97,22 @@ class KubeClient:
     def configured(self) -> bool:
         return self._server is not None
 
+    def login(self) -> Any:
+        """Load the credentials again (``loader``), use them, and return the
+        ``kopf.ConnectionInfo`` -- what kopf's login handler returns, so both use the same."""
+        if self.loader is None:
+            raise KubernetesUnavailable("no credentials loader: the client is configured by hand")
+        connection = self.loader()
+        self.source = connection.source
+        self.configure(connection.info)
+        return connection.info
+
     def configure(self, info: Any) -> None:
-        """Use the credentials of a ``kopf.ConnectionInfo`` (called on every kopf login)."""
+        """Use the credentials of a ``kopf.ConnectionInfo``."""
         if self._closed:
             return
+        self._info = info
+        self._proxy = getattr(info, "proxy_url", None) or None
         headers = {"User-Agent": self.user_agent, **info.as_http_headers()}
         ssl: Any = info.as_ssl_context() if str(info.server).startswith("https") else None
         if self._session is not None:
@@ -84,8 +127,18 @@ class KubeClient:
         self._logged_in.set()
 
     async def wait_configured(self) -> None:
-        """Until kopf has logged in (and so this client has credentials)."""
+        """Until the client has credentials (:meth:`login`, or kopf's login in tests)."""
         await self._logged_in.wait()
+
+    async def _session_now(self) -> tuple[aiohttp.ClientSession, str]:
+        if self._session is None or self._server is None:
+            try:
+                async with asyncio.timeout(self.timeout_s):
+                    await self._logged_in.wait()
+            except TimeoutError:
+                raise KubernetesUnavailable("not logged in to the Kubernetes API yet") from None
+        assert self._session is not None and self._server is not None
+        return self._session, self._server
 
     async def aclose(self) -> None:
         self._closed = True
@@ -106,25 +159,64 @@ class KubeClient:
     ) -> dict[str, Any] | None:
         if self._closed:
             raise KubernetesUnavailable("the operator is stopping")
-        if self._session is None or self._server is None:
-            raise KubernetesUnavailable("not logged in to the Kubernetes API yet")
         headers = {"Content-Type": content_type} if content_type else {}
         data = json.dumps(body) if body is not None else None
-        url = self._server + path + (f"?{urlencode(params)}" if params else "")
+        url = path + (f"?{urlencode(params)}" if params else "")
+        status, result = await self._send(method, path, url, data, headers)
+        if status == 401 and self.loader is not None:
+            log.info("the API server refused the credentials (401); loading them again")
+            try:
+                self.login()
+            except Exception as error:
+                raise KubernetesUnavailable(f"{method} {path}: HTTP 401; {error}") from None
+            status, result = await self._send(method, path, url, data, headers)
+        if status >= 400:
+            error_type = {409: Conflict, 422: Invalid}.get(status, KubernetesUnavailable)
+            raise error_type(f"{method} {path}: HTTP {status} {result}".rstrip())
+        return result  # type: ignore[no-any-return]
+
+    async def _send(
+        self, method: str, path: str, url: str, data: str | None, headers: Mapping[str, str]
+    ) -> tuple[int, Any]:
+        """(status, decoded body), for a status >= 400 its Status message; 404 is (200, None)."""
+        session, server = await self._session_now()
         try:
-            async with self._session.request(method, url, data=data, headers=headers) as response:
+            async with session.request(
+                method, server + url, data=data, headers=headers, proxy=self._proxy
+            ) as response:
                 if response.status == 404:
-                    return None
+                    return 200, None
                 if response.status >= 400:
-                    detail = await _status_message(response)
-                    error = Conflict if response.status == 409 else KubernetesUnavailable
-                    raise error(f"{method} {path}: HTTP {response.status} {detail}".rstrip())
-                result: dict[str, Any] = await response.json()
-                return result
+                    return response.status, await _status_message(response)
+                return response.status, await response.json()
         except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as error:
             raise KubernetesUnavailable(
                 f"{method} {path}: {type(error).__name__}: {error}"
             ) from None
+
+    # ------------------------------------------------------------------ admission's reads
+
+    async def namespace_labels(self, name: str) -> dict[str, str]:
+        """A namespace's labels (RBAC: ``get`` namespaces), kept ``labels_cache_s``."""
+        cached = self._labels.get(name)
+        if cached is not None and time.monotonic() - cached[0] < self.labels_cache_s:
+            return cached[1]
+        body = await self._request("GET", f"/api/v1/namespaces/{_q(name)}")
+        if body is None:
+            raise KubernetesUnavailable(f"namespace {name} does not exist")
+        labels = {
+            str(k): str(v) for k, v in ((body.get("metadata") or {}).get("labels") or {}).items()
+        }
+        self._labels[name] = (time.monotonic(), labels)
+        return labels
+
+    async def server_version(self) -> tuple[int, int]:
+        """(major, minor) of ``/version`` (open to every authenticated client)."""
+        body = await self._request("GET", "/version")
+        if not body:
+            raise KubernetesUnavailable("GET /version: no answer")
+        major, minor = ("".join(filter(str.isdigit, str(body[k]))) for k in ("major", "minor"))
+        return int(major), int(minor)  # GKE/EKS say "29+"
 
     async def read_secret(self, namespace: str, name: str) -> dict[str, Any] | None:
         """GET a Secret; None if it does not exist. (A ``SecretReader``.)"""
@@ -193,10 +285,13 @@ class KubeClient:
 
     # ------------------------------------------------------------------ lists, Events
 
-    async def list_objects(self, path: str) -> list[dict[str, Any]]:
+    async def list_objects(
+        self, path: str, *, field_selector: str | None = None
+    ) -> list[dict[str, Any]]:
         """Every item of a list (``/api/v1/services``, ...), in pages of ``PAGE``."""
         items: list[dict[str, Any]] = []
-        params = {"limit": str(PAGE)}
+        selector = {"fieldSelector": field_selector} if field_selector else {}
+        params = {"limit": str(PAGE), **selector}
         while True:
             page = await self._request("GET", path, params=params)
             if page is None:
@@ -205,7 +300,31 @@ class KubeClient:
             token = (page.get("metadata") or {}).get("continue")
             if not token:
                 return items
-            params = {"limit": str(PAGE), "continue": token}
+            params = {"limit": str(PAGE), "continue": token, **selector}
+
+    async def patch_status(
+        self, plural: str, namespace: str, name: str, status: Mapping[str, Any]
+    ) -> dict[str, Any] | None:
+        """Merge-patch the status subresource of a spendgate object (None: it is gone).
+        :class:`Invalid` when the API server refuses it (422)."""
+        path = f"/apis/{GROUP}/{VERSION}/namespaces/{_q(namespace)}/{plural}/{_q(name)}/status"
+        return await self._request(
+            "PATCH",
+            path,
+            body={"status": dict(status)},
+            content_type="application/merge-patch+json",
+        )
+
+    async def can_list(self, path: str) -> bool:
+        """One page of one item: False if the resource is not served (404); a refusal (403)
+        raises with the server's message."""
+        return await self._request("GET", path, params={"limit": "1"}) is not None
+
+    async def get_crd(self, name: str) -> dict[str, Any] | None:
+        """A CustomResourceDefinition by name (RBAC: ``get`` on the two spendgate CRDs)."""
+        return await self._request(
+            "GET", f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{_q(name)}"
+        )
 
     async def list_services(self, namespace: str | None) -> list[dict[str, Any]]:
         """Services of a namespace, or of the cluster (None)."""
@@ -215,6 +334,14 @@ class KubeClient:
     async def list_pods(self, namespace: str) -> list[dict[str, Any]]:
         return await self.list_objects(f"/api/v1/namespaces/{_q(namespace)}/pods")
 
+    async def list_events(self, namespace: str, involved_uid: str) -> list[dict[str, Any]]:
+        """The Events on one object (by its uid) in a namespace (RBAC: ``list`` events)."""
+        events = await self.list_objects(
+            f"/api/v1/namespaces/{_q(namespace)}/events",
+            field_selector=f"involvedObject.uid={involved_uid}",
+        )
+        return [e for e in events if (e.get("involvedObject") or {}).get("uid") == involved_uid]
+
     async def create_event(
         self,
         involved: Mapping[str, Any],
@@ -222,11 +349,13 @@ class KubeClient:
         type: str,
         reason: str,
         message: str,
+        action: str,
         component: str = "spendgate-operator",
         instance: str = "",
     ) -> None:
         """Post a core v1 Event on ``involved`` (an ObjectReference: apiVersion, kind, name,
-        namespace, uid), shaped like the ones kopf posts from handlers."""
+        namespace, uid), with ``action`` what the operator did (``Reconcile``, ``Refresh``,
+        ``Finalize``, ``CheckServices``, ``StripeSync``, ...)."""
         namespace = str(involved.get("namespace") or "default")
         now = datetime.now(UTC).isoformat()
         body = {
@@ -236,7 +365,7 @@ class KubeClient:
             "type": type,
             "reason": reason,
             "message": message[:1024],
-            "action": "Observed",
+            "action": action,
             "reportingComponent": component,
             "reportingInstance": instance,
             "source": {"component": component},
@@ -268,4 +397,4 @@ async def _status_message(response: aiohttp.ClientResponse) -> str:
     return ""
 
 
-__all__ = ["Conflict", "KubeClient"]
+__all__ = ["Conflict", "Invalid", "KubeClient"]

@@ -9,8 +9,9 @@ credentials. Reconciliations are counted and timed (:func:`.metrics.counted`).
 =======================  ===================================================================
 handler                  does
 =======================  ===================================================================
-login                    kopf's login (``kopf.login_via_client`` by default); the operator's
-                         own API client (Secrets, annotations) takes the same credentials
+login                    the credentials of the operator's one API client
+                         (``KubeClient.login``: in-cluster, else a kubeconfig), loaded again
+                         on each kopf login (a 401); a ``login`` override (tests) configures it
 startup ``configure``    production kopf settings (:func:`.kopf_settings.configure_kopf`)
 cleanup                  ``Runtime.cleanups`` (the leader's other work stops, Lease released)
 index ``budget_refs``    ``("Secret"|"PriceBook", namespace, name)`` → budgets using it
@@ -56,6 +57,7 @@ from ..kube.client import BUDGETS, GROUP, PRICEBOOKS, REFRESH_ANNOTATION, VERSIO
 from ..kube.conditions import READY
 from ..kube.objects import EventSpec
 from ..kube.retry import RetryableError
+from ..kube.status_writer import StatusWriter, post_events
 from ..pricebooks import reconcile as pricebooks
 from . import metrics
 from .kopf_settings import configure_kopf
@@ -77,6 +79,7 @@ class Runtime:
     settings: OperatorSettings
     store: ConfigStore
     kube: KubeClient
+    status: StatusWriter
     alerts: AlertSender | None = None
     stripe: StripeHooks | None = None  # with Stripe enabled (operator/stripe/wiring.py)
     locks: KeyedLocks = field(default_factory=KeyedLocks)
@@ -93,14 +96,15 @@ class Runtime:
 # --------------------------------------------------------------------------- helpers
 
 
-def _post(body: Mapping[str, Any], events: Iterable[EventSpec]) -> None:
-    for event in events:
-        kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+async def _post(
+    runtime: Runtime, body: Mapping[str, Any], events: Iterable[EventSpec], action: str
+) -> None:
+    await post_events(runtime.kube, body, events, action=action, instance=runtime.status.instance)
 
 
-def _write_status(patch: kopf.Patch, changes: Mapping[str, Any]) -> None:
-    for key, value in changes.items():
-        patch.status[key] = value
+def _held_back(runtime: Runtime, uid: str) -> kopf.TemporaryError:
+    delay = runtime.status.retry_in(uid) or runtime.settings.retry_delay_s
+    return kopf.TemporaryError("the API server refused the status; retrying", delay=delay)
 
 
 async def _bounded(settings: OperatorSettings, work: Awaitable[Any], what: str) -> Any:
@@ -147,10 +151,12 @@ def _refs(index: kopf.Index[Any, Any] | None, key: tuple[str, str, str]) -> list
 
 
 async def log_in(runtime: Runtime, login: LoginFn | None, /, **kwargs: Any) -> Any:
-    """Credentials from ``login`` (default ``kopf.login_via_client``: in-cluster service
-    account or kubeconfig) for the operator's own API client; kopf's login handler, and the
-    leader election's before kopf runs."""
-    info = (login or kopf.login_via_client)(**{"logger": log, **kwargs})
+    """The credentials of the operator's one API client (:meth:`KubeClient.login`: in-cluster,
+    else a kubeconfig), loaded again; or, with ``login`` (tests), what it returns, which the
+    client then takes. kopf's login handler, and the leader election's before kopf runs."""
+    if login is None:
+        return runtime.kube.login()
+    info = login(**{"logger": log, **kwargs})
     if inspect.isawaitable(info):
         info = await info
     if info is not None:
@@ -162,8 +168,9 @@ async def log_in(runtime: Runtime, login: LoginFn | None, /, **kwargs: Any) -> A
 
 
 def build_registry(runtime: Runtime, *, login: LoginFn | None = None) -> kopf.OperatorRegistry:
-    """All handlers of the operator in a fresh registry. ``login`` replaces kopf's default
-    (``kopf.login_via_client``: in-cluster service account or kubeconfig)."""
+    """All handlers of the operator in a fresh registry. kopf logs in with the credentials of
+    ``runtime.kube`` (:meth:`KubeClient.login`); ``login`` (tests) replaces them, and the
+    client takes what it returns."""
     registry = kopf.OperatorRegistry()
     settings = runtime.settings
 
@@ -216,17 +223,21 @@ def build_registry(runtime: Runtime, *, login: LoginFn | None = None) -> kopf.Op
             stripe=runtime.stripe,
         )
 
-    def publish(result: Reconciled, body: kopf.Body, patch: kopf.Patch) -> None:
+    async def publish(result: Reconciled, body: kopf.Body, action: str) -> bool:
+        """Status, then (once it is written: they follow from it) Events and alerts."""
         lag = result.status.get("exportLagSeconds")
         if isinstance(lag, int):
             metrics.BUDGET_EXPORT_LAG.observe(lag)
-        _write_status(patch, result.patch(body.get("status")))
-        _post(body, result.events)
+        changes = result.patch(body.get("status"))
+        if not await runtime.status.write(BUDGETS, body, changes, action=action):
+            return False
+        await _post(runtime, body, result.events, action)
         if runtime.alerts is not None:
             for alert in result.alerts:
                 runtime.alerts.dispatch(alert)
         if result.error is not None:
             raise _retry(settings, result.error)
+        return True
 
     # Before ``reconcile`` (kopf runs a change's handlers in this order): the status it then
     # computes shows the suspension lifted.
@@ -235,14 +246,15 @@ def build_registry(runtime: Runtime, *, login: LoginFn | None = None) -> kopf.Op
         not_stopping()
         try:
             now_ms = int(time.time() * 1000)
-            _post(body, await budget_abnormal.resume_budget(body, runtime.store, now_ms))
+            events = await budget_abnormal.resume_budget(body, runtime.store, now_ms)
+            await _post(runtime, body, events, "Resume")
         except RetryableError as error:
             raise _retry(settings, error) from None
 
     @kopf.on.resume(GROUP, VERSION, BUDGETS, id="reconcile", registry=registry)
     @kopf.on.create(GROUP, VERSION, BUDGETS, id="reconcile", registry=registry)
     @kopf.on.update(GROUP, VERSION, BUDGETS, id="reconcile", registry=registry)
-    async def reconcile_budget(body: kopf.Body, patch: kopf.Patch, uid: str, **_: Any) -> None:
+    async def reconcile_budget(body: kopf.Body, uid: str, **_: Any) -> None:
         not_stopping()
         started = time.monotonic()
         runtime.reconciling[uid] = (started, None)
@@ -258,7 +270,8 @@ def build_registry(runtime: Runtime, *, login: LoginFn | None = None) -> kopf.Op
             runtime.reconciling[uid] = (started, time.monotonic())
         if result.error is None:
             runtime.last_full[uid] = started
-        publish(result, body, patch)
+        if not await publish(result, body, "Reconcile"):
+            raise _held_back(runtime, uid)
 
     def reconcile_overlaps(uid: str, since: float) -> bool:
         """A reconcile ran recently, runs now, or started after ``since``: its status wins."""
@@ -275,7 +288,7 @@ def build_registry(runtime: Runtime, *, login: LoginFn | None = None) -> kopf.Op
         interval=settings.status_interval_s,
         initial_delay=settings.status_interval_s,
     )
-    async def refresh_status(body: kopf.Body, patch: kopf.Patch, uid: str, **_: Any) -> None:
+    async def refresh_status(body: kopf.Body, uid: str, **_: Any) -> None:
         if runtime.stopping:
             # kopf can (re)spawn a timer while it shuts down, after it stopped the others; it
             # would run until kopf cancels leftover tasks 5 s later. End it now, doing nothing.
@@ -292,7 +305,7 @@ def build_registry(runtime: Runtime, *, login: LoginFn | None = None) -> kopf.Op
             runtime.last_full[uid] = started
         if reconcile_overlaps(uid, started):
             return  # a reconcile started meanwhile; what it writes is newer
-        publish(result, body, patch)
+        await publish(result, body, "Refresh")  # refused: reported, and tried on a later tick
 
     @kopf.on.delete(GROUP, VERSION, BUDGETS, id="finalize", registry=registry)
     async def finalize_budget(body: kopf.Body, uid: str, **_: Any) -> None:
@@ -304,14 +317,11 @@ def build_registry(runtime: Runtime, *, login: LoginFn | None = None) -> kopf.Op
                 "revoking the budget",
             )
         except RetryableError as error:
-            kopf.event(
-                body,
-                type="Warning",
-                reason=error.reason,
-                message=f"cannot revoke yet, retrying: {error.message}",
-            )
+            message = f"cannot revoke yet, retrying: {error.message}"
+            await _post(runtime, body, [EventSpec("Warning", error.reason, message)], "Finalize")
             raise _retry(settings, error) from None
-        _post(body, events)
+        await _post(runtime, body, events, "Finalize")
+        runtime.status.forget(uid)
         runtime.last_full.pop(uid, None)
         runtime.reconciling.pop(uid, None)
         customer = budget_checks.raw_customer_id(body)
@@ -339,7 +349,7 @@ def build_registry(runtime: Runtime, *, login: LoginFn | None = None) -> kopf.Op
     @kopf.on.create(GROUP, VERSION, PRICEBOOKS, id="reconcile", registry=registry)
     @kopf.on.update(GROUP, VERSION, PRICEBOOKS, id="reconcile", registry=registry)
     async def reconcile_pricebook(
-        body: kopf.Body, patch: kopf.Patch, namespace: str, name: str, **kwargs: Any
+        body: kopf.Body, uid: str, namespace: str, name: str, **kwargs: Any
     ) -> None:
         not_stopping()
         with metrics.counted("PriceBook") as outcome:
@@ -350,8 +360,9 @@ def build_registry(runtime: Runtime, *, login: LoginFn | None = None) -> kopf.Op
             )
             outcome.append(metrics.outcome_of(result.status, result.error))
         old = body.get("status") or {}
-        _write_status(patch, result.patch(old))
-        _post(body, result.events)
+        if not await runtime.status.write(PRICEBOOKS, body, result.patch(old), action="Reconcile"):
+            raise _held_back(runtime, uid)
+        await _post(runtime, body, result.events, "Reconcile")
         if result.error is not None:
             raise _retry(settings, result.error)
         ready_changed = cond.status_of(old.get("conditions"), READY) != cond.status_of(
@@ -374,7 +385,7 @@ def build_registry(runtime: Runtime, *, login: LoginFn | None = None) -> kopf.Op
             )
         except RetryableError as error:
             raise _retry(settings, error) from None
-        _post(body, events)
+        await _post(runtime, body, events, "Finalize")
         names = _refs(kwargs.get(BUDGET_REFS), ("PriceBook", namespace, name))
         await touch_budgets(runtime, namespace, names, f"PriceBook/{name}:deleted")
 

@@ -37,6 +37,10 @@ def configure_kopf(kopf_settings: kopf.OperatorSettings, settings: OperatorSetti
     # No kopf peering: the Lease (operator/runtime/leading.py) decides which replica runs kopf.
     ks.peering.standalone = True
     ks.peering.mandatory = False
+    # Watching namespaces by name: kopf would list and watch every Namespace to follow them
+    # (cluster-wide rights the chart's Roles do not grant: "forbidden" at every start). The
+    # names are exact, so there is nothing to follow; CRDs are then found once, at start.
+    ks.scanning.disabled = bool(settings.namespaces)
 
 
 __all__ = ["FINALIZER", "PREFIX", "configure_kopf"]

@@ -40,7 +40,10 @@ from ..admission.services import AdmissionService, BypassCheck
 from ..alerts.sender import AlertSender
 from ..budgets.audit import AuditLoop
 from ..budgets.spend_watch import SpendWatch
+from ..kube.api_checks import ApiChecks
 from ..kube.client import KubeClient
+from ..kube.credentials import CredentialsError, load_connection
+from ..kube.status_writer import StatusWriter
 from ..stripe.budget_import import TemplateFile, load_import_template
 from ..stripe.wiring import StripeService
 from .handlers import LoginFn, Runtime, build_registry
@@ -53,12 +56,12 @@ from .settings import OperatorSettings
 log = logging.getLogger("spendgate.operator")
 
 
-def default_services(settings: OperatorSettings) -> list[Service]:
+def default_services(settings: OperatorSettings, kube: KubeClient | None = None) -> list[Service]:
     """Services every replica runs next to kopf: the admission webhook, when its certificate
     and key files are configured (the chart always mounts them)."""
     services: list[Service] = []
     if settings.webhook_cert_file and settings.webhook_key_file:
-        services.append(AdmissionService())
+        services.append(AdmissionService(kube))
     else:
         log.warning(
             "the admission webhook is disabled: no webhook certificate and key files"
@@ -81,7 +84,24 @@ def make_redis(settings: OperatorSettings) -> Any:
     )
 
 
-def make_runtime(settings: OperatorSettings, redis_client: Any) -> Runtime:
+def make_kube(settings: OperatorSettings, *, login: LoginFn | None = None) -> KubeClient:
+    """The operator's one API client. Without a ``login`` override (tests) it loads its
+    credentials itself (:func:`load_credentials`), and kopf logs in with the same ones."""
+    return KubeClient(
+        timeout_s=settings.kube_timeout_s, loader=None if login is not None else load_connection
+    )
+
+
+def load_credentials(kube: KubeClient) -> None:
+    """Load the credentials now -- in-cluster, else the kubeconfig (CredentialsError if none)."""
+    if kube.loader is not None:
+        info = kube.login()
+        log.info("Kubernetes API", extra={"server": str(info.server), "credentials": kube.source})
+
+
+def make_runtime(
+    settings: OperatorSettings, redis_client: Any, kube: KubeClient | None = None
+) -> Runtime:
     alerts = None
     if settings.alert_webhook_url:
         alerts = AlertSender(
@@ -89,10 +109,12 @@ def make_runtime(settings: OperatorSettings, redis_client: Any) -> Runtime:
             attempts=settings.alert_attempts,
             timeout_s=settings.alert_timeout_s,
         )
+    kube = kube if kube is not None else KubeClient(timeout_s=settings.kube_timeout_s)
     return Runtime(
         settings=settings,
         store=ConfigStore(redis_client),
-        kube=KubeClient(timeout_s=settings.kube_timeout_s),
+        kube=kube,
+        status=StatusWriter(kube, instance=identity_of(settings)),
         alerts=alerts,
     )
 
@@ -143,8 +165,21 @@ async def run_operator(
     if settings.stripe is not None and settings.stripe.enabled and settings.stripe.import_enabled:
         # Before anything starts: an invalid import template stops the operator here.
         template = load_import_template(settings.stripe, settings.namespaces)
-    services = default_services(settings) if services is None else list(services)
+    kube = make_kube(settings, login=login)
+    services = default_services(settings, kube) if services is None else list(services)
+    for service in services:
+        if isinstance(service, AdmissionService) and service.api is None:
+            service.api = kube
     listeners = bind_ports(settings, services, health=health)
+    try:
+        load_credentials(kube)
+    except CredentialsError:
+        listeners.close()
+        for service in services:
+            release = getattr(service, "release", None)
+            if callable(release):
+                release()
+        raise
     log.info(
         "operator starting",
         extra={
@@ -156,7 +191,7 @@ async def run_operator(
     )
     own_redis = redis_client is None
     redis_client = redis_client if redis_client is not None else make_redis(settings)
-    runtime = make_runtime(settings, redis_client)
+    runtime = make_runtime(settings, redis_client, kube)
     stripe: StripeService | None = None
     if settings.stripe is not None and settings.stripe.enabled:
         stripe = StripeService(
@@ -184,6 +219,8 @@ async def run_operator(
     ]
     if stripe is not None:
         extra.append(asyncio.create_task(stripe.run(), name="service stripe"))
+    api_checks = ApiChecks(runtime.kube, settings.namespaces)
+    extra.append(asyncio.create_task(api_checks.run(asyncio.Event()), name="service api checks"))
     drain = settings.shutdown_drain_s
     companions = Companions(extra, settings.lease_duration_s + 5, drain)
     if settings.leader_election:
@@ -207,7 +244,11 @@ async def run_operator(
                     redis_client,
                     started,
                     companions.alive,
-                    checks=[*readiness_checks(services), companions.readiness],
+                    checks=[
+                        *readiness_checks(services),
+                        api_checks.readiness,
+                        companions.readiness,
+                    ],
                     info=readiness_checks([stripe]),
                 )
                 assert listeners.health is not None
@@ -242,12 +283,14 @@ async def run_operator(
 
 def run(settings: OperatorSettings, *, services: Sequence[Service] | None = None) -> None:
     """Blocking entry point for ``spendgate operator``; exit status 1 when this replica lost
-    the leadership (Kubernetes restarts it as a standby)."""
+    the leadership (Kubernetes restarts it as a standby); no credentials is one clear line."""
     try:
         asyncio.run(run_operator(settings, services=services))
     except LeadershipLost as error:
         log.error("%s; exiting so that this replica restarts as a standby", error)
         raise SystemExit(1) from None
+    except CredentialsError as error:
+        raise SystemExit(f"spendgate operator: {error}") from None
 
 
 __all__ = [

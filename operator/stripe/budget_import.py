@@ -213,6 +213,7 @@ class BudgetImport:
                 type="Normal",
                 reason=IMPORTED_REASON,
                 message=f"created for Stripe customer {stripe_customer} (metadata {key}={value})",
+                action="StripeImport",
                 instance=self.instance,
             )
         except KubernetesUnavailable as error:

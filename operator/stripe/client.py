@@ -7,8 +7,8 @@ Entry points for the operator::
     ...
     await gateway.close()                                   # on shutdown
 
-``reader`` is ``async (secret_name, key) -> str | None`` in the operator's namespace;
-:func:`kubernetes_secret_reader` builds one on the ``kubernetes`` package.
+``reader`` is ``async (secret_name, key) -> str | None`` in the operator's namespace: the
+operator's is ``StripeService.read_secret`` (:mod:`.wiring`), on its one API client.
 
 Every call goes through :meth:`StripeGateway.call`, which retries 429, 409 (lock timeouts),
 5xx and connection errors with exponential backoff and full jitter, bounded by
@@ -24,7 +24,6 @@ gateway does not show it.
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
 import logging
 import os
@@ -96,41 +95,6 @@ async def load_webhook_secrets(
             f"{settings.webhook_secret_env}"
         )
     return secrets[:2]
-
-
-def kubernetes_secret_reader(namespace: str, core_v1_api: Any = None) -> SecretReader:
-    """A reader on the ``kubernetes`` package (in-cluster config unless an API is given)."""
-
-    def _api() -> Any:
-        nonlocal core_v1_api
-        if core_v1_api is None:
-            import kubernetes  # type: ignore[import-untyped]
-
-            try:
-                kubernetes.config.load_incluster_config()
-            except kubernetes.config.ConfigException:
-                kubernetes.config.load_kube_config()
-            core_v1_api = kubernetes.client.CoreV1Api()
-        return core_v1_api
-
-    def _get(name: str, key: str) -> str | None:
-        import kubernetes  # type: ignore[import-untyped]
-
-        try:
-            secret = _api().read_namespaced_secret(name, namespace, _request_timeout=10)
-        except kubernetes.client.ApiException as error:
-            if error.status == 404:
-                return None
-            raise
-        data = secret.data or {}
-        if key not in data:
-            return None
-        return base64.b64decode(data[key]).decode("utf-8")
-
-    async def reader(name: str, key: str) -> str | None:
-        return await asyncio.to_thread(_get, name, key)
-
-    return reader
 
 
 def idempotency_key(*parts: str) -> str:

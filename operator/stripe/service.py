@@ -6,7 +6,7 @@
     from spendgate.operator.stripe.settings import StripeSettings
 
     stripe_io = await StripeIntegration.create(
-        redis, ledger, StripeSettings.from_env(), reader=kubernetes_secret_reader(namespace),
+        redis, ledger, StripeSettings.from_env(), reader=read_secret,
         consumer=pod_name, on_event=emit_event)      # emit_event(customerId, reason, msg, warning)
     await stripe_io.start_webhook()                  # every replica: port settings.webhook_port
     ...

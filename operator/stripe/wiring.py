@@ -182,6 +182,7 @@ class BudgetEvents:
                 type="Warning" if warning else "Normal",
                 reason=reason,
                 message=message,
+                action="StripeSync",
                 instance=self.instance,
             )
         except Exception as error:

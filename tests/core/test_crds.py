@@ -193,6 +193,30 @@ def test_committed_crds_match_the_models() -> None:
     )
 
 
+# The schema digests of each CRD schema generation (spendgate/crd.py SCHEMA_GENERATION). A
+# model change that alters a CRD fails here until the generation is bumped and its digests
+# pinned: the operator then refuses (not ready, naming the CRD) an installed CRD of an older
+# generation instead of meeting the API server's 422s (docs/install.md, "Upgrades").
+SCHEMA_DIGESTS = {
+    1: {
+        "customerbudgets.spendgate.dev": "fd64aca70c807304",
+        "pricebooks.spendgate.dev": "565ae987fb30dedf",
+    },
+}
+
+
+def test_a_schema_change_bumps_the_schema_generation() -> None:
+    digests = {resource.name: crd.schema_digest(resource) for resource in crd.RESOURCES}
+    pinned = SCHEMA_DIGESTS.get(crd.SCHEMA_GENERATION)
+    assert digests == pinned, (
+        f"the CRD schema changed ({digests}): bump SCHEMA_GENERATION in spendgate/crd.py to"
+        f" {max(SCHEMA_DIGESTS) + 1}, pin these digests for it here, and regenerate crds/"
+    )
+    for resource in crd.RESOURCES:
+        annotations = crd.definition(resource)["metadata"]["annotations"]
+        assert annotations[crd.SCHEMA_ANNOTATION] == str(crd.SCHEMA_GENERATION)
+
+
 def test_check_reports_drift(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert crd.main(["--write", str(tmp_path)]) == 0
     assert crd.main(["--check", str(tmp_path)]) == 0

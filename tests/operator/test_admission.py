@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import ssl
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -280,3 +281,26 @@ def test_secret_volume_updates_are_noticed(tmp_path: Path) -> None:
     assert tls.refresh() is True
     assert tls.refresh() is False
     assert tls.reloads == 1
+
+
+async def test_injection_log_lines_name_the_pod_in_text_format(
+    webhook: Webhook, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Text logs (SPENDGATE_LOG_FORMAT=text) show which pod was injected or refused."""
+    from spendgate.logs import RedactingFilter, TextFormatter
+
+    caplog.set_level(logging.INFO, "spendgate.operator.admission")
+    named = vllm_pod()
+    named["metadata"]["name"] = "llama-0"
+    await webhook.admit(named)
+    unnamed = vllm_pod()  # a ReplicaSet's pod: named by the API server after admission
+    await webhook.admit(unnamed, uid="uid-2")
+    formatter = TextFormatter()
+    lines = []
+    for record in caplog.records:
+        RedactingFilter().filter(record)
+        lines.append(formatter.format(record))
+    injected = [line for line in lines if "injected" in line]
+    assert len(injected) == 2, lines
+    assert f"pod={NAMESPACE}/llama-0 uid=uid-1" in injected[0]
+    assert f"pod={NAMESPACE}/llama-3-8b-6b7c9d5f4- uid=uid-2" in injected[1]

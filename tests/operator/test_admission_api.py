@@ -1,19 +1,24 @@
 """What the admission webhook reads from the cluster: namespace labels and the API server's
-version (native sidecars need Kubernetes >= 1.29), through the service account, over HTTPS."""
+version (native sidecars need Kubernetes >= 1.29), with the operator's one API client over
+HTTPS -- in a cluster with the service account, which the kubelet rotates."""
 
 from __future__ import annotations
 
+import json
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import aiohttp
+import kopf
 import pytest
 from aiohttp import web
 
 from spendgate.operator.admission.server import NativeSidecars
-from spendgate.operator.kube.service_account import InClusterApi
+from spendgate.operator.kube.client import KubeClient
+from spendgate.operator.kube.credentials import in_cluster_connection, load_connection
+from spendgate.operator.kube.retry import KubernetesUnavailable
 from tests.support.webhook_certs import WebhookCA
 
 
@@ -45,12 +50,17 @@ async def test_version_lookup_failures_fall_back_to_a_regular_container() -> Non
 async def fake_api_server(ca: WebhookCA, seen: list[str]) -> AsyncIterator[str]:
     """An API server over HTTPS that knows one namespace and records the bearer tokens."""
 
-    async def version(request: web.Request) -> web.Response:
+    def authorized(request: web.Request) -> None:
         seen.append(request.headers["Authorization"])
+        if request.headers["Authorization"] not in ("Bearer first-token", "Bearer rotated-token"):
+            raise web.HTTPUnauthorized()
+
+    async def version(request: web.Request) -> web.Response:
+        authorized(request)
         return web.json_response({"major": "1", "minor": "29+", "gitVersion": "v1.29.4-eks"})
 
     async def namespace(request: web.Request) -> web.Response:
-        seen.append(request.headers["Authorization"])
+        authorized(request)
         if request.match_info["name"] != "team-a":
             raise web.HTTPNotFound()
         labels = {"spendgate.dev/inject": "true", "kubernetes.io/metadata.name": "team-a"}
@@ -70,32 +80,80 @@ async def fake_api_server(ca: WebhookCA, seen: list[str]) -> AsyncIterator[str]:
         await runner.cleanup()
 
 
-async def test_in_cluster_api(ca: WebhookCA, tmp_path: Path) -> None:
-    token = tmp_path / "token"
-    token.write_text("first-token\n")
+def service_account(directory: Path, ca: WebhookCA, token: str) -> Path:
+    directory.mkdir(exist_ok=True)
+    (directory / "token").write_text(token + "\n")
+    (directory / "ca.crt").write_bytes(ca.ca_file.read_bytes())
+    (directory / "namespace").write_text("spendgate-system")
+    return directory
+
+
+async def test_in_cluster_reads_with_a_rotated_token(ca: WebhookCA, tmp_path: Path) -> None:
+    sa = service_account(tmp_path / "sa", ca, "first-token")
     seen: list[str] = []
     async with fake_api_server(ca, seen) as url:
-        api = InClusterApi(url, str(token), str(ca.ca_file), cache_s=60)
+        host, port = url.removeprefix("https://").split(":")
+        env = {"KUBERNETES_SERVICE_HOST": host, "KUBERNETES_SERVICE_PORT": port}
+        api = KubeClient(timeout_s=5, loader=lambda: load_connection(env, str(sa)))
+        api.login()
+        assert api.source == "in-cluster service account"
         try:
             assert await api.server_version() == (1, 29)
             labels = await api.namespace_labels("team-a")
             assert labels["spendgate.dev/inject"] == "true"
             assert await api.namespace_labels("team-a") == labels  # cached
-            token.write_text("rotated-token\n")  # the kubelet refreshes bound tokens
-            with pytest.raises(aiohttp.ClientResponseError) as error:
+            # The kubelet rotated the token and the old one expired: a 401 loads it again.
+            (sa / "token").write_text("rotated-token\n")
+            seen.append("expired")
+            api.configure(kopf.ConnectionInfo(server=url, ca_path=str(sa / "ca.crt"), token="old"))
+            with pytest.raises(KubernetesUnavailable, match="does not exist"):
                 await api.namespace_labels("missing")
-            assert error.value.status == 404
         finally:
-            await api.close()
-    assert seen == ["Bearer first-token", "Bearer first-token", "Bearer rotated-token"]
+            await api.aclose()
+    assert seen == [
+        "Bearer first-token",
+        "Bearer first-token",
+        "expired",
+        "Bearer old",
+        "Bearer rotated-token",
+    ]
 
 
-def test_in_cluster_api_from_the_environment(ca: WebhookCA, tmp_path: Path) -> None:
-    (tmp_path / "token").write_text("t")
-    (tmp_path / "ca.crt").write_bytes(ca.ca_file.read_bytes())
+def test_in_cluster_credentials_from_the_environment(ca: WebhookCA, tmp_path: Path) -> None:
+    sa = service_account(tmp_path / "sa", ca, "t")
     environment = {"KUBERNETES_SERVICE_HOST": "fd00::1", "KUBERNETES_SERVICE_PORT": "443"}
-    api = InClusterApi.from_environment(environment, str(tmp_path))
-    assert api.base_url == "https://[fd00::1]:443"
-    assert api.token_file == f"{tmp_path}/token"
-    with pytest.raises(RuntimeError, match="not in a cluster"):
-        InClusterApi.from_environment({}, str(tmp_path))
+    connection = in_cluster_connection(environment, str(sa))
+    assert connection is not None
+    assert connection.info.server == "https://[fd00::1]:443"
+    assert connection.info.token == "t" and connection.info.ca_path == str(sa / "ca.crt")
+    assert connection.info.default_namespace == "spendgate-system"
+    assert in_cluster_connection({}, str(sa)) is None  # not in a cluster: a kubeconfig then
+
+
+async def test_reads_through_a_kubeconfig(ca: WebhookCA, tmp_path: Path) -> None:
+    """Out of a cluster the same client reads with the kubeconfig's credentials."""
+    seen: list[str] = []
+    async with fake_api_server(ca, seen) as url:
+        config = tmp_path / "config"
+        config.write_text(
+            json.dumps(
+                {
+                    "current-context": "dev",
+                    "contexts": [{"name": "dev", "context": {"cluster": "c", "user": "u"}}],
+                    "clusters": [
+                        {"name": "c", "cluster": {"server": url, "certificate-authority": "ca.pem"}}
+                    ],
+                    "users": [{"name": "u", "user": {"tokenFile": "token"}}],
+                }
+            )
+        )
+        (tmp_path / "ca.pem").write_bytes(ca.ca_file.read_bytes())  # relative to the file
+        (tmp_path / "token").write_text("first-token")
+        api = KubeClient(timeout_s=5, loader=lambda: load_connection({"KUBECONFIG": str(config)}))
+        api.login()
+        try:
+            assert api.source == f"kubeconfig {config} (context dev)"
+            assert await api.server_version() == (1, 29)
+        finally:
+            await api.aclose()
+    assert seen == ["Bearer first-token"]

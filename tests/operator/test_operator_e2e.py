@@ -216,9 +216,18 @@ async def created_budget(env: Env) -> None:
     event = env.kubectl.events(NS, "acme")[0]
     assert event["involvedObject"]["kind"] == "CustomerBudget"
     assert event["reportingComponent"] == "spendgate-operator"
-    # kopf's own bookkeeping lives under spendgate.dev/, never under kopf.zalando.org/.
+    assert event["action"] == "Reconcile"  # what the operator did, not kopf's "Action?"
+    # kopf's own bookkeeping lives under spendgate.dev/, never under kopf.zalando.org/. The
+    # status is written during the handler, kopf's annotations just after it.
+    obj = await env.wait(
+        lambda: (
+            "spendgate.dev/last-handled-configuration"
+            in ((env.budget() or {}).get("metadata", {}).get("annotations") or {})
+            and env.budget()
+        ),
+        "kopf's annotations",
+    )
     annotations = obj["metadata"].get("annotations") or {}
-    assert "spendgate.dev/last-handled-configuration" in annotations
     assert not [a for a in annotations if a.startswith("kopf.zalando.org")]
     assert "kopf" not in (obj.get("status") or {})
 

@@ -20,6 +20,7 @@ from redis.retry import Retry
 from spendgate import cli
 from spendgate.operator.kube.client import KubeClient
 from spendgate.operator.kube.retry import KubernetesUnavailable
+from spendgate.operator.kube.status_writer import StatusWriter
 from spendgate.operator.runtime import cli_args, handlers, kopf_settings
 from spendgate.operator.runtime.health import Health
 from spendgate.operator.runtime.main import run_operator
@@ -49,11 +50,22 @@ def test_configure_kopf_for_production() -> None:
     assert ks.queueing.worker_limit == 100
 
 
+def test_namespaced_kopf_does_not_scan_the_cluster() -> None:
+    """Watching namespaces by name: no cluster-wide list/watch of Namespaces (nor of CRDs)."""
+    clusterwide = kopf.OperatorSettings()
+    kopf_settings.configure_kopf(clusterwide, OperatorSettings())
+    namespaced = kopf.OperatorSettings()
+    kopf_settings.configure_kopf(namespaced, OperatorSettings(namespaces=("models",)))
+    assert namespaced.scanning.disabled and not clusterwide.scanning.disabled
+
+
 def test_registry_has_the_handlers() -> None:
+    kube = KubeClient()
     runtime = handlers.Runtime(
         settings=OperatorSettings(),
-        store=None,
-        kube=KubeClient(),  # type: ignore[arg-type]
+        store=None,  # type: ignore[arg-type]
+        kube=kube,
+        status=StatusWriter(kube),
     )
     registry = handlers.build_registry(runtime)
     changing = {h.id for h in registry._changing.get_all_handlers()}
@@ -345,16 +357,11 @@ async def test_admission_is_served_beside_kopf_and_gates_readiness(
     ca.issue()
 
     class Api:
-        closed = False
-
         async def namespace_labels(self, name: str) -> dict[str, str]:
             return {}
 
         async def server_version(self) -> tuple[int, int]:
             return (1, 30)
-
-        async def close(self) -> None:
-            Api.closed = True
 
     webhook_port, health_port = _free_ports(2)
     settings = OperatorSettings(
@@ -368,7 +375,7 @@ async def test_admission_is_served_beside_kopf_and_gates_readiness(
         health_port=health_port,
         shutdown_drain_s=0.2,
     )
-    admission = AdmissionService(api_factory=Api)
+    admission = AdmissionService(Api())
     stop = asyncio.Event()
     async with started_emulator() as (_emulator, url):
         task = asyncio.create_task(
@@ -418,4 +425,4 @@ async def test_admission_is_served_beside_kopf_and_gates_readiness(
         finally:
             stop.set()
             await asyncio.wait_for(task, 15)
-    assert Api.closed and admission.readiness() is not None
+    assert admission.readiness() is not None

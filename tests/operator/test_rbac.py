@@ -52,7 +52,7 @@ DISCOVERY_PREFIXES = ("/api", "/apis", "/version", "/openapi")
 
 # Calls of production runs that the end-to-end tests cannot record.
 PRODUCTION_ONLY = [
-    # The admission webhook reads a pod's namespace labels (InClusterApi.namespace_labels);
+    # The admission webhook reads a pod's namespace labels (KubeClient.namespace_labels);
     # its tests pass their own callable.
     ApiCall("get", "", "namespaces", name="models"),
 ]
@@ -336,9 +336,9 @@ def test_operator_calls_outside_resources_are_discovery(recorded_raw: list[dict[
 
 def test_production_only_calls_are_still_made_by_the_code() -> None:
     """The reasons given for PRODUCTION_ONLY hold in the operator's code."""
-    from spendgate.operator.kube.service_account import InClusterApi
+    from spendgate.operator.kube.client import KubeClient
     from spendgate.operator.runtime import kopf_settings
 
-    assert "/api/v1/namespaces/" in inspect.getsource(InClusterApi.namespace_labels)
+    assert "/api/v1/namespaces/" in inspect.getsource(KubeClient.namespace_labels)
     source = inspect.getsource(kopf_settings)
     assert "ks.peering.standalone = True" in source  # kopf never peers: nothing to grant

@@ -44,10 +44,15 @@ INSTALLED_KINDS = (
 
 
 def render(
-    kube_version: str, values: Mapping[str, Any] | None = None, chart: Path = CHART
+    kube_version: str,
+    values: Mapping[str, Any] | None = None,
+    chart: Path = CHART,
+    *,
+    release: str = RELEASE,
+    namespace: str = NAMESPACE,
 ) -> list[Obj]:
     """``helm template --include-crds --kube-version`` of a copy of ``chart`` that accepts
-    ``kube_version``."""
+    ``kube_version``, as the release ``release`` in ``namespace``."""
     with tempfile.TemporaryDirectory(prefix="spendgate-chart-") as tmp:
         copy_dir = Path(tmp) / "spendgate"
         shutil.copytree(chart, copy_dir, symlinks=False)
@@ -58,10 +63,10 @@ def render(
         meta.write_text(text)
         result = helm(
             "template",
-            RELEASE,
+            release,
             str(copy_dir),
             "--namespace",
-            NAMESPACE,
+            namespace,
             "--include-crds",
             "--kube-version",
             f"{kube_version}.0",

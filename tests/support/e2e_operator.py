@@ -71,6 +71,8 @@ class OperatorProcess:
                 return response.status, response.read().decode()
         except urllib.error.HTTPError as error:
             return error.code, error.read().decode()
+        except OSError as error:  # not listening (yet, or any more)
+            return 0, str(error)
 
     def metrics(self) -> str:
         return self.get("/metrics")[1]

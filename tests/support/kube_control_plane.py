@@ -382,8 +382,11 @@ def start_crd_server(plane: ControlPlane) -> tuple[str, Process]:
         f"--authorization-kubeconfig={kubeconfig}",
         "--authentication-skip-lookup",
         f"--kubeconfig={kubeconfig}",
+        # The plugins and API priority and fairness read resources 1.20 does not serve (through
+        # --kubeconfig): their informers would never sync, and the server never be ready.
         "--disable-admission-plugins=NamespaceLifecycle,MutatingAdmissionWebhook,"
-        "ValidatingAdmissionWebhook,ValidatingAdmissionPolicy",
+        "ValidatingAdmissionWebhook,ValidatingAdmissionPolicy,MutatingAdmissionPolicy",
+        "--enable-priority-and-fairness=false",
     ]
     process = _spawn("apiextensions-apiserver", argv, plane.directory)
     plane.processes.append(process)

@@ -44,6 +44,8 @@ import jsonpatch
 import kmock
 from kmock._internal import apps, enums, parsing, rendering
 
+from spendgate import crd
+
 # --------------------------------------------------------------------------- recording
 
 
@@ -204,6 +206,7 @@ PEERING_KINDS = (
     Kind("kopf.dev/v1/clusterkopfpeerings", "ClusterKopfPeering", namespaced=False),
     Kind("kopf.dev/v1/kopfpeerings", "KopfPeering"),
 )
+CRDS = "apiextensions.k8s.io/v1/customresourcedefinitions"
 ALL_VERBS = ("get", "list", "watch", "create", "update", "patch", "delete", "deletecollection")
 
 
@@ -492,6 +495,9 @@ async def started_emulator(
     """An emulator serving on a free loopback port: yields it and its base URL."""
     async with KubeEmulator() as emulator, kmock.Server(emulator) as server:
         emulator.declare(kinds)
+        if any(kind.ref == CRDS for kind in kinds):
+            for resource in crd.RESOURCES:  # installed, as helm install does from crds/
+                await Kubectl(emulator).create(CRDS, crd.definition(resource))
         yield emulator, str(server.url).rstrip("/")
 
 
