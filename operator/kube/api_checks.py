@@ -110,8 +110,11 @@ class ApiChecks:
             self.problems = problems
             API_CHECK_PROBLEMS.set(len(problems))
             delay = self.retry_s if problems else self.recheck_s
+            # No task per wait (asyncio.wait_for would make one): kopf, at its exit, cancels the
+            # tasks created after it started, and this loop must outlive kopf on a standby.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), delay)
+                async with asyncio.timeout(delay):
+                    await stop.wait()
 
     def readiness(self) -> str | None:
         if self.problems is None:

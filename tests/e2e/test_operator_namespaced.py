@@ -36,12 +36,11 @@ def namespaced(
 ) -> tuple[list[dict[str, Any]], ChartInstall]:
     """The chart rendered with watchNamespaces [team-a] as its own release: its ServiceAccount
     and RBAC applied (the CRDs are the session's), and a kubeconfig with that account's token."""
-    values = {"operator": {"watchNamespaces": [WATCHED], "peering": "spendgate-team"}}
+    values = {"operator": {"watchNamespaces": [WATCHED]}}
     objects = e2e_chart.render(KUBE_VERSION, values, release=RELEASE, namespace=NAMESPACE)
     for namespace in (NAMESPACE, WATCHED):
         kube_plane.kubectl("create", "namespace", namespace)
-    peering = [o for o in objects if o["kind"] == "ClusterKopfPeering"]
-    apply(kube_plane, [o for o in objects if o["kind"] in KINDS] + peering)
+    apply(kube_plane, [o for o in objects if o["kind"] in KINDS])
     account = e2e_chart.find(objects, "ServiceAccount")
     token = kube_plane.service_account_token(NAMESPACE, account["metadata"]["name"])
     install = ChartInstall(

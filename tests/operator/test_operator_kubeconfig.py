@@ -46,7 +46,6 @@ async def test_operator_starts_out_of_cluster_with_a_kubeconfig(
     webhook_port, health_port = _free_ports(2)
     settings = OperatorSettings(
         redis_url=redis_url,
-        peering_standalone=True,
         leader_election=False,
         webhook_host="127.0.0.1",
         webhook_port=webhook_port,

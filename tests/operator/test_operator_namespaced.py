@@ -37,7 +37,6 @@ async def test_a_namespaced_operator_calls_only_what_its_roles_allow(redis_url: 
         namespaces=WATCHED,
         status_interval_s=0.5,
         kube_timeout_s=3.0,
-        peering_standalone=True,
         leader_election=False,
     )
     async with started_emulator() as (emulator, url):

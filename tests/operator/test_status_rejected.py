@@ -38,7 +38,6 @@ async def test_a_rejected_status_patch_is_reported_retried_and_the_timer_survive
         status_interval_s=0.3,
         retry_delay_s=0.3,
         kube_timeout_s=3.0,
-        peering_standalone=True,
         leader_election=False,
         pod_name="operator-test-0",
     )
