@@ -21,6 +21,11 @@ class ConfigConflict(ValueError):
     """Applying this configuration would break an invariant (e.g. a customer id claimed twice)."""
 
 
+class TreeConflict(ConfigConflict):
+    """The budget's place in its tree breaks a rule (``spendgate.tree_rules``): its parent is
+    missing, a cycle, too deep, another currency, a cap above the parent's, re-parenting."""
+
+
 @dataclass(frozen=True)
 class KeyOwner:
     customer_id: str
@@ -143,7 +148,7 @@ class ConfigStore:
             moved = reparenting_problem(budget.spec.customer_id, recorded, placement.ancestors)
             problems += [moved] if moved else []
         if problems:
-            raise ConfigConflict("; ".join(problems))
+            raise TreeConflict("; ".join(problems))
         return placement.ancestors
 
     async def _replace_keys(self, customer_id: str, wanted: dict[str, KeyOwner]) -> int:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from spendgate.config_store import BudgetApplied, ConfigConflict, ConfigStore
+from spendgate.config_store import BudgetApplied, ConfigConflict, ConfigStore, TreeConflict
 from spendgate.models import CustomerBudget, Mode
 from spendgate.money import format_amount
 
@@ -21,6 +21,7 @@ from ..kube.retry import redis_call
 from .checks import (
     API_KEY_CONFLICT,
     CUSTOMER_ID_CONFLICT,
+    INVALID_TREE,
     STRIPE_CUSTOMER_CONFLICT,
     Problem,
     SecretReader,
@@ -62,6 +63,8 @@ async def apply_budget(
     effective = with_keys_disabled(budget, resolution.unusable)
     try:
         applied = await redis_call(store.apply_budget(effective, resolution.keys))
+    except TreeConflict as error:
+        return Applied([*problems, Problem(INVALID_TREE, str(error))])
     except ConfigConflict as error:
         reason = CUSTOMER_ID_CONFLICT if "customerId" in str(error) else API_KEY_CONFLICT
         return Applied([*problems, Problem(reason, str(error))])

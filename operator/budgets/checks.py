@@ -27,6 +27,7 @@ from ..kube.retry import redis_call
 # Ready=False reasons, most fundamental first: the first one present names the condition.
 CUSTOMER_ID_CONFLICT = "CustomerIdConflict"
 API_KEY_CONFLICT = "ApiKeyConflict"
+INVALID_TREE = "InvalidTree"  # spec.parent: missing, cycle, depth, currency, cap, re-parenting
 STRIPE_CUSTOMER_CONFLICT = "StripeCustomerConflict"
 SECRET_MISSING = "SecretMissing"
 SECRET_INVALID = "SecretInvalid"
@@ -35,6 +36,7 @@ CURRENCY_MISMATCH = "CurrencyMismatch"
 PROBLEM_ORDER = (
     INVALID_SPEC,
     CUSTOMER_ID_CONFLICT,
+    INVALID_TREE,
     API_KEY_CONFLICT,
     SECRET_MISSING,
     SECRET_INVALID,

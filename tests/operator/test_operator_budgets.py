@@ -758,3 +758,30 @@ def test_refs_for_the_index() -> None:
     )
     assert secret_names(body) == {"s1", "s2"}
     assert pricebook_names(body) == {"gpu"}
+
+
+async def test_a_budget_whose_parent_is_not_applied_yet_is_invalid_tree(
+    store: ConfigStore,
+) -> None:
+    secrets = Secrets(secret(), secret("team-keys", **{"api-key": OTHER_KEY}))
+    team = budget_body(
+        "team",
+        customerId="team",
+        parent="acme",
+        balance=None,
+        mode="capped",
+        limit="10.00",
+        period="month",
+        apiKeys=[{"name": "main", "secretRef": {"name": "team-keys"}}],
+    )
+    team["spec"].pop("balance")
+    early = await b.reconcile_budget(team, store=store, read_secret=secrets)
+    condition = ready(early.status)
+    assert (condition["status"], condition["reason"]) == ("False", "InvalidTree")
+    assert "spec.parent: CustomerBudget" in condition["message"]
+    assert f"{NS}/acme is neither in the input nor applied" in condition["message"]
+    assert await store.owner_of("team") is None
+    await b.reconcile_budget(budget_body(), store=store, read_secret=secrets)
+    late = await b.reconcile_budget(next_body(team, early), store=store, read_secret=secrets)
+    assert ready(late.status)["status"] == "True"
+    assert await store.ledger.tree.ancestors("team") == ("acme",)
