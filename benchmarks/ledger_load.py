@@ -20,6 +20,8 @@ from collections.abc import Sequence
 from dataclasses import asdict
 
 from loadgen import LoadResult, Sender, common_args, drive, run
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from spendgate import redis_connect
 from spendgate.ledger import Ledger, Outcome, Usage
@@ -31,7 +33,15 @@ COST_MICROS = 124
 
 async def ledger_load(ns: argparse.Namespace) -> LoadResult:
     customers = ns.customers.split(",")
-    redis = redis_connect.connect(ns.redis, cluster=ns.cluster, timeout_s=5, connect_timeout_s=5)
+    # The sidecar's client options (sidecar/server.py): one quick retry, a pool per node.
+    redis = redis_connect.connect(
+        ns.redis,
+        cluster=ns.cluster,
+        timeout_s=5,
+        connect_timeout_s=5,
+        retry=Retry(NoBackoff(), 1),
+        max_connections=max(ns.concurrency, len(customers)) + 16,
+    )
     kind = ClusterScriptChannel if ns.cluster else ScriptChannel
     channel = kind(ns.redis, timeout_s=5)
     ledger = Ledger(redis, channel=channel)
@@ -55,6 +65,12 @@ async def ledger_load(ns: argparse.Namespace) -> LoadResult:
         return send
 
     senders = [sender(customers[i % len(customers)]) for i in range(ns.concurrency)]
+    if ns.cluster:
+        # redis-py's async RedisCluster initialises itself on its first command, and many
+        # first commands at once race (closed writers: AttributeError/RuntimeError); the
+        # sidecar is initialised by loading the scripts before it serves. Since budget trees
+        # the Ledger reads each customer's place in sg:tree over redis-py (cached 1 s).
+        await redis.initialize()
     try:
         return await drive(ns.target, senders, ns.duration, ns.warmup, "ledger")
     finally:
