@@ -492,7 +492,7 @@ class CustomerBudgetSpec(_Model):
                 " namespace/name)",
             ),
             (
-                f"self.contains('/') || self.matches('{DNS_SUBDOMAIN_PATTERN}')",
+                f"self.contains('/') || self.matches(r'{DNS_SUBDOMAIN_PATTERN}')",
                 "parent must be a CustomerBudget name",
             ),
         ),

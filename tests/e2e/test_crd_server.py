@@ -34,7 +34,7 @@ def crd_server(kube_plane: ControlPlane) -> Iterator[ControlPlane]:
     for path in sorted((ROOT / "crds").glob("*.yaml")):
         definition = yaml.safe_load(path.read_text())
         status, body = view.request("POST", crds, definition)
-        assert status == 201, body
+        assert status == 201, json.dumps(body)[:3000]
 
         def established(name: str = definition["metadata"]["name"]) -> bool:
             _, body = view.request("GET", f"{crds}/{name}")
