@@ -11,6 +11,7 @@ import json
 import logging
 import re
 import sys
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -45,6 +46,36 @@ _RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
 }
 # kopf's object loggers: the object is in the message already ("[ns/name] ...") for text.
 _TEXT_SKIPPED = {"k8s_skip", "k8s_ref"}
+
+
+class FieldSafeLogger(logging.Logger):
+    """A logger on which no ``extra`` field can break the log call.
+
+    The standard ``Logger.makeRecord`` raises ``KeyError`` for a field named like a LogRecord
+    attribute (``created``, ``name``, ``msg``, ...), which turns a log line into a crash of the
+    code that wrote it. Here such a field is kept under its name with a trailing underscore.
+    """
+
+    def makeRecord(
+        self,
+        name: str,
+        level: int,
+        fn: str,
+        lno: int,
+        msg: object,
+        args: Any,
+        exc_info: Any,
+        func: str | None = None,
+        extra: Mapping[str, object] | None = None,
+        sinfo: str | None = None,
+    ) -> logging.LogRecord:
+        if extra:
+            extra = {(f"{key}_" if key in _RESERVED else key): v for key, v in extra.items()}
+        return super().makeRecord(name, level, fn, lno, msg, args, exc_info, func, extra, sinfo)
+
+
+# Every spendgate module gets its logger at import, after the package has imported this one.
+logging.setLoggerClass(FieldSafeLogger)
 
 
 def redact(text: str) -> str:
