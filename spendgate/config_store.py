@@ -106,6 +106,7 @@ class ConfigStore:
             wanted[digest] = KeyOwner(spec.customer_id, key.name)
 
         await self.redis.hset(rkeys.CUSTOMERS, spec.customer_id, budget.ref)
+        await self.redis.hset(rkeys.BUDGET_REFS, budget.ref, spec.customer_id)
         if ancestors:  # recorded for good before the budget's keys exist (see budget_tree)
             await self.redis.hset(rkeys.TREE, spec.customer_id, encode_ancestors(ancestors))
         parent = ancestors[0] if ancestors else None
@@ -119,8 +120,12 @@ class ConfigStore:
 
     async def applied_level(self, ref: str) -> Level | None:
         """The tree rules' view of the applied budget ``namespace/name``, None if not applied."""
-        owners = await self.list_customers()
-        customer_id = next((cid for cid, owner in owners.items() if owner == ref), None)
+        indexed = await self.redis.hget(rkeys.BUDGET_REFS, ref)
+        customer_id = _text(indexed) if indexed is not None else None
+        if customer_id is None or await self.owner_of(customer_id) != ref:
+            # Applied before the index existed (or a stale entry): look through every owner.
+            owners = await self.list_customers()
+            customer_id = next((cid for cid, owner in owners.items() if owner == ref), None)
         if customer_id is None:
             return None
         ancestors = decode_ancestors(await self.redis.hget(rkeys.TREE, customer_id))
@@ -171,7 +176,10 @@ class ConfigStore:
         """Remove every key of a customer and freeze its account (budget deleted)."""
         removed = await self._replace_keys(customer_id, {})
         await self.ledger.suspend(customer_id, "deleted", reason)
+        ref = await self.owner_of(customer_id)
         await self.redis.hdel(rkeys.CUSTOMERS, customer_id)
+        if ref is not None:
+            await self.redis.hdel(rkeys.BUDGET_REFS, ref)
         await self.publish(f"customer:{customer_id}")
         return removed
 

@@ -18,6 +18,7 @@ PREFIX = "sg"
 API_KEYS = f"{PREFIX}:keys"  # hash: sha256(api key) -> "customerId\tkeyName"
 PRICEBOOKS = f"{PREFIX}:pricebooks"  # hash: "namespace/name" -> PriceBook spec JSON
 CUSTOMERS = f"{PREFIX}:customers"  # hash: customerId -> "namespace/name" of its budget
+BUDGET_REFS = f"{PREFIX}:budgetrefs"  # hash: "namespace/name" -> customerId (CUSTOMERS reversed)
 CONFIG_CHANNEL = f"{PREFIX}:config"  # pub/sub: invalidation messages
 SWEEP_LOCK = f"{PREFIX}:sweep"  # string: the sidecar sweeping expired holds this interval
 TREE = f"{PREFIX}:tree"  # hash: customerId of a budget with a parent -> "parent,...,root"

@@ -253,3 +253,14 @@ async def test_every_level_of_a_tree_passes_the_audit_with_holds_in_flight(org: 
         assert audit.ok, audit.to_json()
     entries = [e async for e in scan(org.redis, "proj")]
     assert [e.kind for e in entries] == ["adjust", "usage", "fund"]
+
+
+async def test_a_parent_is_found_by_its_name_until_it_is_deleted(org: Ledger) -> None:
+    store = ConfigStore(org.redis, org)
+    assert await org.redis.hget("sg:budgetrefs", "default/team-a") == b"team-a"
+    await org.redis.hdel("sg:budgetrefs", "default/team-b")  # applied before the index
+    level = await store.applied_level("default/team-b")
+    assert level is not None and (level.customer_id, level.ancestors) == ("team-b", ("org",))
+    await store.revoke_customer("team-b", "budget deleted")
+    with pytest.raises(ValueError, match="default/team-b is neither in the input nor applied"):
+        await apply_tree(store, tree_budget("team-b-ci", "team-b", balance="1.00"))
