@@ -617,6 +617,9 @@ def test_operator_settings_from_the_rendered_deployment() -> None:
     assert settings.webhook_key_file == "/etc/spendgate/webhook-tls/tls.key"
     assert settings.pod_name.startswith(OPERATOR)
     assert settings.status_interval_s == 30
+    assert settings.audit_interval_s == values["operator"]["auditIntervalSeconds"] == 300
+    assert settings.spend_watch_interval_s == values["operator"]["spendWatchIntervalSeconds"] == 60
+    assert settings.bypass_check_interval_s == values["operator"]["bypassCheckIntervalSeconds"]
     assert settings.redis_url.startswith("redis://:") and settings.redis_url.endswith(
         f"@{FULLNAME}-redis.{NAMESPACE}.svc:6379/0"
     )
