@@ -36,8 +36,9 @@ class HoldSweep:
         cursor: Any = 0
         while True:
             cursor, batch = await self.redis.hscan(rkeys.CUSTOMERS, cursor, count=200)
-            for raw in batch:
-                customer = raw.decode() if isinstance(raw, bytes) else str(raw)
+            customers = [raw.decode() if isinstance(raw, bytes) else str(raw) for raw in batch]
+            await self.ledger.tree.prime(customers)
+            for customer in customers:
                 try:
                     while True:
                         count, left = await self.ledger.sweep(customer, _BATCH)

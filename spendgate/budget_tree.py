@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from .keys import TREE, CustomerKeys, decode_ancestors, for_customer
@@ -57,12 +57,25 @@ class TreeIndex:
         finally:
             self._reading.pop(customer_id, None)
         future.set_result(found)
+        self._remember(customer_id, found)
+        return found
+
+    async def prime(self, customer_ids: Sequence[str]) -> None:
+        """Read where each of ``customer_ids`` sits in one round trip, for a pass over many
+        budgets (the hold sweep) that would otherwise read them one by one."""
+        if not customer_ids:
+            return
+        for customer_id, raw in zip(
+            customer_ids, await self.redis.hmget(TREE, list(customer_ids)), strict=True
+        ):
+            self._remember(customer_id, decode_ancestors(raw))
+
+    def _remember(self, customer_id: str, found: tuple[str, ...]) -> None:
         if found:
             self._known[customer_id] = found
             self._single.pop(customer_id, None)
         else:
             self._single[customer_id] = self._monotonic()
-        return found
 
     def path(self, customer_id: str) -> tuple[str, ...]:
         """The budget and its ancestors as last read (for naming a refusing level)."""
