@@ -120,6 +120,16 @@ def operator_settings_from_args(
     election = (env.get("SPENDGATE_LEADER_ELECTION") or "true").strip().lower()
     if election not in TRUE_WORDS | FALSE_WORDS:
         raise UsageError(f"SPENDGATE_LEADER_ELECTION={election!r}: expected true or false")
+    leader_election = not ns.no_leader_election and election in TRUE_WORDS
+    stripe = stripe_settings_from_env(env, watched=tuple(watched))
+    if stripe is not None and not leader_election:
+        # Stripe's events, funding and usage export are singleton work: without the Lease
+        # nothing would process them, and a failed payment would suspend nobody.
+        raise UsageError(
+            "Stripe (SPENDGATE_STRIPE_ENABLED) needs leader election: Stripe events and the"
+            " usage export run on the Lease holder only; drop --no-leader-election /"
+            " SPENDGATE_LEADER_ELECTION=false (one replica simply holds the Lease)"
+        )
     return replace(
         defaults,
         redis_url=redis_url,
@@ -141,12 +151,12 @@ def operator_settings_from_args(
         or defaults.webhook_key_file,
         pod_name=ns.pod_name or env.get("POD_NAME") or env.get("SPENDGATE_POD") or "",
         injection=injection_defaults_from_env(env),
-        leader_election=not ns.no_leader_election and election in TRUE_WORDS,
+        leader_election=leader_election,
         lease_name=ns.lease_name or env.get("SPENDGATE_LEASE_NAME") or defaults.lease_name,
         bypass_check_interval_s=bypass if bypass is not None else defaults.bypass_check_interval_s,
         audit_interval_s=audit if audit is not None else defaults.audit_interval_s,
         spend_watch_interval_s=watch if watch is not None else defaults.spend_watch_interval_s,
-        stripe=stripe_settings_from_env(env, watched=tuple(watched)),
+        stripe=stripe,
     )
 
 

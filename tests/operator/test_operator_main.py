@@ -250,6 +250,8 @@ def test_leader_election_bypass_check_and_stripe_settings() -> None:
         (["--bypass-check-interval", "-1"], {}, "0 \\(off\\)"),
         ([], {"SPENDGATE_STRIPE_ENABLED": "1", "SPENDGATE_STRIPE_WEBHOOK_PORT": "x"}, "STRIPE"),
         ([], {"SPENDGATE_STRIPE_ENABLED": "1", "SPENDGATE_STRIPE_METER_VALUE_UNIT": "$"}, "STRIPE"),
+        (["--no-leader-election"], {"SPENDGATE_STRIPE_ENABLED": "1"}, "needs leader election"),
+        ([], {"SPENDGATE_STRIPE_ENABLED": "1", "SPENDGATE_LEADER_ELECTION": "no"}, "Lease"),
         (["--status-interval", "0"], {}, "positive"),
         ([], {"SPENDGATE_STATUS_INTERVAL": "soon"}, "expected a number"),
         (["--health-port", "70000"], {}, "TCP port"),
