@@ -127,13 +127,7 @@ class ExpressionPricing:
         if self.bound is None:
             assert self.maximum is not None
             return Held(self.maximum, variables)
-        try:
-            amount = self.bound.evaluate(variables)
-        except EvaluationError as error:
-            raise EvaluationError(f"bound: {error}") from None
-        if self.maximum is not None:
-            amount = min(amount, self.maximum)
-        return Held(amount, variables)
+        return Held(self._bounded(variables), variables)
 
     def hold_with(self, held: Held, field: str, value: Any) -> Held:
         """The bound again, with the request's ``field`` set to ``value`` (a lowered count)."""
@@ -150,13 +144,16 @@ class ExpressionPricing:
     def _again(self, held: Held, variables: dict[str, Any]) -> Held:
         if self.bound is None:
             return Held(held.amount, variables)
+        return Held(self._bounded(variables), variables)
+
+    def _bounded(self, variables: dict[str, Any]) -> int:
+        """The bound expression's amount for ``variables``, capped at the rule's maximum."""
+        assert self.bound is not None
         try:
             amount = self.bound.evaluate(variables)
         except EvaluationError as error:
             raise EvaluationError(f"bound: {error}") from None
-        if self.maximum is not None:
-            amount = min(amount, self.maximum)
-        return Held(amount, variables)
+        return amount if self.maximum is None else min(amount, self.maximum)
 
     def charge(self, held: Held, response: ResponseView) -> Charge:
         """What to charge for the answer: the cost, never more than the bound."""
