@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import kopf
 import pytest
 import redis.asyncio
 from aiohttp import web
@@ -25,7 +24,6 @@ from spendgate.keys import hash_api_key
 from spendgate.ledger import Outcome
 from spendgate.money import parse_amount
 from spendgate.operator.kube import conditions as cond
-from spendgate.operator.runtime.main import run_operator
 from spendgate.operator.runtime.settings import OperatorSettings
 from tests.support.kube_emulator import (
     API_CALLS,
@@ -34,6 +32,7 @@ from tests.support.kube_emulator import (
     rbac_rules,
     started_emulator,
 )
+from tests.support.operator_runs import operator_on_emulator
 from tests.support.redis_servers import RedisServer
 
 NS = "default"
@@ -162,27 +161,8 @@ async def running_operator(
                 **overrides,
             }
         )
-        stop, ready = asyncio.Event(), asyncio.Event()
-        task = asyncio.create_task(
-            run_operator(
-                settings,
-                redis_client=client,
-                login=lambda **_: kopf.ConnectionInfo(server=url),
-                services=[],
-                stop_flag=stop,
-                ready_flag=ready,
-                health=False,
-            )
-        )
-        try:
-            await asyncio.wait_for(ready.wait(), 10)
+        async with operator_on_emulator(settings, client, url):
             yield Env(kubectl, emulator, ConfigStore(client), inbox)
-        finally:
-            stop.set()
-            try:
-                await asyncio.wait_for(task, 15)
-            finally:
-                await client.aclose()
 
 
 # The operator runs inside each test's own task, not in a fixture: kopf cancels, at exit, the

@@ -5,14 +5,11 @@ watched ones, which the chart's Roles (rightly) do not allow."""
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
-import kopf
 import pytest
 import redis.asyncio
 
-from spendgate.operator.runtime.main import run_operator
 from spendgate.operator.runtime.settings import OperatorSettings
 from tests.support.helm_chart import (
     NAMESPACE,
@@ -24,6 +21,7 @@ from tests.support.helm_chart import (
     render,
 )
 from tests.support.kube_emulator import API_CALLS, Kubectl, started_emulator
+from tests.support.operator_runs import operator_on_emulator
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("helm_installed")]
 WATCHED = ("models", "team-b")  # the chart's "namespaced" value set
@@ -44,20 +42,7 @@ async def test_a_namespaced_operator_calls_only_what_its_roles_allow(redis_url: 
         for namespace in (*WATCHED, "elsewhere"):
             await kubectl.create("v1/namespaces", {"metadata": {"name": namespace}})
         first = len(API_CALLS)
-        stop, ready = asyncio.Event(), asyncio.Event()
-        task = asyncio.create_task(
-            run_operator(
-                settings,
-                redis_client=client,
-                login=lambda **_: kopf.ConnectionInfo(server=url),
-                services=[],
-                stop_flag=stop,
-                ready_flag=ready,
-                health=False,
-            )
-        )
-        try:
-            await asyncio.wait_for(ready.wait(), 10)
+        async with operator_on_emulator(settings, client, url):
             await kubectl.create(
                 "spendgate.dev/v1alpha1/customerbudgets",
                 {
@@ -73,10 +58,6 @@ async def test_a_namespaced_operator_calls_only_what_its_roles_allow(redis_url: 
                 return ((body or {}).get("status") or {}).get("state") == "Active"
 
             await kubectl.wait_for(active, within=20, what="reconciled")
-        finally:
-            stop.set()
-            await asyncio.wait_for(task, 15)
-            await client.aclose()
     calls = [
         ApiCall(c.verb, c.api_group, c.resource, c.subresource, c.namespace, c.name)
         for c in API_CALLS[first:]

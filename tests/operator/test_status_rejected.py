@@ -4,20 +4,18 @@ status timer survives it (operator/kube/status_writer.py)."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any
 
-import kopf
 import pytest
 import redis.asyncio
 
 from spendgate.config_store import ConfigStore
 from spendgate.money import parse_amount
 from spendgate.operator.kube.status_writer import STATUS_PATCH_REJECTED
-from spendgate.operator.runtime.main import run_operator
 from spendgate.operator.runtime.settings import OperatorSettings
 from tests.support.kube_emulator import Kubectl, _error, started_emulator
+from tests.support.operator_runs import operator_on_emulator
 
 pytestmark = pytest.mark.timeout(60)
 BUDGETS = "spendgate.dev/v1alpha1/customerbudgets"
@@ -55,18 +53,6 @@ async def test_a_rejected_status_patch_is_reported_retried_and_the_timer_survive
             await mutate(request)
 
         emulator._mutate = mutating  # type: ignore[method-assign]
-        stop, ready = asyncio.Event(), asyncio.Event()
-        task = asyncio.create_task(
-            run_operator(
-                settings,
-                redis_client=client,
-                login=lambda **_: kopf.ConnectionInfo(server=url),
-                services=[],
-                stop_flag=stop,
-                ready_flag=ready,
-                health=False,
-            )
-        )
 
         def status() -> dict[str, Any]:
             body = kubectl.get(BUDGETS, "default", "acme") or {}
@@ -75,8 +61,7 @@ async def test_a_rejected_status_patch_is_reported_retried_and_the_timer_survive
         def ready_condition() -> dict[str, Any]:
             return next((c for c in status().get("conditions") or [] if c["type"] == "Ready"), {})
 
-        try:
-            await asyncio.wait_for(ready.wait(), 10)
+        async with operator_on_emulator(settings, client, url):
             await kubectl.create(
                 BUDGETS,
                 {
@@ -125,7 +110,3 @@ async def test_a_rejected_status_patch_is_reported_retried_and_the_timer_survive
                 lambda: status().get("balance") == "7.00", within=20, what="balance 7.00"
             )
             assert any("accepts the status again" in r.getMessage() for r in caplog.records)
-        finally:
-            stop.set()
-            await asyncio.wait_for(task, 15)
-            await client.aclose()
