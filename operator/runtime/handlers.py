@@ -118,6 +118,31 @@ async def _bounded(settings: OperatorSettings, work: Awaitable[Any], what: str) 
         ) from None
 
 
+async def _unless_stopped(work: Awaitable[Any], stopped: kopf.DaemonStopped) -> Any:
+    """``work``'s result; None if kopf stops the timer first (the object is being deleted, or
+    the operator exits): ``work`` is then cancelled. kopf waits for a timer in the middle of
+    its handler before it removes the finalizer, and rechecks only every
+    ``background.cancellation_polling`` seconds; a refresh that outlives the object is stale."""
+    task = asyncio.ensure_future(work)
+
+    async def until_stopped() -> None:
+        await stopped.wait()
+
+    stop = asyncio.ensure_future(until_stopped())
+    try:
+        await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop.cancel()
+        if not task.done():
+            task.cancel()
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if stopped:
+            return None
+        raise
+
+
 def _retry(settings: OperatorSettings, error: RetryableError) -> kopf.TemporaryError:
     delay = error.delay_s if error.delay_s is not None else settings.retry_delay_s
     return kopf.TemporaryError(error.message, delay=delay)
@@ -288,7 +313,9 @@ def build_registry(runtime: Runtime, *, login: LoginFn | None = None) -> kopf.Op
         interval=settings.status_interval_s,
         initial_delay=settings.status_interval_s,
     )
-    async def refresh_status(body: kopf.Body, uid: str, **_: Any) -> None:
+    async def refresh_status(
+        body: kopf.Body, uid: str, stopped: kopf.DaemonStopped, **_: Any
+    ) -> None:
         if runtime.stopping:
             # kopf can (re)spawn a timer while it shuts down, after it stopped the others; it
             # would run until kopf cancels leftover tasks 5 s later. End it now, doing nothing.
@@ -300,7 +327,11 @@ def build_registry(runtime: Runtime, *, login: LoginFn | None = None) -> kopf.Op
         due = last is None or started - last >= settings.resync_interval_s
         reconcile = budgets.reconcile_budget if due else budgets.refresh_budget
         work = for_budget(reconcile, body)
-        result = await _bounded(settings, work, "refreshing the budget status")
+        result = await _unless_stopped(
+            _bounded(settings, work, "refreshing the budget status"), stopped
+        )
+        if result is None:
+            return  # the budget is being deleted, or the operator stops
         if due and result.error is None:
             runtime.last_full[uid] = started
         if reconcile_overlaps(uid, started):

@@ -33,6 +33,9 @@ def configure_kopf(kopf_settings: kopf.OperatorSettings, settings: OperatorSetti
     ks.watching.server_timeout = 300  # the API server ends each watch after 5 minutes
     ks.watching.client_timeout = 330
     ks.process.ultimate_exiting_timeout = 60
+    # A deleted object keeps its finalizer until its timers have exited; kopf checks again
+    # every ``cancellation_polling`` seconds (60 by default: a minute in Terminating).
+    ks.background.cancellation_polling = 1.0
     ks.queueing.worker_limit = settings.max_workers
     # No kopf peering: the Lease (operator/runtime/leading.py) decides which replica runs kopf.
     ks.peering.standalone = True

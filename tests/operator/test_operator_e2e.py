@@ -280,6 +280,30 @@ async def test_deleted_budget_is_revoked_and_released(redis_url: str) -> None:
         assert revoked and "1 API key revoked" in revoked[0]["message"]
 
 
+async def test_budget_deleted_during_a_status_refresh_is_released_at_once(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """kopf keeps the finalizer until the status timer has exited. A refresh in progress when
+    the budget is deleted is abandoned, and kopf looks again within a second, not a minute."""
+    from spendgate.operator.budgets import reconcile as budgets
+
+    refreshing = asyncio.Event()
+    original = budgets.refresh_budget
+
+    async def slow_refresh(*args: Any, **kwargs: Any) -> Any:
+        refreshing.set()
+        await asyncio.sleep(120)  # a Redis or API call that hangs
+        return await original(*args, **kwargs)
+
+    async with running_operator(redis_url, reconcile_timeout_s=300.0) as env:
+        await created_budget(env)
+        monkeypatch.setattr(budgets, "refresh_budget", slow_refresh)
+        await asyncio.wait_for(refreshing.wait(), 10)
+        await env.kubectl.delete(BUDGETS, NS, "acme")
+        await env.wait(lambda: env.budget() is None, "the budget gone", within=8)
+        assert await env.store.lookup_key(hash_api_key(KEY)) is None
+
+
 async def test_budget_deleted_while_requests_are_in_flight(redis_url: str) -> None:
     async with running_operator(redis_url) as env:
         await created_budget(env)

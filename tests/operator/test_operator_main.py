@@ -48,6 +48,7 @@ def test_configure_kopf_for_production() -> None:
     # One election, the Lease: kopf never peers (only the leader runs it).
     assert ks.peering.standalone and not ks.peering.mandatory
     assert ks.queueing.worker_limit == 100
+    assert ks.background.cancellation_polling <= 1  # a deleted budget is released promptly
 
 
 def test_namespaced_kopf_does_not_scan_the_cluster() -> None:
