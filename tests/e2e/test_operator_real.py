@@ -179,3 +179,47 @@ def test_the_injected_sidecar_meters_and_refuses(kube_plane: ControlPlane, sidec
     assert statuses[0] == 200 and statuses[-1] == 402, statuses
     assert set(statuses) <= {200, 402}
     assert chat(sidecar, "sk-not-a-key-0000000000")[0] == 401
+
+
+ORGANISATION = ["initech", "initech-support", "initech-research", "initech-chatbot"]
+CHATBOT_KEY = "sk-demo-initech-chatbot-Jd67vL3s"  # examples/organisation.yaml
+ADMIN_KEY = "sk-demo-initech-admin-Hq83nB2x"
+
+
+def test_an_organisation_tree_on_the_real_api_server(
+    kube_plane: ControlPlane, sidecar: str
+) -> None:
+    """examples/organisation.yaml through the real API server: every level Ready, the Parent
+    column, a request from a leaf's key served, and a suspended middle level refusing its
+    subtree by name while the root's own key is still served."""
+    kube_plane.kubectl("apply", "-f", str(EXAMPLES / "organisation.yaml"))
+    try:
+        for name in ORGANISATION:
+            eventually(
+                lambda n=name: (
+                    (condition(budget(kube_plane, n), "Ready") or {}).get("status") == "True"
+                ),
+                what=f"{name} Ready=True",
+            )
+        table = kube_plane.kubectl("get", "cb", "-n", "default").stdout.splitlines()
+        assert "PARENT" in table[0].split()
+        chatbot = next(line.split() for line in table if line.startswith("initech-chatbot "))
+        assert "initech-research" in chatbot
+        assert chat(sidecar, CHATBOT_KEY)[0] == 200
+
+        patch = json.dumps({"spec": {"policy": {"suspended": True}}})
+        kube_plane.kubectl(
+            "patch", "cb", "initech-research", "-n", "default", "--type=merge", "-p", patch
+        )
+
+        def refused_by_research() -> bool:
+            status, body = chat(sidecar, CHATBOT_KEY)
+            message = str((body.get("error") or {}).get("message"))
+            return status == 403 and "'initech-research'" in message
+
+        eventually(refused_by_research, what="the chatbot key refused by its suspended parent")
+        assert chat(sidecar, ADMIN_KEY)[0] == 200
+    finally:
+        kube_plane.kubectl(
+            "delete", "-f", str(EXAMPLES / "organisation.yaml"), "--wait=false", check=False
+        )
