@@ -35,11 +35,7 @@ def test_operator_reconciles_out_of_cluster_with_the_chart_account(
 ) -> None:
     started = operator.wait_for_log(lambda r: r.get("msg") == "Kubernetes API")
     assert str(started["credentials"]).startswith("kubeconfig ")  # not in a cluster
-    ready = eventually(
-        lambda: (condition(budget(kube_plane, "acme"), "Ready") or {}).get("status") == "True",
-        what="acme Ready=True",
-    )
-    assert ready
+    assert eventually(lambda: is_ready(kube_plane, "acme"), what="acme Ready=True")
     assert budget(kube_plane, "acme")["status"]["state"] == "Active"
     events = kube_plane.get_json(
         "events", "-n", "default", "--field-selector=involvedObject.name=acme"
@@ -48,6 +44,10 @@ def test_operator_reconciles_out_of_cluster_with_the_chart_account(
     assert ours and {e["action"] for e in ours} <= {"Reconcile", "Refresh"}, ours
     text = operator.text()
     assert "forbidden" not in text.lower() and "Traceback" not in text
+
+
+def is_ready(plane: ControlPlane, name: str) -> bool:
+    return (condition(budget(plane, name), "Ready") or {}).get("status") == "True"
 
 
 def stored_pods(plane: ControlPlane) -> list[dict[str, Any]]:
@@ -195,12 +195,7 @@ def test_an_organisation_tree_on_the_real_api_server(
     kube_plane.kubectl("apply", "-f", str(EXAMPLES / "organisation.yaml"))
     try:
         for name in ORGANISATION:
-            eventually(
-                lambda n=name: (
-                    (condition(budget(kube_plane, n), "Ready") or {}).get("status") == "True"
-                ),
-                what=f"{name} Ready=True",
-            )
+            eventually(lambda n=name: is_ready(kube_plane, n), what=f"{name} Ready=True")
         table = kube_plane.kubectl("get", "cb", "-n", "default").stdout.splitlines()
         assert "PARENT" in table[0].split()
         chatbot = next(line.split() for line in table if line.startswith("initech-chatbot "))
