@@ -85,6 +85,8 @@ class ConfigCache:
         elif kind == "pricebook" and subject == self.pricebook_ref:
             self.pricebook = await self.store.get_pricebook(self.pricebook_ref)
             log.info("pricebook reloaded", extra={"pricebook": self.pricebook_ref})
+        elif kind == "customer":  # re-applied, or moved in its tree (spendgate.tree_moves)
+            self.store.ledger.tree.forget(subject)
         elif kind == "reload":
             await self.load()
 

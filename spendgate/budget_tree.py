@@ -2,9 +2,13 @@
 
 A budget with a parent keeps its keys under its root's hash tag (``spendgate.keys``), so the
 ledger must know a budget's ancestors before it can name its keys. They are recorded in
-``sg:tree`` by ``ConfigStore`` before the budget is configured and never change (re-parenting
-is refused), so a budget found there is cached for good. A budget not found (single, a root,
-or not applied yet) is cached briefly: a request against a budget applied since then finds no
+``sg:tree`` by ``ConfigStore`` before the budget is configured. A budget can move
+(``spendgate.tree_moves``), so the cache is only a guess: every script checks that the levels
+it was given are the budget's current place (each level's ``cfg.parent`` names the next, none
+is fenced by a move) and answers ``moved`` otherwise; the ledger then reads ``sg:tree`` again
+and retries. A move also publishes ``customer:<id>`` on ``sg:config`` for every budget it
+moved, and the sidecar forgets them (``forget``). A budget not found (single, a root, or not
+applied yet) is cached briefly: a request against a budget applied since then finds no
 configuration at the old place and looks again.
 """
 
@@ -75,7 +79,13 @@ class TreeIndex:
             self._known[customer_id] = found
             self._single.pop(customer_id, None)
         else:
+            self._known.pop(customer_id, None)  # it left its tree (became a root)
             self._single[customer_id] = self._monotonic()
+
+    def forget(self, customer_id: str) -> None:
+        """Drop what is cached of a budget (it moved): the next call reads ``sg:tree``."""
+        self._known.pop(customer_id, None)
+        self._single.pop(customer_id, None)
 
     def path(self, customer_id: str) -> tuple[str, ...]:
         """The budget and its ancestors as last read (for naming a refusing level)."""

@@ -14,7 +14,8 @@ from . import keys as rkeys
 from .keys import decode_ancestors, encode_ancestors, hash_api_key
 from .ledger import Ledger
 from .models import CustomerBudget, PriceBook, PriceBookSpec
-from .tree_rules import Level, gather_levels, place, reparenting_problem
+from .tree_moves import MoveRefused, TreeMoves
+from .tree_rules import Level, gather_levels, place, subtree_depth_problem
 
 
 class ConfigConflict(ValueError):
@@ -23,7 +24,8 @@ class ConfigConflict(ValueError):
 
 class TreeConflict(ConfigConflict):
     """The budget's place in its tree breaks a rule (``spendgate.tree_rules``): its parent is
-    missing, a cycle, too deep, another currency, a cap above the parent's, re-parenting."""
+    missing, a cycle, too deep, another currency, a cap above the parent's, a move whose holds
+    in flight do not fit the new parent."""
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,7 @@ class ConfigStore:
     def __init__(self, redis: Any, ledger: Ledger | None = None) -> None:
         self.redis = redis
         self.ledger = ledger or Ledger(redis)
+        self.moves = TreeMoves(redis, self.ledger)
 
     async def publish(self, message: str) -> None:
         await self.redis.publish(rkeys.CONFIG_CHANNEL, message)
@@ -86,6 +89,7 @@ class ConfigStore:
                 f"customerId {spec.customer_id!r} is already claimed by CustomerBudget {owner};"
                 f" {budget.ref} cannot use it too"
             )
+        await self.moves.resume(spec.customer_id)  # a move of it that did not finish
         ancestors = await self.check_place(budget)
         wanted: dict[str, KeyOwner] = {}
         for key in spec.api_keys:
@@ -105,9 +109,15 @@ class ConfigStore:
                     )
             wanted[digest] = KeyOwner(spec.customer_id, key.name)
 
+        recorded = await self.recorded_place(spec.customer_id)
+        if recorded is not None and recorded != ancestors:  # a new parent: move its keys
+            try:
+                await self.moves.move(spec.customer_id, recorded, ancestors)
+            except MoveRefused as error:
+                raise TreeConflict(str(error)) from None
         await self.redis.hset(rkeys.CUSTOMERS, spec.customer_id, budget.ref)
         await self.redis.hset(rkeys.BUDGET_REFS, budget.ref, spec.customer_id)
-        if ancestors:  # recorded for good before the budget's keys exist (see budget_tree)
+        if ancestors:  # recorded before the budget's keys exist (see budget_tree)
             await self.redis.hset(rkeys.TREE, spec.customer_id, encode_ancestors(ancestors))
         parent = ancestors[0] if ancestors else None
         balance_change = await self.ledger.configure(spec, parent=parent)
@@ -149,12 +159,18 @@ class ConfigStore:
         placement = place(budget, levels.get)
         problems = list(placement.problems)
         if not problems:
-            recorded = await self.recorded_place(budget.spec.customer_id)
-            moved = reparenting_problem(budget.spec.customer_id, recorded, placement.ancestors)
-            problems += [moved] if moved else []
+            problem = await self.move_problem(budget.spec.customer_id, placement.ancestors)
+            problems += [problem] if problem else []
         if problems:
             raise TreeConflict("; ".join(problems))
         return placement.ancestors
+
+    async def move_problem(self, customer_id: str, ancestors: tuple[str, ...]) -> str | None:
+        """For a budget applied elsewhere: whether its subtree fits under ``ancestors``."""
+        recorded = await self.recorded_place(customer_id)
+        if recorded is None or recorded == ancestors:
+            return None
+        return subtree_depth_problem(customer_id, ancestors, await self.moves.subtree(customer_id))
 
     async def _replace_keys(self, customer_id: str, wanted: dict[str, KeyOwner]) -> int:
         index = _key_index(customer_id)

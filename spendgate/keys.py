@@ -23,6 +23,7 @@ CONFIG_CHANNEL = f"{PREFIX}:config"  # pub/sub: invalidation messages
 SWEEP_LOCK = f"{PREFIX}:sweep"  # string: the sidecar sweeping expired holds this interval
 TREE = f"{PREFIX}:tree"  # hash: customerId of a budget with a parent -> "parent,...,root"
 MAX_TREE_DEPTH = 4  # levels, the root included
+MOVES = f"{PREFIX}:moves"  # hash: customerId of a budget being moved -> its move plan (JSON)
 STRIPE_EXPORT_CURSORS = f"{PREFIX}:stripe:export"  # hash: customerId -> last exported entry id
 
 _CUSTOMER_RE = re.compile(CUSTOMER_ID_PATTERN)

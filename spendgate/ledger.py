@@ -7,6 +7,7 @@ script touches carries the customer's hash tag (see ``spendgate.keys``).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections.abc import Callable, Mapping
@@ -45,6 +46,9 @@ class Outcome(StrEnum):
 
 
 _STALE_TREE = ("unknown_customer", "moved")  # the keys named were not where the budget lives
+# Between a move's steps a budget's place in ``sg:tree`` lags its levels: read it again after
+# these pauses (about 1.3 s in all), then give up.
+MOVE_RETRY_PAUSES_S = (0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4, 0.5)
 
 
 @dataclass(frozen=True)
@@ -148,10 +152,11 @@ class Account:
         return available
 
 
-def _load_script(name: str) -> str:
+def _load_script(name: str, *helpers: str) -> str:
+    """``prelude.lua``, then each of ``helpers``, then the script ``name``."""
     package = resources.files("spendgate.lua")
-    prelude = package.joinpath("prelude.lua").read_text()
-    return prelude + "\n" + package.joinpath(f"{name}.lua").read_text()
+    parts = ["prelude", *helpers, name]
+    return "\n".join(package.joinpath(f"{part}.lua").read_text() for part in parts)
 
 
 SCRIPT_NAMES = ("reserve", "extend", "settle", "release", "credit", "configure", "sweep")
@@ -227,6 +232,7 @@ class Ledger:
         self.limiter = limiter  # bounds the calls in flight (the sidecar's pool size)
         self._scripts = {name: redis.register_script(_load_script(name)) for name in SCRIPT_NAMES}
         self.tree = TreeIndex(redis)
+        self.move_retry_pauses_s = MOVE_RETRY_PAUSES_S
 
     def _now(self) -> int:
         return self.clock() if self.clock else 0
@@ -252,20 +258,27 @@ class Ledger:
         self, name: str, customer_id: str, idempotency: str | None, args: list[Any]
     ) -> tuple[list[Any], tuple[str, ...]]:
         """Run a script on a budget and every ancestor; returns the result and the path used
-        (the budget first). A stale view of the tree (a budget applied since) is read again."""
+        (the budget first). A stale view of the tree (a budget applied or moved since) is read
+        again, a bounded number of times (a move in progress)."""
         ancestors = await self.tree.ancestors(customer_id)
         _, keys = tree_script_keys(customer_id, ancestors, idempotency)
         result = await self._run(name, keys, args)
-        if result and result[0] in _STALE_TREE:
+        for pause_s in self.move_retry_pauses_s:
+            if not result or result[0] not in _STALE_TREE:
+                break
             fresh = await self.tree.ancestors(customer_id, fresh=True)
-            if fresh != ancestors:
-                ancestors = fresh
-                _, keys = tree_script_keys(customer_id, ancestors, idempotency)
-                result = await self._run(name, keys, args)
+            if fresh == ancestors:
+                if result[0] != "moved":
+                    break  # unknown where it is, too: a customer not configured
+                await asyncio.sleep(pause_s)  # a move in progress (spendgate.tree_moves)
+            ancestors = fresh
+            _, keys = tree_script_keys(customer_id, ancestors, idempotency)
+            result = await self._run(name, keys, args)
         if result and result[0] == "moved":
             raise LedgerError(
                 f"customer {customer_id!r}: its tree in Redis ({', '.join(ancestors) or 'none'})"
-                " does not match its configuration; re-apply the budget"
+                " does not match its configuration (a move that did not finish?); re-apply the"
+                " budget"
             )
         return result, (customer_id, *ancestors)
 
@@ -426,11 +439,19 @@ class Ledger:
         note: str,
         allow_negative: bool,
     ) -> Credit:
-        keys = await self.keys_of(customer_id)
         fid = check_request_id(funding_id)
         flag = "1" if allow_negative else "0"
         args = [self._now(), fid, amount, kind, flag, "source", source, "note", note]
+        keys = await self.keys_of(customer_id)
         result = await self._run("credit", keys.script_keys(keys.funding(fid)), args)
+        for pause_s in self.move_retry_pauses_s:  # its keys moved to another tree (tree_moves)
+            if result[0] != "moved":
+                break
+            await asyncio.sleep(pause_s)
+            keys = for_customer(customer_id, await self.tree.ancestors(customer_id, fresh=True))
+            result = await self._run("credit", keys.script_keys(keys.funding(fid)), args)
+        if result[0] == "moved":
+            raise LedgerError(f"customer {customer_id!r}: a move of its budget did not finish")
         return credit_result(kind, customer_id, fid, amount, result)
 
     # ----------------------------------------------------------------- configuration

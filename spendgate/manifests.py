@@ -33,7 +33,7 @@ from .models import (
     parse_resource,
 )
 from .money import format_amount
-from .tree_rules import Level, gather_levels, level_of, parents_first, place, reparenting_problem
+from .tree_rules import Level, gather_levels, level_of, parents_first, place
 
 MIN_KEY_LENGTH = 16
 _DNS_RE = re.compile(DNS_SUBDOMAIN_PATTERN)
@@ -376,11 +376,10 @@ async def check_conflicts(store: ConfigStore, resources: Resources) -> list[str]
         problems += [
             f"{planned.source}: {problem}" for problem in currency_problems(budget, currencies)
         ]
-        recorded = await store.recorded_place(budget.spec.customer_id)
-        wanted = place(budget, lambda ref: known.get(ref) or fetched.get(ref)).ancestors
-        moved = reparenting_problem(budget.spec.customer_id, recorded, wanted)
-        if moved and not (wanted == () and budget.spec.parent):
-            problems.append(f"{planned.source}: {moved}")
+        placement = place(budget, lambda ref: known.get(ref) or fetched.get(ref))
+        if not placement.problems:  # a budget applied elsewhere moves with its subtree
+            moved = await store.move_problem(budget.spec.customer_id, placement.ancestors)
+            problems += [f"{planned.source}: {moved}"] if moved else []
         owner = await store.owner_of(budget.spec.customer_id)
         if owner is not None and owner != budget.ref:
             problems.append(

@@ -468,12 +468,6 @@ class CustomerBudgetSpec(_Model):
                 "!has(self.parent) || !has(self.stripe)",
                 "stripe links a root budget; a budget with a parent spends its root's money",
             ),
-            (
-                "has(self.parent) == has(oldSelf.parent)"
-                " && (!has(self.parent) || self.parent == oldSelf.parent)",
-                "parent is fixed once applied: re-parenting is not supported (create a budget"
-                " with a new customerId under the new parent)",
-            ),
         )
     )
 
@@ -484,7 +478,8 @@ class CustomerBudgetSpec(_Model):
         default=None,
         max_length=253,
         description="The CustomerBudget (by name, in this namespace) this budget is a level of:"
-        " a request must fit every level up to the root. Fixed once applied.",
+        " a request must fit every level up to the root. Changing it moves the budget and its"
+        " subtree (docs/ledger.md).",
         json_schema_extra=cel(
             (
                 "!self.contains('/')",

@@ -1,7 +1,7 @@
 """The rules of budget trees, checked where a budget is applied (``spendgate apply``, the
 operator through ``ConfigStore``): the parent exists in the budget's namespace, no cycle, at
-most ``MAX_TREE_DEPTH`` levels, one currency per tree, a child's cap within its parent's, and a
-budget's place in the tree never changes.
+most ``MAX_TREE_DEPTH`` levels (a moved budget's subtree included), one currency per tree, a
+child's cap within its parent's.
 
 Every problem is one line ``field: message`` naming the ``spec`` field.
 """
@@ -127,18 +127,18 @@ def place(
     return Placement(ancestors, problems)
 
 
-def reparenting_problem(
-    customer_id: str, recorded: tuple[str, ...] | None, wanted: tuple[str, ...]
+def subtree_depth_problem(
+    customer_id: str, ancestors: tuple[str, ...], below: Mapping[str, tuple[str, ...]]
 ) -> str | None:
-    """A budget keeps its place: ``recorded`` is its ancestors in Redis (``()`` for a budget
-    that has an account without a parent, None for one never applied)."""
-    if recorded is None or recorded == wanted:
+    """A budget moving to ``ancestors`` takes the budgets ``below`` it (customerId -> their
+    ancestors now) along: the deepest of them must stay within ``MAX_TREE_DEPTH`` levels."""
+    height = max((path.index(customer_id) + 1 for path in below.values()), default=0)
+    depth = len(ancestors) + 1 + height
+    if depth <= MAX_TREE_DEPTH:
         return None
-    now = f"under {recorded[0]!r}" if recorded else "without a parent"
     return (
-        f"spec.parent: customer {customer_id!r} already has an account {now}; re-parenting is"
-        " not supported (its keys would move to another hash slot): create a budget with a new"
-        " customerId under the new parent"
+        f"spec.parent: moving {customer_id!r} under {ancestors[0]!r} with the {len(below)}"
+        f" budgets below it would make the tree {depth} levels deep; at most {MAX_TREE_DEPTH}"
     )
 
 

@@ -8,6 +8,7 @@
 local now = now_ms(ARGV[1])
 local fid, amount, kind, allow_negative = ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5] == '1'
 
+if redis.call('HEXISTS', K_CFG, 'moved') == 1 then return {'moved'} end  -- see tree_moves
 local balance = num(redis.call('HGET', K_ACCT, 'balance'))
 local done = redis.call('GET', K_IDEM)
 if done then

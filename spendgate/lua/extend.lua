@@ -4,6 +4,7 @@
 local now = now_ms(ARGV[1])
 local rid, extra, ttl = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 
+if tree_stale() then return {'moved'} end
 if redis.call('EXISTS', K_IDEM) == 1 then return {'duplicate'} end
 reap(now, 16)  -- first: an expired hold (this one included) is gone, not grown back
 local raw = redis.call('HGET', K_HOLDS, rid)

@@ -204,13 +204,37 @@ local function ancestor_cfgs()
   return cfgs
 end
 
+-- A level's customerId, from its cfg key: sg:{root}@<id>:cfg, or sg:{<id>}:cfg for a root.
+local function level_id(cfg_key)
+  return string.match(cfg_key, '@([^:{}]+):cfg$') or string.match(cfg_key, '{([^}]+)}:cfg$')
+end
+
+-- The levels passed are the budget's current place: each level's cfg names the next level as
+-- its parent, the root names none, and the budget is not fenced by a move in progress
+-- (`moved` in its cfg: its keys are being migrated to another tree, or were).
 local function tree_consistent(own_parent, cfgs)
-  if (own_parent ~= false and own_parent ~= nil) ~= (#LEVELS > 1) then return false end
+  if redis.call('HEXISTS', K_CFG, 'moved') == 1 then return false end
+  local parents = {own_parent}
   for i = 2, #LEVELS do
-    local has_parent = cfgs[i][6] ~= false and cfgs[i][6] ~= nil
-    if not cfgs[i][1] or has_parent ~= (i < #LEVELS) then return false end
+    if not cfgs[i][1] then return false end
+    parents[i] = cfgs[i][6]
+  end
+  for i = 1, #LEVELS do
+    local parent = parents[i]
+    if parent == nil then parent = false end
+    if i < #LEVELS then
+      if parent ~= level_id(LEVELS[i + 1].cfg) then return false end
+    elseif parent ~= false then
+      return false
+    end
   end
   return true
+end
+
+-- For the scripts that change a hold or charge (settle, release, extend, sweep): true when the
+-- levels passed are not the budget's current place (the caller reads its tree again).
+local function tree_stale()
+  return not tree_consistent(redis.call('HGET', K_CFG, 'parent'), ancestor_cfgs())
 end
 
 -- Every level's state, after its period rollover: {available, balance, held, mode}. The own

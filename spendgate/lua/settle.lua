@@ -10,6 +10,7 @@
 local now = now_ms(ARGV[1])
 local rid, cost, key_id, idem_ttl = ARGV[2], tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
 
+if tree_stale() then return {'moved'} end
 local done = redis.call('GET', K_IDEM)
 if done then return {'duplicate', done} end
 

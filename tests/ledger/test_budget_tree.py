@@ -208,20 +208,6 @@ async def test_a_stale_view_of_the_tree_is_read_again(org: Ledger, ledger_redis:
     assert (await state(other, "org"))[1] == UNIT
 
 
-async def test_a_budget_keeps_its_place(org: Ledger) -> None:
-    store = ConfigStore(org.redis, org)
-    with pytest.raises(ValueError, match=r"spec\.parent: customer .proj. already has an account"):
-        await apply_tree(store, tree_budget("proj", "team-b", balance="10.00"))
-    with pytest.raises(ValueError, match="re-parenting is not supported"):
-        await apply_tree(store, tree_budget("proj", balance="10.00"))
-    with pytest.raises(ValueError, match="budgets form a cycle through 'org'"):
-        await apply_tree(store, tree_budget("org", "team-b"))
-    await apply_tree(store, tree_budget("holding", balance="1.00"))
-    with pytest.raises(ValueError, match="'org' already has an account without a parent"):
-        await apply_tree(store, tree_budget("org", "holding"))
-    assert await org.tree.ancestors("proj") == ("team-a", "org")
-
-
 async def test_moved_is_an_error_not_a_silent_charge(org: Ledger) -> None:
     await org.redis.hdel("sg:{org}@proj:cfg", "parent")  # Redis edited by hand
     with pytest.raises(LedgerError, match="does not match its configuration"):
