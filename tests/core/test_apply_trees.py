@@ -141,17 +141,30 @@ def test_a_parent_applied_earlier_is_found_and_checked_in_redis(
     assert "spec.currency: 'EUR' is not the currency of parent default/initech ('USD')" in err
 
 
-def test_re_parenting_is_refused(
+def test_a_changed_parent_moves_the_budget(
     organisation: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    moved = write(
-        tmp_path,
-        "moved.yaml",
-        cb("initech-chatbot", "initech-support", mode="capped", limit="60.00", period="month"),
-    )
+    chatbot = {"mode": "capped", "limit": "60.00", "period": "month"}
+    moved = write(tmp_path, "moved.yaml", cb("initech-chatbot", "initech-support", **chatbot))
     before = dump(organisation)
+    code, _, err = run(capsys, "apply", "-f", moved, "--redis", organisation, "--dry-run")
+    assert (code, dump(organisation)) == (0, before), err
     code, _, err = run(capsys, "apply", "-f", moved, "--redis", organisation)
+    assert code == 0, err
+    client = redis.Redis.from_url(organisation)
+    assert client.hget(TREE, "initech-chatbot") == b"initech-support,initech"
+    assert client.hget("sg:{initech}@initech-chatbot:cfg", "parent") == b"initech-support"
+    # out of the tree: its keys move to its own hash tag
+    alone = write(tmp_path, "alone.yaml", cb("initech-chatbot", **chatbot))
+    code, _, err = run(capsys, "apply", "-f", alone, "--redis", organisation)
+    assert code == 0, err
+    assert client.hget(TREE, "initech-chatbot") is None
+    assert client.hget("sg:{initech-chatbot}:cfg", "currency") == b"USD"
+    assert client.hgetall("sg:{initech}@initech-chatbot:cfg") == {b"moved": b"initech-chatbot"}
+    # a move into a cycle is refused, naming the field, with nothing changed
+    cycle = write(tmp_path, "cycle.yaml", cb("initech", "initech-research", balance="500.00"))
+    before = dump(organisation)
+    code, _, err = run(capsys, "apply", "-f", cycle, "--redis", organisation)
     assert code == 2
-    assert "spec.parent: customer 'initech-chatbot' already has an account under" in err
-    assert "re-parenting is not supported" in err
+    assert "spec.parent: budgets form a cycle through 'initech'" in err
     assert dump(organisation) == before
