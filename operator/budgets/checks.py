@@ -27,7 +27,7 @@ from ..kube.retry import redis_call
 # Ready=False reasons, most fundamental first: the first one present names the condition.
 CUSTOMER_ID_CONFLICT = "CustomerIdConflict"
 API_KEY_CONFLICT = "ApiKeyConflict"
-INVALID_TREE = "InvalidTree"  # spec.parent: missing, cycle, depth, currency, cap, re-parenting
+INVALID_TREE = "InvalidTree"  # spec.parent: missing, cycle, depth, currency, cap, no room to move
 STRIPE_CUSTOMER_CONFLICT = "StripeCustomerConflict"
 SECRET_MISSING = "SecretMissing"
 SECRET_INVALID = "SecretInvalid"

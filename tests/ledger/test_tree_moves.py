@@ -193,7 +193,12 @@ async def test_a_subtree_leaves_its_tree_and_a_single_budget_joins_one(
 ) -> None:
     ledger, redis = store.ledger, store.redis
     assert (await reserve(ledger, "proj", "p1", 2 * UNIT)).ok
+    stale = Ledger(redis, clock=ledger.clock)
+    assert await stale.tree.ancestors("team-a") == ("org",)
     await apply_tree(store, team_a(None))  # team-a and proj become their own tree
+    assert (await reserve(stale, "team-a", "t1", UNIT)).ok
+    assert stale.tree.cached("team-a") == ()  # a root now: the old path is not kept
+    await stale.release("team-a", "t1")
     assert await redis.hget(TREE, "team-a") is None
     assert await redis.hget(TREE, "proj") == b"team-a"
     assert await redis.hget("sg:{team-a}:cfg", "parent") is None
