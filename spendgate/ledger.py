@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from importlib import resources
@@ -461,8 +461,6 @@ class Ledger:
 
         ``parent`` is the parent budget's customerId, for a budget in a tree (whose place is
         recorded in ``sg:tree`` first, by ``ConfigStore``)."""
-        ancestors = await self.tree.ancestors(spec.customer_id, fresh=True)
-        keys = for_customer(spec.customer_id, ancestors)
         spec_balance = spec.balance if spec.balance is not None else -1
         config = budget_config(spec)
         if parent is not None:
@@ -471,14 +469,39 @@ class Ledger:
         for name, value in config.items():
             pairs += [name, value]
         args = [self._now(), spec_balance, "1" if spec.policy.suspended else "0", *pairs]
-        result = await self._run("configure", keys.script_keys(keys.cfg), args)
-        return int(result[1])
+
+        async def write(keys: CustomerKeys) -> list[Any]:
+            return await self._run("configure", keys.script_keys(keys.cfg), args)
+
+        return int((await self._at_place(spec.customer_id, write))[1])
 
     async def suspend(self, customer_id: str, source: str, reason: str) -> None:
-        await self.redis.hset((await self.keys_of(customer_id)).suspensions, source, reason)
+        async def write(keys: CustomerKeys) -> list[Any]:
+            await self.redis.hset(keys.suspensions, source, reason)
+            return ["moved" if await self.redis.hexists(keys.cfg, "moved") else "ok"]
+
+        await self._at_place(customer_id, write)
 
     async def unsuspend(self, customer_id: str, source: str) -> None:
-        await self.redis.hdel((await self.keys_of(customer_id)).suspensions, source)
+        async def write(keys: CustomerKeys) -> list[Any]:
+            await self.redis.hdel(keys.suspensions, source)
+            return ["moved" if await self.redis.hexists(keys.cfg, "moved") else "ok"]
+
+        await self._at_place(customer_id, write)
+
+    async def _at_place(
+        self, customer_id: str, write: Callable[[CustomerKeys], Awaitable[list[Any]]]
+    ) -> list[Any]:
+        """A configuration write at the budget's current place (read now): a place fenced or
+        left by a move (``moved``) is read again and written again, bounded."""
+        result = ["moved"]
+        for pause_s in (0.0, *self.move_retry_pauses_s):
+            await asyncio.sleep(pause_s)
+            ancestors = await self.tree.ancestors(customer_id, fresh=True)
+            result = await write(for_customer(customer_id, ancestors))
+            if result[0] != "moved":
+                return result
+        raise LedgerError(f"customer {customer_id!r}: a move of its budget did not finish")
 
     # ----------------------------------------------------------------- reading
 

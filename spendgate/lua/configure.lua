@@ -4,6 +4,7 @@
 local now = now_ms(ARGV[1])
 local spec_balance, spec_suspended = tonumber(ARGV[2]), ARGV[3]
 
+if redis.call('HEXISTS', K_CFG, 'moved') == 1 then return {'moved'} end  -- tree_moves
 redis.call('DEL', K_CFG)
 local pairs_ = {}
 for i = 4, #ARGV do pairs_[#pairs_ + 1] = ARGV[i] end

@@ -346,3 +346,30 @@ async def test_a_crash_in_the_middle_of_the_copy(store: ConfigStore) -> None:
     assert await held_spent(ledger, "org") == (0, 0)
     assert (await ledger.settle("proj", "p1", UNIT)).charged == UNIT
     assert (await ledger.account("other")).balance == 49 * UNIT
+
+
+async def test_a_configuration_write_never_lifts_a_fence(store: ConfigStore) -> None:
+    """Re-applying a budget of the subtree while its move is fenced must not wipe the fence
+    (configure replaces the cfg hash): it is refused until the move is done, then lands at the
+    new place; a suspension lands at the new place too."""
+    ledger, moves = store.ledger, store.moves
+    advance = moves._advance
+
+    async def crashing(plan: Any, step: str | None) -> Any:
+        await advance(plan, step)
+        raise ConnectionError("crashed")
+
+    moves._advance = crashing  # type: ignore[method-assign]
+    with pytest.raises(ConnectionError):
+        await apply_tree(store, proj("dept"))  # fenced, not copied yet
+    moves._advance = advance  # type: ignore[method-assign]
+    with pytest.raises(LedgerError, match="a move of its budget did not finish"):
+        await ledger.configure(proj("team-a").spec, parent="team-a")
+    assert await store.redis.hget("sg:{org}@proj:cfg", "moved") == b"other"
+    with pytest.raises(LedgerError):
+        await reserve(ledger, "proj", "r", UNIT)
+    await moves.resume("proj")
+    await ledger.suspend("proj", "payment", "card declined")
+    assert await store.redis.hgetall("sg:{other}@proj:susp") == {b"payment": b"card declined"}
+    refused = await reserve(ledger, "proj", "r", UNIT)
+    assert (refused.outcome, refused.level) == (Outcome.suspended, "proj")
