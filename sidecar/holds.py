@@ -18,7 +18,7 @@ import aiohttp
 from redis.exceptions import RedisError
 
 from spendgate.backpressure import LocalExhaustion
-from spendgate.ledger import Ledger
+from spendgate.ledger import Ledger, TreeMoving
 
 from .billing import Metered
 from .fail_open import FailOpenAllowance
@@ -57,7 +57,7 @@ class Holds:
                 extra = min(extra, extension.available or 0)
                 if extra >= needed:
                     extension = await self.ledger.extend(customer, request_id, extra, ttl_ms=ttl_ms)
-        except LocalExhaustion:
+        except (LocalExhaustion, TreeMoving):  # a move of the budget: cut, hold nothing
             self.metrics.backpressure.labels("extend").inc()
             return False  # cut the stream rather than serve what nobody holds
         except (RedisError, OSError, TimeoutError):
@@ -179,7 +179,7 @@ class GpuClock:
             if not extension.ok and extension.reason == "insufficient" and extension.available:
                 extra = min(extra, extension.available)
                 extension = await holds.ledger.extend(customer, request_id, extra, ttl_ms=ttl_ms)
-        except LocalExhaustion:
+        except (LocalExhaustion, TreeMoving):  # a move of the budget: cut, hold nothing
             holds.metrics.backpressure.labels("extend").inc()
             return False
         except (RedisError, OSError, TimeoutError):

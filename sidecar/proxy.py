@@ -18,7 +18,7 @@ from redis.exceptions import RedisError
 from spendgate.backpressure import LocalExhaustion
 from spendgate.config_store import KeyOwner
 from spendgate.keys import hash_api_key
-from spendgate.ledger import Ledger, Outcome, Reservation
+from spendgate.ledger import Ledger, Outcome, Reservation, TreeMoving
 from spendgate.models import (
     Price,
     PriceBookSpec,
@@ -293,6 +293,16 @@ class Proxy:
                 currency=currency,
                 ttl_ms=rule.timeout + self.settings.hold_grace_ms,
             )
+        except TreeMoving as error:  # its budget is being moved to another tree: never fail-open
+            log.warning("budget moving", extra={"error": str(error)})
+            raise self._refuse(
+                "moving",
+                errors.error_response(
+                    503, "server_error", "budget_moving",
+                    "This budget is being moved; retry shortly.",
+                    headers={"Retry-After": "1"},
+                ),
+            ) from None  # fmt: skip
         except LocalExhaustion as error:
             # Too many calls in flight here (pool or queue): backpressure after the wait,
             # never "unreachable" and never fail-open.

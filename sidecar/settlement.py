@@ -13,7 +13,7 @@ import aiohttp
 from redis.exceptions import RedisError
 
 from spendgate.backpressure import LocalExhaustion
-from spendgate.ledger import Ledger, Usage
+from spendgate.ledger import Ledger, TreeMoving, Usage
 from spendgate.models import UsageHeaders
 
 from .billing import Metered, measure, price_outcome
@@ -110,7 +110,7 @@ class Settlement:
                            "rule": metered.rule.name, "cost": cost, "hold": metered.hold,
                            "absorbed": settled.absorbed},
                 )  # fmt: skip
-        except (RedisError, OSError, TimeoutError, LocalExhaustion) as error:
+        except (RedisError, OSError, TimeoutError, LocalExhaustion, TreeMoving) as error:
             self.metrics.redis_errors.labels("settle").inc()
             log.warning(
                 "settle deferred",

@@ -33,6 +33,11 @@ class LedgerError(RuntimeError):
     """A ledger call that was refused for a reason other than money (bad arguments, etc.)."""
 
 
+class TreeMoving(LedgerError):
+    """The budget's levels do not match ``sg:tree`` after the bounded retries: a move of it is
+    in progress (or did not finish). Nothing was changed; the caller may retry later."""
+
+
 class Outcome(StrEnum):
     reserved = "ok"
     duplicate = "duplicate"
@@ -275,7 +280,7 @@ class Ledger:
             _, keys = tree_script_keys(customer_id, ancestors, idempotency)
             result = await self._run(name, keys, args)
         if result and result[0] == "moved":
-            raise LedgerError(
+            raise TreeMoving(
                 f"customer {customer_id!r}: its tree in Redis ({', '.join(ancestors) or 'none'})"
                 " does not match its configuration (a move that did not finish?); re-apply the"
                 " budget"
@@ -451,7 +456,7 @@ class Ledger:
             keys = for_customer(customer_id, await self.tree.ancestors(customer_id, fresh=True))
             result = await self._run("credit", keys.script_keys(keys.funding(fid)), args)
         if result[0] == "moved":
-            raise LedgerError(f"customer {customer_id!r}: a move of its budget did not finish")
+            raise TreeMoving(f"customer {customer_id!r}: a move of its budget did not finish")
         return credit_result(kind, customer_id, fid, amount, result)
 
     # ----------------------------------------------------------------- configuration
@@ -501,7 +506,7 @@ class Ledger:
             result = await write(for_customer(customer_id, ancestors))
             if result[0] != "moved":
                 return result
-        raise LedgerError(f"customer {customer_id!r}: a move of its budget did not finish")
+        raise TreeMoving(f"customer {customer_id!r}: a move of its budget did not finish")
 
     # ----------------------------------------------------------------- reading
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
+
 from tests.support.sidecar_env import budget, data_plane
 
 PROJ_KEY = "sk-test-proj-0123456789abcdef00"
@@ -46,3 +48,31 @@ async def test_a_moved_budget_is_charged_at_its_new_parent(redis_url: str) -> No
         assert (await plane.account("team-a")).charged == 10_000
         assert (await plane.account("team-b")).charged == 10_000
         assert (await plane.account("acme")).charged == 20_000
+
+
+async def test_a_budget_stuck_in_a_move_is_refused_503_never_served(redis_url: str) -> None:
+    async with data_plane(redis_url) as plane:
+        await plane.apply_budget(child("team-a", "acme"), "sk-test-team-a-0123456789abcdef")
+        await plane.apply_budget(budget("other", "5.00"), "sk-test-other-0123456789abcdef")
+        await plane.apply_budget(child("proj", "team-a", "0.50"), PROJ_KEY)
+        moves = plane.store.moves
+        advance = moves._advance
+
+        async def crashing(plan: Any, step: str | None) -> Any:
+            await advance(plan, step)
+            raise ConnectionError("operator crashed")
+
+        moves._advance = crashing  # type: ignore[method-assign]
+        with pytest.raises(ConnectionError):
+            await plane.apply_budget(child("proj", "other", "0.50"), PROJ_KEY)
+        moves._advance = advance  # type: ignore[method-assign]
+        response = await plane.client.post(
+            "/echo", data=b"{}", headers={"Authorization": f"Bearer {PROJ_KEY}"}
+        )
+        body = await response.json()
+        assert (response.status, body["error"]["code"]) == (503, "budget_moving")
+        assert response.headers["Retry-After"] == "1"
+        await plane.apply_budget(child("proj", "other", "0.50"), PROJ_KEY)  # finished
+        assert await echo(plane, PROJ_KEY) == 200
+        assert (await plane.account("other")).charged == 10_000
+        assert (await plane.account("acme")).charged == 0
