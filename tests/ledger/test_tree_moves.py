@@ -18,6 +18,7 @@ import pytest
 import pytest_asyncio
 from redis.crc import key_slot
 
+from spendgate.accounting.audit import audit_customer
 from spendgate.config_store import ConfigStore, TreeConflict
 from spendgate.keys import MOVES, TREE
 from spendgate.ledger import Ledger, LedgerError, Outcome
@@ -186,6 +187,9 @@ async def test_a_move_to_another_tree_takes_every_key_along(store: ConfigStore) 
     assert await held_spent(ledger, "dept") == (0, 1_200_000)
     assert (await ledger.account("org")).charged == UNIT  # history stays where it was spent
     assert (await ledger.account("proj")).balance == 12_800_000
+    for customer in ("org", "team-a", "proj", "other", "dept"):
+        audit = await audit_customer(redis, customer, "USD", now_ms=T0)
+        assert audit.ok, audit.to_json()
 
 
 async def test_a_subtree_leaves_its_tree_and_a_single_budget_joins_one(

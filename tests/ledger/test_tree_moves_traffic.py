@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest_asyncio
 
+from spendgate.accounting.audit import audit_customer
 from spendgate.config_store import ConfigStore, TreeConflict
 from spendgate.ledger import Ledger, LedgerError
 from tests.support.budget_trees import apply_tree, tree_budget
@@ -145,4 +146,6 @@ async def test_moves_under_traffic_lose_no_money(ledgers: tuple[Ledger, Ledger])
         entries = await operator.ledger_entries(customer, count=10_000)
         assert account.charged == sum(int(e["cost"]) for e in entries if e["type"] == "usage")
         totals[customer] = account.charged
+        audit = await audit_customer(operator.redis, customer, "USD", now_ms=T0)
+        assert audit.ok, audit.to_json()  # spendgate audit: every level adds up where it is
     assert totals["org"] + totals["other"] == sum(charged)
