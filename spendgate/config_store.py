@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import keys as rkeys
-from .keys import decode_ancestors, encode_ancestors, hash_api_key
+from .keys import decode_ancestors, hash_api_key
 from .ledger import Ledger
 from .models import CustomerBudget, PriceBook, PriceBookSpec
 from .tree_moves import MoveRefused, TreeMoves
@@ -89,7 +89,7 @@ class ConfigStore:
                 f"customerId {spec.customer_id!r} is already claimed by CustomerBudget {owner};"
                 f" {budget.ref} cannot use it too"
             )
-        await self.moves.resume(spec.customer_id)  # a move of it that did not finish
+        await self.moves.resume(spec.customer_id)  # a move of it (or above it) not finished
         ancestors = await self.check_place(budget)
         wanted: dict[str, KeyOwner] = {}
         for key in spec.api_keys:
@@ -109,17 +109,15 @@ class ConfigStore:
                     )
             wanted[digest] = KeyOwner(spec.customer_id, key.name)
 
+        parent = ancestors[0] if ancestors else None
         recorded = await self.recorded_place(spec.customer_id)
-        if recorded is not None and recorded != ancestors:  # a new parent: move its keys
-            try:
-                await self.moves.move(spec.customer_id, recorded, ancestors)
+        if recorded != ancestors or await self.redis.exists(rkeys.MOVES):
+            try:  # new in a tree, moved, or a move is running: placed under the moves' lock
+                ancestors = await self.moves.place(spec.customer_id, parent)
             except MoveRefused as error:
                 raise TreeConflict(str(error)) from None
         await self.redis.hset(rkeys.CUSTOMERS, spec.customer_id, budget.ref)
         await self.redis.hset(rkeys.BUDGET_REFS, budget.ref, spec.customer_id)
-        if ancestors:  # recorded before the budget's keys exist (see budget_tree)
-            await self.redis.hset(rkeys.TREE, spec.customer_id, encode_ancestors(ancestors))
-        parent = ancestors[0] if ancestors else None
         balance_change = await self.ledger.configure(spec, parent=parent)
         await self.ledger.unsuspend(spec.customer_id, "deleted")  # a re-created budget
         removed = await self._replace_keys(spec.customer_id, wanted)
@@ -147,11 +145,7 @@ class ConfigStore:
 
     async def recorded_place(self, customer_id: str) -> tuple[str, ...] | None:
         """A customer's ancestors as Redis has them; None if it has no account anywhere."""
-        recorded = await self.redis.hget(rkeys.TREE, customer_id)
-        if recorded is not None:
-            return decode_ancestors(recorded)
-        exists = await self.redis.exists(rkeys.for_customer(customer_id).acct)
-        return () if exists else None
+        return await self.moves.recorded(customer_id)
 
     async def check_place(self, budget: CustomerBudget) -> tuple[str, ...]:
         """The budget's ancestors (parent first) by the tree rules, against Redis."""

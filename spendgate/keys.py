@@ -24,6 +24,7 @@ SWEEP_LOCK = f"{PREFIX}:sweep"  # string: the sidecar sweeping expired holds thi
 TREE = f"{PREFIX}:tree"  # hash: customerId of a budget with a parent -> "parent,...,root"
 MAX_TREE_DEPTH = 4  # levels, the root included
 MOVES = f"{PREFIX}:moves"  # hash: customerId of a budget being moved -> its move plan (JSON)
+MOVE_LOCK = f"{PREFIX}:moving"  # string (lock): the one process moving or placing a budget
 STRIPE_EXPORT_CURSORS = f"{PREFIX}:stripe:export"  # hash: customerId -> last exported entry id
 
 _CUSTOMER_RE = re.compile(CUSTOMER_ID_PATTERN)

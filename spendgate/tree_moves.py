@@ -24,9 +24,12 @@ from . import keys as rkeys
 from .keys import CustomerKeys, decode_ancestors, encode_ancestors, for_customer
 from .ledger import IDEMPOTENCY_TTL_MS, Ledger, _load_script
 from .money import format_amount
+from .tree_rules import subtree_depth_problem
 
 log = logging.getLogger("spendgate.tree_moves")
 
+MOVE_LOCK_S = 60  # a move holds its lock at most this long (a crashed process's expires)
+MOVE_LOCK_WAIT_S = 10  # how long another apply waits for a running move to finish
 STEPS = ("planned", "fenced", "copied", "arrived", "switched")  # then the record is deleted
 MOVE_SCRIPTS = ("within", "room", "fence", "arrive", "depart")
 # Keys under a budget's tree tag that move with it, besides its 7 level keys: the ledger's
@@ -141,29 +144,72 @@ class TreeMoves:
 
     # ----------------------------------------------------------------- running
 
-    async def move(
-        self, customer_id: str, old: tuple[str, ...], new: tuple[str, ...]
-    ) -> MoveResult:
-        """Move ``customer_id`` from ``old`` ancestors to ``new`` (parent first; ``()``: a
-        root). Finish a recorded move of it first (``resume``), then read ``old`` again."""
-        if old == new:
-            return MoveResult(())
-        plan = await self.plan(customer_id, old, new)
-        await self._check_room(plan)
-        if not await self.redis.hsetnx(rkeys.MOVES, customer_id, plan.encode()):
-            raise MoveRefused(f"spec.parent: another move of {customer_id!r} started meanwhile")
-        return await self._run(plan)
+    async def recorded(self, customer_id: str) -> tuple[str, ...] | None:
+        """A budget's ancestors as Redis has them; None if it has no account anywhere."""
+        recorded = await self.redis.hget(rkeys.TREE, customer_id)
+        if recorded is not None:
+            return decode_ancestors(recorded)
+        exists = await self.redis.exists(for_customer(customer_id).acct)
+        return () if exists else None
 
-    async def resume(self, customer_id: str) -> MoveResult | None:
-        """Finish a move of ``customer_id`` recorded in sg:moves (interrupted); None if none."""
-        raw = await self.redis.hget(rkeys.MOVES, customer_id)
-        if raw is None:
-            return None
-        plan = MovePlan.decode(raw)
-        log.info("resuming a move", extra={"customer": customer_id, "step": plan.step})
-        result = await self._run(plan)
-        result.resumed = True
-        return result
+    async def place(self, customer_id: str, parent: str | None) -> tuple[str, ...]:
+        """Put ``customer_id`` under ``parent`` (None: a root or single budget), moving it with
+        its subtree if it has an account elsewhere; returns its ancestors (parent first).
+
+        Under the moves' lock, so the place is read when no move runs: a budget's place comes
+        from its parent's, which a move of an ancestor may be changing."""
+        async with self._lock():
+            await self._resume(customer_id)
+            recorded = await self.recorded(customer_id)
+            new: tuple[str, ...] = ()
+            if parent is not None:
+                new = (parent, *decode_ancestors(await self.redis.hget(rkeys.TREE, parent)))
+            if recorded is None:  # a new budget: its place is recorded before its keys exist
+                if new:
+                    await self.redis.hset(rkeys.TREE, customer_id, encode_ancestors(new))
+                return new
+            if recorded == new:
+                return new
+            if customer_id in new:
+                raise MoveRefused(f"spec.parent: budgets form a cycle through {customer_id!r}")
+            plan = await self.plan(customer_id, recorded, new)
+            problem = subtree_depth_problem(
+                customer_id, new, {cid: anc for cid, anc in plan.old.items() if cid != customer_id}
+            )
+            if problem:
+                raise MoveRefused(problem)
+            await self._check_room(plan)
+            await self.redis.hset(rkeys.MOVES, customer_id, plan.encode())
+            await self._run(plan)
+            return new
+
+    async def resume(self, customer_id: str) -> list[MoveResult]:
+        """Finish every move recorded in sg:moves (interrupted) that moves ``customer_id``,
+        itself or as a budget below the moved one."""
+        if not await self.redis.exists(rkeys.MOVES):
+            return []
+        async with self._lock():
+            return await self._resume(customer_id)
+
+    async def _resume(self, customer_id: str) -> list[MoveResult]:
+        results = []
+        for raw in (await self.redis.hgetall(rkeys.MOVES)).values():
+            plan = MovePlan.decode(raw)
+            if customer_id not in plan.old:
+                continue
+            log.info("resuming a move", extra={"customer": plan.moved, "step": plan.step})
+            result = await self._run(plan)
+            result.resumed = True
+            results.append(result)
+        return results
+
+    def _lock(self) -> Any:
+        """One move at a time (its steps are idempotent, not safe to interleave, and a budget's
+        place depends on its ancestors'); a crashed holder's lock expires after
+        ``MOVE_LOCK_S``."""
+        return self.redis.lock(
+            rkeys.MOVE_LOCK, timeout=MOVE_LOCK_S, blocking_timeout=MOVE_LOCK_WAIT_S
+        )
 
     async def pending(self) -> list[str]:
         """The budgets whose move is recorded and not finished."""

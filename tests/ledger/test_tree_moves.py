@@ -11,6 +11,7 @@ Two organisations: ``org`` (prepaid 100.00) -> ``team-a`` (capped 30.00 a month)
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -377,3 +378,24 @@ async def test_a_configuration_write_never_lifts_a_fence(store: ConfigStore) -> 
     assert await store.redis.hgetall("sg:{other}@proj:susp") == {b"payment": b"card declined"}
     refused = await reserve(ledger, "proj", "r", UNIT)
     assert (refused.outcome, refused.level) == (Outcome.suspended, "proj")
+
+
+async def test_concurrent_applies_during_a_move_do_not_interleave_it(store: ConfigStore) -> None:
+    """Two processes: one moves proj to another tree, the other applies proj's child and proj
+    itself at the same time; the move runs once, and the child follows it."""
+    ledger = store.ledger
+    child = tree_budget("proj-x", "proj", mode="capped", limit="5.00", period="day")
+    await apply_tree(store, child)
+    assert (await reserve(ledger, "proj-x", "x1", UNIT)).ok
+    other = ConfigStore(store.redis, Ledger(store.redis, clock=ledger.clock))
+    await asyncio.gather(
+        apply_tree(store, proj("dept")), apply_tree(other, child), apply_tree(other, proj("dept"))
+    )
+    assert await store.redis.hget(TREE, "proj-x") == b"proj,dept,other"
+    assert not await store.redis.hexists(MOVES, "proj")
+    assert await ledger.holds("dept") == {"x1": UNIT}
+    assert await held_spent(ledger, "other") == (UNIT, 0)
+    assert await held_spent(ledger, "org") == (0, 0)
+    assert (await ledger.settle("proj-x", "x1", UNIT)).charged == UNIT
+    for customer in ("proj-x", "proj", "dept", "other"):
+        assert await held_spent(ledger, customer) == (0, UNIT), customer
