@@ -89,7 +89,7 @@ class ConfigStore:
                 f"customerId {spec.customer_id!r} is already claimed by CustomerBudget {owner};"
                 f" {budget.ref} cannot use it too"
             )
-        await self.moves.resume(spec.customer_id)  # a move of it (or above it) not finished
+        await self.moves.resume()  # a move that did not finish (of it, above it, anywhere)
         ancestors = await self.check_place(budget)
         wanted: dict[str, KeyOwner] = {}
         for key in spec.api_keys:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from . import keys as rkeys
-from .keys import CustomerKeys, decode_ancestors, encode_ancestors, for_customer
+from .keys import decode_ancestors, encode_ancestors, for_customer
 from .ledger import IDEMPOTENCY_TTL_MS, Ledger, _load_script
 from .money import format_amount
 from .tree_rules import subtree_depth_problem
@@ -93,10 +93,6 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _level_keys(customer_id: str, ancestors: tuple[str, ...]) -> CustomerKeys:
-    return for_customer(customer_id, ancestors)
-
-
 def _ancestor_keys(path: tuple[str, ...], names: tuple[str, ...], *, cfg: bool) -> list[str]:
     """cfg? acct holds of each of ``names``, ancestors on ``path`` (parent first)."""
     keys: list[str] = []
@@ -159,7 +155,7 @@ class TreeMoves:
         Under the moves' lock, so the place is read when no move runs: a budget's place comes
         from its parent's, which a move of an ancestor may be changing."""
         async with self._lock():
-            await self._resume(customer_id)
+            await self._resume()
             recorded = await self.recorded(customer_id)
             new: tuple[str, ...] = ()
             if parent is not None:
@@ -183,20 +179,17 @@ class TreeMoves:
             await self._run(plan)
             return new
 
-    async def resume(self, customer_id: str) -> list[MoveResult]:
-        """Finish every move recorded in sg:moves (interrupted) that moves ``customer_id``,
-        itself or as a budget below the moved one."""
+    async def resume(self) -> list[MoveResult]:
+        """Finish every move recorded in sg:moves (interrupted: a crash, a lost connection)."""
         if not await self.redis.exists(rkeys.MOVES):
             return []
         async with self._lock():
-            return await self._resume(customer_id)
+            return await self._resume()
 
-    async def _resume(self, customer_id: str) -> list[MoveResult]:
+    async def _resume(self) -> list[MoveResult]:
         results = []
         for raw in (await self.redis.hgetall(rkeys.MOVES)).values():
             plan = MovePlan.decode(raw)
-            if customer_id not in plan.old:
-                continue
             log.info("resuming a move", extra={"customer": plan.moved, "step": plan.step})
             result = await self._run(plan)
             result.resumed = True
@@ -268,7 +261,7 @@ class TreeMoves:
         with the error the user sees; the moving script checks again, atomically)."""
         if not plan.joining:
             return
-        old = _level_keys(plan.moved, plan.old[plan.moved])
+        old = for_customer(plan.moved, plan.old[plan.moved])
         holds = await self.redis.hvals(old.holds)
         total = sum(int(_text(value).split("|")[0]) for value in holds)
         keys = _ancestor_keys(plan.new[plan.moved], plan.joining, cfg=True)
@@ -286,7 +279,7 @@ class TreeMoves:
 
     async def _within(self, plan: MovePlan, result: MoveResult) -> None:
         old, new = plan.old[plan.moved], plan.new[plan.moved]
-        own = _level_keys(plan.moved, old)
+        own = for_customer(plan.moved, old)
         keys = [own.cfg, own.holds]
         keys += _ancestor_keys(old, plan.leaving, cfg=False)
         keys += _ancestor_keys(new, plan.joining, cfg=True)
@@ -305,7 +298,7 @@ class TreeMoves:
             result.held, result.holds = int(answer[1]), int(answer[2])
 
     async def _fence(self, plan: MovePlan, result: MoveResult) -> None:
-        cfgs = [_level_keys(cid, anc).cfg for cid, anc in plan.old.items()]
+        cfgs = [for_customer(cid, anc).cfg for cid, anc in plan.old.items()]
         await self._script("fence", cfgs, [self._marker(plan)])
 
     def _marker(self, plan: MovePlan) -> str:
@@ -313,13 +306,13 @@ class TreeMoves:
         return new[-1] if new else plan.moved
 
     def _names(self, plan: MovePlan, cid: str) -> list[tuple[str, str]]:
-        old, new = _level_keys(cid, plan.old[cid]), _level_keys(cid, plan.new[cid])
+        old, new = for_customer(cid, plan.old[cid]), for_customer(cid, plan.new[cid])
         pairs = list(zip(old.level_keys(), new.level_keys(), strict=True))
         pairs += [(f"{old.tag}:{s}", f"{new.tag}:{s}") for s in EXTRA_SUFFIXES]
         return pairs
 
     async def _idempotency_keys(self, plan: MovePlan, cid: str) -> list[tuple[str, str]]:
-        old, new = _level_keys(cid, plan.old[cid]), _level_keys(cid, plan.new[cid])
+        old, new = for_customer(cid, plan.old[cid]), for_customer(cid, plan.new[cid])
         pairs = []
         for pattern in IDEMPOTENCY_PATTERNS:
             async for name in self.redis.scan_iter(match=f"{old.tag}:{pattern}", count=1000):
@@ -344,8 +337,8 @@ class TreeMoves:
 
     async def _arrive(self, plan: MovePlan, result: MoveResult) -> None:
         new = plan.new[plan.moved]
-        own = _level_keys(plan.moved, new)
-        keys = [own.holds, *(_level_keys(cid, plan.new[cid]).cfg for cid in plan.new)]
+        own = for_customer(plan.moved, new)
+        keys = [own.holds, *(for_customer(cid, plan.new[cid]).cfg for cid in plan.new)]
         keys += _ancestor_keys(new, plan.joining, cfg=True)
         args = [self._now(), plan.moved, new[0] if new else "", len(plan.new)]
         answer = await self._script("arrive", keys, args)
@@ -362,7 +355,7 @@ class TreeMoves:
             copies += [new for _, new in await self._idempotency_keys(plan, cid)]
             for name in copies:  # one by one: on a cluster they may be in several slots
                 await self.redis.delete(name)
-            await self.redis.hdel(_level_keys(cid, plan.old[cid]).cfg, "moved")
+            await self.redis.hdel(for_customer(cid, plan.old[cid]).cfg, "moved")
         await self.redis.hdel(rkeys.MOVES, plan.moved)
 
     async def _switch(self, plan: MovePlan, result: MoveResult) -> None:
@@ -375,7 +368,7 @@ class TreeMoves:
 
     async def _depart(self, plan: MovePlan, result: MoveResult) -> None:
         old = plan.old[plan.moved]
-        own = _level_keys(plan.moved, old)
+        own = for_customer(plan.moved, old)
         doomed: list[str] = []
         cfgs: list[str] = []
         for cid in plan.old:

@@ -373,7 +373,7 @@ async def test_a_configuration_write_never_lifts_a_fence(store: ConfigStore) -> 
     assert await store.redis.hget("sg:{org}@proj:cfg", "moved") == b"other"
     with pytest.raises(LedgerError):
         await reserve(ledger, "proj", "r", UNIT)
-    await moves.resume("proj")
+    await moves.resume()
     await ledger.suspend("proj", "payment", "card declined")
     assert await store.redis.hgetall("sg:{other}@proj:susp") == {b"payment": b"card declined"}
     refused = await reserve(ledger, "proj", "r", UNIT)
