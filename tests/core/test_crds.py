@@ -202,6 +202,10 @@ SCHEMA_DIGESTS = {
         "customerbudgets.spendgate.dev": "b8b6237755787b9a",
         "pricebooks.spendgate.dev": "565ae987fb30dedf",
     },
+    2: {
+        "customerbudgets.spendgate.dev": "1f30c16305780534",
+        "pricebooks.spendgate.dev": "565ae987fb30dedf",
+    },
 }
 
 
