@@ -1,5 +1,6 @@
-"""A child budget's refusal counts and unreconciled markers live under its tree's keys (the
-root's hash tag) and are read back from there, on a single Redis and on the 3-master Cluster."""
+"""A child budget's refusal counts, unreconciled markers and abnormal-spend state live under its
+tree's keys (the root's hash tag) and are read back from there, on a single Redis and on the
+3-master Cluster."""
 
 from __future__ import annotations
 
@@ -9,11 +10,13 @@ from typing import Any
 from redis.crc import key_slot
 
 from sidecar.refusal_counts import RefusalCounter
+from spendgate.accounting import abnormal
+from spendgate.accounting.abnormal import AbnormalPolicy, Action
 from spendgate.accounting.refusals import hour_of, read_refusals
 from spendgate.accounting.settlement import in_flight, report_unreconciled
 from spendgate.config_store import ConfigStore
 from spendgate.keys import for_customer
-from spendgate.ledger import Ledger
+from spendgate.ledger import Ledger, Outcome
 from tests.support.budget_trees import apply_tree, tree_budget
 
 T0 = int(time.time() * 1000)  # refusal counts expire after their retention: now
@@ -65,3 +68,25 @@ async def test_a_childs_unreconciled_and_holds_are_read_under_its_tree(ledger_re
     await report_unreconciled(ledger.redis, "pod-0", {"proj": (0, 0, 0)}, T0, ledger.tree)
     assert (await in_flight(ledger.redis, "proj", T0 + 1)).settled is False  # the hold remains
     assert not (await in_flight(ledger.redis, "proj", T0 + 1)).unreconciled
+
+
+async def test_a_childs_abnormal_spend_is_watched_and_suspended_in_its_tree(
+    ledger_redis: Any,
+) -> None:
+    ledger = await _tree(ledger_redis)
+    for n, cost in enumerate((1_000_000, 2_000_000, 3)):
+        held = await ledger.reserve(
+            "proj", f"a{n}", cost, key_id="main", currency="USD", ttl_ms=60_000
+        )
+        assert held.ok, held
+        await ledger.settle("proj", f"a{n}", cost, key_id="main")
+    policy = AbnormalPolicy(action=Action.suspend, minimum=1)
+    verdict, _ = await abnormal.check(ledger.redis, "proj", policy, T0 + 1)
+    assert verdict.recent == 3_000_003  # the child's own ledger, under its tree's tag
+    await abnormal.suspend(ledger.redis, "proj", "spend far above its normal", T0 + 1)
+    assert await abnormal.is_suspended(ledger.redis, "proj") == "spend far above its normal"
+    refused = await ledger.reserve("proj", "b1", 1, key_id="main", currency="USD", ttl_ms=60_000)
+    assert refused.outcome is Outcome.suspended and refused.level == "proj"
+    assert await abnormal.resume(ledger.redis, "proj", T0 + 2)
+    served = await ledger.reserve("proj", "b2", 1, key_id="main", currency="USD", ttl_ms=60_000)
+    assert served.ok
