@@ -95,7 +95,7 @@ class Proxy:
         fail_open: FailOpenAllowance | None = None,
     ) -> None:
         self.customer_view = customer_view or CustomerView(
-            ledger, config, metrics, RefusalCounter(ledger.redis)
+            ledger, config, metrics, RefusalCounter(ledger.redis, tree=ledger.tree)
         )
         self.settings = settings
         self.ledger = ledger

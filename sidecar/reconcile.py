@@ -168,7 +168,9 @@ class PendingCharges:
             return
         changes = {**{c: (0, 0, 0) for c in self._reported if c not in waiting}, **waiting}
         try:
-            await report_unreconciled(self.ledger.redis, self.pod, changes, _now_ms())
+            await report_unreconciled(
+                self.ledger.redis, self.pod, changes, _now_ms(), self.ledger.tree
+            )
         except Exception as error:
             log.debug("unreconciled markers not reported", extra={"error": repr(error)})
             return

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from spendgate.accounting.refusals import RefusalKey, add_refusals, hour_of
+from spendgate.budget_tree import TreeIndex
 
 log = logging.getLogger("spendgate.sidecar.refusals")
 
@@ -32,8 +33,10 @@ class RefusalCounter:
         max_keys: int = 10_000,
         clock: Callable[[], float] = time.time,
         on_drop: Callable[[int], None] | None = None,
+        tree: TreeIndex | None = None,
     ) -> None:
         self.redis = redis
+        self.tree = tree if tree is not None else TreeIndex(redis)  # the ledger's, shared
         self.interval_s = interval_s
         self.max_keys = max_keys
         self.clock = clock
@@ -60,7 +63,7 @@ class RefusalCounter:
         if not counts:
             return
         try:
-            await add_refusals(self.redis, counts)
+            await add_refusals(self.redis, counts, self.tree)
         except Exception as error:  # Redis down: keep them for the next flush, bounded
             log.debug("refusal counts deferred", extra={"error": repr(error)})
             for entry, number in counts.items():

@@ -102,6 +102,7 @@ RESOURCES = (
             _column("Currency", ".spec.currency", priority=1),
             _column("Balance", ".status.balance"),
             _column("Spent", ".status.spentThisPeriod"),
+            _column("Own", ".status.ownSpentThisPeriod", priority=1),
             _AGE,
         ),
     ),

@@ -107,6 +107,15 @@ class CustomerKeys:
     def funding(self, funding_id: str) -> str:
         return f"{self.tag}:fund:{funding_id}"
 
+    def refusals(self, hour_ms: int) -> str:
+        """Refusal counts of one hour (``spendgate.accounting.refusals``)."""
+        return f"{self.tag}:refusals:{hour_ms}"
+
+    @property
+    def unreconciled(self) -> str:
+        """Charges the sidecars could not settle yet (``spendgate.accounting.settlement``)."""
+        return f"{self.tag}:unreconciled"
+
     def script_keys(self, idempotency_key: str) -> list[str]:
         """KEYS for the ledger scripts, in the order ``prelude.lua`` names them."""
         return [*self.level_keys(), idempotency_key]

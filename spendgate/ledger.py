@@ -139,13 +139,19 @@ class Account:
     period: str | None
     balance: int
     held: int
-    spent: int
+    spent: int  # this period, the subtree's: the budget's own spend and its descendants'
     period_start_ms: int
     funded: int
     charged: int
     expired_holds: int
     absorbed: int = 0
     suspensions: dict[str, str] = field(default_factory=dict)
+    descendants_spent: int = 0  # this period, what the budget's descendants spent
+
+    @property
+    def own_spent(self) -> int:
+        """What the budget's own keys spent this period."""
+        return self.spent - self.descendants_spent
 
     @property
     def available(self) -> int:
@@ -571,4 +577,5 @@ def account_from_hashes(
         expired_holds=number(acct, "expired"),
         absorbed=number(acct, "absorbed"),
         suspensions={_text(k): _text(v) for k, v in suspensions.items()},
+        descendants_spent=number(acct, "dspent"),
     )

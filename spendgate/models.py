@@ -606,7 +606,14 @@ class CustomerBudgetStatus(_Model):
     balance: str | None = None
     held: str | None = None
     available: str | None = None
-    spent_this_period: str | None = None
+    spent_this_period: str | None = Field(
+        default=None,
+        description="Spent this period by the budget and its descendants (what its cap counts).",
+    )
+    own_spent_this_period: str | None = Field(
+        default=None,
+        description="Spent this period by the budget's own keys (its descendants' spend excluded).",
+    )
     period_start: str | None = None
     conditions: list[Condition] = Field(
         default_factory=list,

@@ -25,9 +25,9 @@ def period_start_ms(period: str | None, now_ms: int) -> int:
 
 def current_period(account: Account, now_ms: int) -> Account:
     """``account`` at ``now_ms``: nothing spent yet if a new period began since its last request
-    (Redis resets ``spent`` lazily, at the first request of a period)."""
+    (Redis resets ``spent`` and ``dspent`` lazily, at the first request of a period)."""
     if account.period and account.period_start_ms != period_start_ms(account.period, now_ms):
-        return replace(account, spent=0)
+        return replace(account, spent=0, descendants_spent=0)
     return account
 
 

@@ -29,6 +29,7 @@ from pydantic import ValidationError
 
 from spendgate.accounting import abnormal
 from spendgate.accounting.abnormal import AbnormalPolicy, Action, Verdict
+from spendgate.budget_tree import tree_keys
 from spendgate.config_store import ConfigStore
 from spendgate.models import AbnormalSpendPolicy
 from spendgate.money import format_amount
@@ -110,7 +111,9 @@ async def watch_abnormal(
         alerted = state.get("alerted_ms")
         calm = alerted is not None and now_ms - alerted >= policy.window_ms
         if calm and "tripped_ms" not in state:
-            await redis.hdel(abnormal.state_key(customer), "alerted_ms")  # the episode is over
+            await redis.hdel(
+                abnormal.state_key(await tree_keys(redis, customer)), "alerted_ms"
+            )  # the episode is over
         return Outcome(verdict)
     detail = verdict.describe(target.currency)
     if policy.action is Action.suspend:
@@ -149,13 +152,15 @@ async def watch_abnormal(
 async def forget(redis: Any, customer_id: str) -> None:
     """The budget has no policy (any more): drop the rollup's cursor and buckets, so the ledger
     trimmer no longer keeps entries for it. A standing suspension stays (a person lifts it)."""
-    await redis.hdel(abnormal.state_key(customer_id), "cursor", "alerted_ms")
-    await redis.delete(abnormal.minute_buckets_key(customer_id))
-    await redis.delete(abnormal.hour_buckets_key(customer_id))
+    keys = await tree_keys(redis, customer_id)
+    await redis.hdel(abnormal.state_key(keys), "cursor", "alerted_ms")
+    await redis.delete(abnormal.minute_buckets_key(keys))
+    await redis.delete(abnormal.hour_buckets_key(keys))
 
 
 async def has_rollup(redis: Any, customer_id: str) -> bool:
-    return bool(await redis.hexists(abnormal.state_key(customer_id), "cursor"))
+    keys = await tree_keys(redis, customer_id)
+    return bool(await redis.hexists(abnormal.state_key(keys), "cursor"))
 
 
 def _text(value: Any) -> str:
@@ -171,7 +176,7 @@ async def resume_from_annotation(
     token = str(annotations.get(RESUME_ANNOTATION) or "").strip()
     if not token:
         return []
-    key = abnormal.state_key(customer_id)
+    key = abnormal.state_key(await tree_keys(redis, customer_id))
     handled = await redis.hget(key, _TOKEN)
     if handled is not None and _text(handled) == token:
         return []

@@ -49,7 +49,15 @@ ATTENTION_STATES = frozenset(
     }
 )
 # The account fields of the status; cleared when the budget does not own its customer.
-ACCOUNT_FIELDS = ("balance", "held", "available", "spentThisPeriod", "periodStart", "currency")
+ACCOUNT_FIELDS = (
+    "balance",
+    "held",
+    "available",
+    "spentThisPeriod",
+    "ownSpentThisPeriod",
+    "periodStart",
+    "currency",
+)
 
 
 # --------------------------------------------------------------------------- state
@@ -98,6 +106,7 @@ def account_fields(account: Account, now_ms: int) -> dict[str, Any]:
         "held": format_amount(account.held),
         "available": format_amount(account.available),
         "spentThisPeriod": format_amount(account.spent),
+        "ownSpentThisPeriod": format_amount(account.own_spent),
         "periodStart": _ms_to_iso(start) if account.period else None,
     }
 

@@ -15,6 +15,10 @@ What is sent: one meter event per ``usage`` entry with a cost above zero::
     timestamp  = the entry's settle time (seconds)
     payload    = {settings.meter_customer_key: "cus_...", settings.meter_value_key: VALUE}
 
+An entry of a budget tree (the root's ledger holds every descendant's usage; only the root
+links a Stripe customer, so each request is exported once) adds
+``settings.meter_budget_key: "<customerId of the key's budget>"``, a meter dimension.
+
 ``VALUE`` is the cost as an integer string in ``settings.meter_value_unit``: ``micros``
 (default: micro-units of the budget currency, exact; price the meter at 1e-6 of the currency
 per unit, e.g. ``unit_amount_decimal = "0.0001"`` cents) or ``minor`` (the currency's minor
@@ -220,6 +224,8 @@ class Exporter:
                 self.settings.meter_value_key: str(value),
             },
         }
+        if fields.get("budget"):  # an entry of a tree: the budget whose key made the request
+            params["payload"][self.settings.meter_budget_key] = fields["budget"]
         return _Item(entry_id, fields, params)
 
     async def _trim(self, customer_id: str, cursor: str) -> None:

@@ -65,6 +65,9 @@ class StripeSettings:
     meter_event_name: str = "spendgate_usage"
     meter_customer_key: str = "stripe_customer_id"
     meter_value_key: str = "value"
+    # An entry of a budget tree names the budget of the request's key under this payload key
+    # (a meter dimension: a child's usage is billed to its root's Stripe customer).
+    meter_budget_key: str = "spendgate_budget"
     meter_value_unit: str = "micros"  # "micros" (exact) or "minor" (cents, rounded up per event)
     export_requests_per_s: float = 50.0
     export_batch: int = 100  # ledger entries read per customer and pass

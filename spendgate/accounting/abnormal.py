@@ -22,7 +22,8 @@ from enum import StrEnum
 from importlib import resources
 from typing import Any
 
-from ..keys import for_customer
+from ..budget_tree import tree_keys
+from ..keys import CustomerKeys
 from ..money import format_amount
 
 MINUTE_MS = 60_000
@@ -105,21 +106,21 @@ def evaluate(
 # ----------------------------------------------------------------------------- Redis
 
 
-def _key(customer_id: str, name: str) -> str:
-    return f"{for_customer(customer_id).tag}:{name}"
+# A budget in a tree keeps these under its tree's tag, next to its ledger and suspensions
+# (``keys`` from ``spendgate.budget_tree.tree_keys``).
 
 
-def state_key(customer_id: str) -> str:
+def state_key(keys: CustomerKeys) -> str:
     """Hash: ``cursor`` (rollup), ``resumed_ms``, ``tripped_ms``, ``alerted_ms``."""
-    return _key(customer_id, "abnormal")
+    return f"{keys.tag}:abnormal"
 
 
-def minute_buckets_key(customer_id: str) -> str:
-    return _key(customer_id, "spend:m")
+def minute_buckets_key(keys: CustomerKeys) -> str:
+    return f"{keys.tag}:spend:m"
 
 
-def hour_buckets_key(customer_id: str) -> str:
-    return _key(customer_id, "spend:h")
+def hour_buckets_key(keys: CustomerKeys) -> str:
+    return f"{keys.tag}:spend:h"
 
 
 def _text(value: Any) -> str:
@@ -131,12 +132,8 @@ async def roll_up(redis: Any, customer_id: str, policy: AbnormalPolicy, now_ms: 
     script = redis.register_script(
         resources.files("spendgate.accounting").joinpath("rollup.lua").read_text()
     )
-    keys = [
-        for_customer(customer_id).ledger,
-        state_key(customer_id),
-        minute_buckets_key(customer_id),
-        hour_buckets_key(customer_id),
-    ]
+    tree = await tree_keys(redis, customer_id)
+    keys = [tree.ledger, state_key(tree), minute_buckets_key(tree), hour_buckets_key(tree)]
     keep_minutes = now_ms - 2 * policy.window_ms
     keep_hours = now_ms - (policy.baseline_days * 24 + 2) * HOUR_MS - policy.window_ms
     read = 0
@@ -152,9 +149,10 @@ async def check(
 ) -> tuple[Verdict, dict[str, int]]:
     """Roll up, then evaluate; returns the verdict and the stored state (ms timestamps)."""
     await roll_up(redis, customer_id, policy, now_ms)
-    minutes = await redis.hgetall(minute_buckets_key(customer_id))
-    hours = await redis.hgetall(hour_buckets_key(customer_id))
-    raw_state = await redis.hgetall(state_key(customer_id))
+    keys = await tree_keys(redis, customer_id)
+    minutes = await redis.hgetall(minute_buckets_key(keys))
+    hours = await redis.hgetall(hour_buckets_key(keys))
+    raw_state = await redis.hgetall(state_key(keys))
     state = {
         _text(k): int(_text(v))
         for k, v in raw_state.items()
@@ -171,23 +169,25 @@ async def check(
 
 
 async def suspend(redis: Any, customer_id: str, message: str, now_ms: int) -> None:
-    await redis.hset(for_customer(customer_id).suspensions, SUSPENSION_SOURCE, message)
-    await redis.hset(state_key(customer_id), "tripped_ms", now_ms)
+    keys = await tree_keys(redis, customer_id)
+    await redis.hset(keys.suspensions, SUSPENSION_SOURCE, message)
+    await redis.hset(state_key(keys), "tripped_ms", now_ms)
 
 
 async def mark_alerted(redis: Any, customer_id: str, now_ms: int) -> None:
-    await redis.hset(state_key(customer_id), "alerted_ms", now_ms)
+    await redis.hset(state_key(await tree_keys(redis, customer_id)), "alerted_ms", now_ms)
 
 
 async def resume(redis: Any, customer_id: str, now_ms: int) -> bool:
     """Lift an abnormal-spend suspension (a person decided); only spend after now counts
     towards the next trip. Returns whether the customer was suspended for abnormal spend."""
-    removed = await redis.hdel(for_customer(customer_id).suspensions, SUSPENSION_SOURCE)
-    await redis.hset(state_key(customer_id), "resumed_ms", now_ms)
-    await redis.hdel(state_key(customer_id), "tripped_ms", "alerted_ms")
+    keys = await tree_keys(redis, customer_id)
+    removed = await redis.hdel(keys.suspensions, SUSPENSION_SOURCE)
+    await redis.hset(state_key(keys), "resumed_ms", now_ms)
+    await redis.hdel(state_key(keys), "tripped_ms", "alerted_ms")
     return bool(removed)
 
 
 async def is_suspended(redis: Any, customer_id: str) -> str | None:
-    reason = await redis.hget(for_customer(customer_id).suspensions, SUSPENSION_SOURCE)
+    reason = await redis.hget((await tree_keys(redis, customer_id)).suspensions, SUSPENSION_SOURCE)
     return _text(reason) if reason is not None else None

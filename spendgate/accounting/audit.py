@@ -61,7 +61,8 @@ def _id_key(entry_id: str) -> tuple[int, int]:
 async def trim_ledger(redis: Any, customer_id: str, minid: str) -> int:
     """Remove entries older than ``minid``, counting them into the ledger base; returns how
     many. The only way spendgate trims a ledger, so the audit still sees the whole history."""
-    keys = [for_customer(customer_id).ledger, ledger_base_key(customer_id), state_key(customer_id)]
+    tree = await tree_keys(redis, customer_id)
+    keys = [tree.ledger, f"{tree.tag}:ledger:base", state_key(tree)]
     script = redis.register_script(_script("trim"))
     removed = 0
     while True:

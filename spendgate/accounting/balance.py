@@ -33,6 +33,7 @@ def balance_view(account: Account, now_ms: int) -> dict[str, Any]:
         "held": format_amount(account.held),
         "available": format_amount(account.available),
         "spentThisPeriod": format_amount(account.spent),
+        "ownSpentThisPeriod": format_amount(account.own_spent),
     }
     if account.limit:
         report["limit"] = format_amount(account.limit)

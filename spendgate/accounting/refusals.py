@@ -4,7 +4,8 @@ Refusals never touch the balance, so they are not on the ledger. The sidecar cou
 memory and adds its counts here in one pipelined round trip per flush (see
 ``spendgate.sidecar.refusal_counts``); a refused request therefore costs the hot path nothing.
 
-Layout: ``sg:{c}:refusals:<hour start ms>`` hashes, field ``reason\\tkey\\tmodel`` -> count,
+Layout: ``sg:{c}:refusals:<hour start ms>`` hashes (a budget in a tree: under its root's tag,
+``sg:{root}@c:refusals:...``), field ``reason\\tkey\\tmodel`` -> count,
 expiring ``RETENTION_MS`` after their hour. A crashed sidecar loses at most one flush interval
 of counts: they are statistics, not money.
 """
@@ -15,7 +16,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..keys import for_customer
+from ..budget_tree import TreeIndex, tree_keys
+from ..keys import CustomerKeys, for_customer
 
 HOUR_MS = 3_600_000
 RETENTION_MS = 35 * 86_400_000
@@ -39,18 +41,18 @@ def hour_of(ms: int) -> int:
     return ms - ms % HOUR_MS
 
 
-def refusals_key(customer_id: str, hour_ms: int) -> str:
-    return f"{for_customer(customer_id).tag}:refusals:{hour_ms}"
-
-
-async def add_refusals(redis: Any, counts: Mapping[RefusalKey, int]) -> None:
-    """Add counts (from one flush) in a single pipeline; each customer's keys share a slot."""
+async def add_refusals(redis: Any, counts: Mapping[RefusalKey, int], tree: TreeIndex) -> None:
+    """Add counts (from one flush) in a single pipeline; each customer's keys share a slot.
+    ``tree`` names where each customer sits (one read for those it has not cached)."""
     if not counts:
         return
+    customers = {refusal.customer_id for refusal in counts}
+    await tree.prime(sorted(c for c in customers if tree.cached(c) is None))
+    keys: dict[str, CustomerKeys] = {c: for_customer(c, tree.cached(c) or ()) for c in customers}
     pipe = redis.pipeline(transaction=False)
     touched: set[str] = set()
     for refusal, count in counts.items():
-        name = refusals_key(refusal.customer_id, refusal.hour_ms)
+        name = keys[refusal.customer_id].refusals(refusal.hour_ms)
         pipe.hincrby(name, refusal.field, count)
         if name not in touched:
             touched.add(name)
@@ -70,9 +72,10 @@ async def read_refusals(
     hours = list(range(first, until_ms, HOUR_MS))
     if not hours:
         return []
+    keys = await tree_keys(redis, customer_id)
     pipe = redis.pipeline(transaction=False)
     for hour in hours:
-        pipe.hgetall(refusals_key(customer_id, hour))
+        pipe.hgetall(keys.refusals(hour))
     found: list[tuple[RefusalKey, int]] = []
     for hour, raw in zip(hours, await pipe.execute(), strict=True):
         for name, count in raw.items():

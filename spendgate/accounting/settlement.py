@@ -3,7 +3,8 @@
 - A live hold is a request admitted and not yet settled or released (it may be streaming).
 - An *unreconciled* charge is one a sidecar has measured but could not settle yet: served
   fail-open while Redis was down, or a settle that failed after the response. Each sidecar
-  reports its own per customer in ``sg:{c}:unreconciled`` (field: pod, value
+  reports its own per customer in ``sg:{c}:unreconciled`` (``CustomerKeys.unreconciled``,
+  under the root's tag for a budget in a tree; field: pod, value
   ``count|amount|oldest ms|updated ms``) and clears it once everything is settled.
 """
 
@@ -15,13 +16,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..budget_tree import TreeIndex, tree_keys
 from ..keys import for_customer
 
 UNRECONCILED_TTL_MS = 7 * 86_400_000
-
-
-def unreconciled_key(customer_id: str) -> str:
-    return f"{for_customer(customer_id).tag}:unreconciled"
 
 
 def _text(value: Any) -> str:
@@ -69,9 +67,9 @@ def _waiting(pod: str, raw: str) -> Waiting | None:
 
 
 async def in_flight(redis: Any, customer_id: str, now_ms: int) -> InFlight:
-    keys = for_customer(customer_id)
+    keys = await tree_keys(redis, customer_id)
     holds = await redis.hgetall(keys.holds)
-    waiting_raw = await redis.hgetall(unreconciled_key(customer_id))
+    waiting_raw = await redis.hgetall(keys.unreconciled)
     live, expired, held, oldest = 0, 0, 0, None
     for value in holds.values():
         parts = _text(value).split("|")
@@ -93,13 +91,19 @@ async def in_flight(redis: Any, customer_id: str, now_ms: int) -> InFlight:
 
 
 async def report_unreconciled(
-    redis: Any, pod: str, waiting: Mapping[str, tuple[int, int, int]], now_ms: int
+    redis: Any,
+    pod: str,
+    waiting: Mapping[str, tuple[int, int, int]],
+    now_ms: int,
+    tree: TreeIndex,
 ) -> None:
     """One sidecar's unreconciled charges per customer: ``(count, amount, oldest ms)``; a
-    customer with nothing left waiting has its field removed."""
+    customer with nothing left waiting has its field removed. ``tree`` names where each
+    customer sits."""
+    await tree.prime(sorted(c for c in waiting if tree.cached(c) is None))
     pipe = redis.pipeline(transaction=False)
     for customer_id, (count, amount, oldest) in waiting.items():
-        name = unreconciled_key(customer_id)
+        name = for_customer(customer_id, tree.cached(customer_id) or ()).unreconciled
         if count <= 0:
             pipe.hdel(name, pod)
             continue

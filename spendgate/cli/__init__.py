@@ -213,6 +213,8 @@ async def cmd_balance(ns: argparse.Namespace) -> int:
     if "limit" in report:
         spent += f" of {report['limit']}{unit} per {report['period'] or 'period'}"
     print(f"spent       {spent}")
+    if report["ownSpentThisPeriod"] != report["spentThisPeriod"]:
+        print(f"own spent   {report['ownSpentThisPeriod']}{unit} (the rest by its descendants)")
     for line in in_flight_lines(in_flight, unit):
         print(line)
     if not settled_in_time:

@@ -3,7 +3,7 @@
 -- (never tostring, which would round to 14 digits); fmt_int formats them for strings.
 --
 -- Per-customer KEYS, the same order for every script:
---   1 cfg (hash, written by configure)   2 acct (balance, held, spent, pstart)
+--   1 cfg (hash, written by configure)   2 acct (balance, held, spent, dspent, pstart)
 --   3 holds (hash rid -> "amount|deadline|key|estimate")   4 hold deadlines (zset)
 --   5 rate-limit TATs (hash)   6 suspensions (hash source -> reason)   7 ledger (stream)
 --   8 the operation's idempotency key (request id or funding id)
@@ -58,12 +58,15 @@ end
 
 -- Reset spent at the start of a new period; returns the current period start. `acct` is a
 -- level's account (the budget's own by default); `prefix` names a key's own counters in it.
+-- A level's `dspent` (what its descendants spent this period, so own = spent - dspent) resets
+-- with its `spent`.
 local function rollover(period, now, acct, prefix)
   if not period or period == '' then return 0 end
   acct, prefix = acct or K_ACCT, prefix or ''
   local start = period_start(period, now)
   if num(redis.call('HGET', acct, prefix .. 'pstart')) ~= start then
     redis.call('HSET', acct, prefix .. 'spent', 0, prefix .. 'pstart', start)
+    if prefix == '' then redis.call('HDEL', acct, 'dspent') end
   end
   return start
 end

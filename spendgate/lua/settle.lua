@@ -1,7 +1,8 @@
 -- settle: ARGV now, request_id, cost, key_id, idem_ttl_ms, then ledger field/value pairs.
--- Charges the actual cost at every level, frees the hold, corrects cost-based rate limits,
--- appends to every level's ledger. A settle without a live hold (expired, or served while
--- Redis was down) still charges.
+-- Charges the actual cost at every level (an ancestor also counts it in `dspent`, what its
+-- descendants spent), frees the hold, corrects cost-based rate limits, appends to every
+-- level's ledger. A settle without a live hold (expired, or served while Redis was down)
+-- still charges.
 --
 -- The charge never exceeds the bound, and is the same at every level: with a hold, at most the
 -- hold; without one, at most what is available at every level (so no prepaid balance goes
@@ -47,6 +48,7 @@ local entry
 for i, level in ipairs(LEVELS) do
   redis.call('HINCRBY', level.acct, 'balance', 0 - charged)  -- never -0
   redis.call('HINCRBY', level.acct, 'spent', charged)
+  if i > 1 then redis.call('HINCRBY', level.acct, 'dspent', charged) end
   redis.call('HINCRBY', level.acct, 'charged', charged)
   if absorbed > 0 then
     redis.call('HINCRBY', level.acct, 'absorbed', absorbed)

@@ -16,6 +16,7 @@ import pytest
 
 from spendgate.accounting.abnormal import SUSPENSION_SOURCE
 from spendgate.accounting.settlement import report_unreconciled
+from spendgate.budget_tree import TreeIndex
 from spendgate.cli import main
 from spendgate.keys import for_customer
 from spendgate.ledger import Ledger
@@ -313,7 +314,9 @@ def test_balance_shows_in_flight_and_unreconciled(
 ) -> None:
     on_redis(
         target,
-        lambda c: report_unreconciled(c, "model-0", {"acme": (3, 1_500_000, T0)}, T0 + 1),
+        lambda c: report_unreconciled(
+            c, "model-0", {"acme": (3, 1_500_000, T0)}, T0 + 1, TreeIndex(c)
+        ),
     )
     code, out, _ = run(capsys, "balance", "acme", "--json", *redis_args(target))
     flight = json.loads(out)["inFlight"]

@@ -3,15 +3,18 @@ any order in the input); every invalid tree is refused naming the field, with no
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
+import redis.asyncio
 import yaml
 
 from spendgate.cli import main
 from spendgate.keys import TREE
+from spendgate.ledger import Ledger
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 PRICEBOOK = str(EXAMPLES / "pricebook.yaml")
@@ -168,3 +171,28 @@ def test_a_changed_parent_moves_the_budget(
     assert code == 2
     assert "spec.parent: budgets form a cycle through 'initech'" in err
     assert dump(organisation) == before
+
+
+def test_balance_of_a_level_shows_its_own_and_its_subtrees_spend(
+    organisation: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async def spend() -> None:
+        client = redis.asyncio.Redis.from_url(organisation)
+        ledger = Ledger(client)
+        await ledger.load_scripts()
+        spends = (("initech-chatbot", "chatbot", "r1", 1_250_000), ("initech", "admin", "r2", 5))
+        for customer, key, rid, cost in spends:
+            reserved = await ledger.reserve(
+                customer, rid, cost, key_id=key, currency="USD", ttl_ms=60_000
+            )
+            assert reserved.ok, reserved
+            await ledger.settle(customer, rid, cost)
+        await client.aclose()
+
+    asyncio.run(spend())
+    code, out, _ = run(capsys, "balance", "initech", "--redis", organisation)
+    assert code == 0
+    assert "spent       1.250005 USD" in out
+    assert "own spent   0.000005 USD (the rest by its descendants)" in out
+    code, out, _ = run(capsys, "balance", "initech-chatbot", "--redis", organisation)
+    assert "spent       1.25 USD of 60.00 USD per month" in out and "own spent" not in out

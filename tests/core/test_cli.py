@@ -156,6 +156,7 @@ def test_fund_adjust_balance(applied: str, capsys: pytest.CaptureFixture[str]) -
         "held": "0.00",
         "available": "6.25",
         "spentThisPeriod": "0.00",
+        "ownSpentThisPeriod": "0.00",
         "inFlight": {
             "pendingSettlements": 0,
             "pendingHeld": "0.00",

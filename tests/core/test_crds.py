@@ -202,8 +202,8 @@ SCHEMA_DIGESTS = {
         "customerbudgets.spendgate.dev": "b8b6237755787b9a",
         "pricebooks.spendgate.dev": "565ae987fb30dedf",
     },
-    2: {  # spec.parent may change (a move, spendgate.tree_moves): the transition rule is gone
-        "customerbudgets.spendgate.dev": "4663d749e1f10e64",
+    2: {  # spec.parent may change (a move); status.ownSpentThisPeriod (own vs subtree spend)
+        "customerbudgets.spendgate.dev": "476e2f54eedb3ae6",
         "pricebooks.spendgate.dev": "565ae987fb30dedf",
     },
 }

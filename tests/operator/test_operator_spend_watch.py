@@ -284,7 +284,7 @@ async def test_abnormal_spend_alert_once_per_episode(world: World) -> None:
 async def test_a_budget_without_policy_is_not_rolled_up(world: World) -> None:
     await world.spend(UNIT)
     await world.watch().pass_once()
-    state = core_abnormal.state_key("acme")
+    state = core_abnormal.state_key(for_customer("acme"))
     assert not await world.redis.hexists(state, "cursor")
     await world.set_policy(SUSPEND)
     await world.watch().pass_once()
@@ -292,7 +292,7 @@ async def test_a_budget_without_policy_is_not_rolled_up(world: World) -> None:
     await world.set_policy(None)
     await world.watch().pass_once()
     assert not await world.redis.hexists(state, "cursor")  # ... no more: policy removed
-    assert not await world.redis.exists(core_abnormal.minute_buckets_key("acme"))
+    assert not await world.redis.exists(core_abnormal.minute_buckets_key(for_customer("acme")))
 
 
 async def test_resume_annotation_of_a_budget_that_does_not_own_the_customer(

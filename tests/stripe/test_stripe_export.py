@@ -12,6 +12,7 @@ import pytest_asyncio
 import redis.asyncio
 import stripe
 
+from spendgate.config_store import ConfigStore
 from spendgate.keys import for_customer
 from spendgate.ledger import Ledger, Usage
 from spendgate.operator.stripe.client import StripeGateway
@@ -22,6 +23,7 @@ from spendgate.operator.stripe.export_state import (
 )
 from spendgate.operator.stripe.exporter import Exporter
 from spendgate.operator.stripe.settings import StripeSettings
+from tests.support.budget_trees import apply_tree, tree_budget
 from tests.support.stripe_fakes import (  # noqa: F401  (fixtures)
     API_KEY,
     StripeDouble,
@@ -248,3 +250,35 @@ async def test_export_totals_and_trimming_keep_the_audit_exact(env: Env) -> None
     await env.redis.hincrby(exported_key("acme"), "sent", -1)  # an export that went missing
     result = await audit_customer(env.redis, "acme", "USD", now_ms=int(time.time() * 1000))
     assert [m.check for m in result.mismatches] == ["stripe_export"]
+
+
+async def test_a_trees_usage_goes_to_the_roots_customer_with_the_budget_as_dimension(
+    env: Env,
+) -> None:
+    """Children's usage is billed once, to the root's Stripe customer, naming the child."""
+    store = ConfigStore(env.redis, env.ledger)
+    await apply_tree(
+        store,
+        tree_budget("team", "acme", mode="capped", limit="50.00", period="month"),
+        tree_budget("proj", "team", mode="capped", limit="20.00", period="month"),
+    )
+    costs = {"acme": 1_000_001, "team": 20_002, "proj": 303}
+    for customer, cost in costs.items():
+        for i in range(2):
+            rid = f"{customer}-{i}"
+            held = await env.ledger.reserve(
+                customer, rid, cost, key_id="main", currency="USD", ttl_ms=60_000
+            )
+            assert held.ok, held
+            await env.ledger.settle(customer, rid, cost, key_id="main", usage=Usage(model="m"))
+    results = await env.exporter().export_all()
+    assert set(results) == {"acme"}  # only the root links a Stripe customer
+    events = env.double.meter_events
+    assert sorted(events) == sorted(f"{c}-{i}" for c in costs for i in range(2))
+    assert all(e["payload"]["stripe_customer_id"] == "cus_ACME" for e in events.values())
+    assert events["proj-0"]["payload"]["spendgate_budget"] == "proj"
+    assert events["team-1"]["payload"]["spendgate_budget"] == "team"
+    assert "spendgate_budget" not in events["acme-0"]["payload"]  # the root's own usage
+    billed = sum(int(e["payload"]["value"]) for e in events.values())
+    assert billed == (await env.ledger.account("acme")).charged == 2 * sum(costs.values())
+    assert len(env.double.meter_event_posts) == 6

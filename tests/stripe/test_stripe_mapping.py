@@ -285,3 +285,13 @@ def test_budget_from_customer_template() -> None:
     broken["spec"]["mode"] = "capped"  # needs limit and period
     with pytest.raises(TemplateError, match="capped"):
         budget_from_customer(broken, customer)
+
+
+def test_an_imported_budget_is_a_root() -> None:
+    """A Stripe customer maps to a tree's root: a template naming a parent imports nothing."""
+    customer = {"id": "cus_AbC123", "name": "Acme Inc", "metadata": {}}
+    assert "parent" not in budget_from_customer(TEMPLATE, customer)["spec"]
+    child = copy.deepcopy(TEMPLATE)
+    child["spec"]["parent"] = "initech"
+    with pytest.raises(TemplateError, match="stripe links a root budget"):
+        budget_from_customer(child, customer)

@@ -11,6 +11,7 @@ import redis.asyncio
 import redis.asyncio.cluster
 
 from spendgate.accounting.refusals import RefusalKey, add_refusals
+from spendgate.budget_tree import TreeIndex
 from spendgate.keys import CUSTOMERS
 from spendgate.ledger import Ledger, Usage
 from spendgate.models import CustomerBudgetSpec
@@ -95,5 +96,6 @@ async def populate(client: Any, clock: Clock) -> Known:
             RefusalKey("acme", hour, "insufficient", "prod", "llama-3"): 2,
             RefusalKey("acme", hour, "rate_limited", "dev", "mistral"): 5,
         },
+        TreeIndex(client),
     )
     return Known()
