@@ -34,8 +34,11 @@ STEPS = ("planned", "fenced", "copied", "arrived", "switched")  # then the recor
 MOVE_SCRIPTS = ("within", "room", "fence", "arrive", "depart")
 # Keys under a budget's tree tag that move with it, besides its 7 level keys: the ledger's
 # trimmed totals, and its idempotency keys (requests and funding).
-EXTRA_SUFFIXES = ("ledger:base",)
-IDEMPOTENCY_PATTERNS = ("req:*", "fund:*")
+# Keys of a budget beyond the scripts' level keys: the ledger's trim base, the counters of
+# spendgate.accounting (unreconciled charges, abnormal-spend state and buckets) and, found by
+# SCAN, idempotency keys and hourly refusal counts.
+EXTRA_SUFFIXES = ("ledger:base", "unreconciled", "abnormal", "spend:m", "spend:h")
+SCANNED_PATTERNS = ("req:*", "fund:*", "refusals:*")
 
 
 class MoveRefused(ValueError):
@@ -314,7 +317,7 @@ class TreeMoves:
     async def _idempotency_keys(self, plan: MovePlan, cid: str) -> list[tuple[str, str]]:
         old, new = for_customer(cid, plan.old[cid]), for_customer(cid, plan.new[cid])
         pairs = []
-        for pattern in IDEMPOTENCY_PATTERNS:
+        for pattern in SCANNED_PATTERNS:
             async for name in self.redis.scan_iter(match=f"{old.tag}:{pattern}", count=1000):
                 name = _text(name)
                 pairs.append((name, new.tag + name[len(old.tag) :]))

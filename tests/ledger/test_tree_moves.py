@@ -12,6 +12,7 @@ Two organisations: ``org`` (prepaid 100.00) -> ``team-a`` (capped 30.00 a month)
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -20,6 +21,9 @@ import pytest_asyncio
 from redis.crc import key_slot
 
 from spendgate.accounting.audit import audit_customer
+from spendgate.accounting.refusals import RefusalKey, add_refusals, hour_of, read_refusals
+from spendgate.accounting.settlement import in_flight, report_unreconciled
+from spendgate.budget_tree import TreeIndex
 from spendgate.config_store import ConfigStore, TreeConflict
 from spendgate.keys import MOVES, TREE
 from spendgate.ledger import Ledger, LedgerError, Outcome
@@ -191,6 +195,24 @@ async def test_a_move_to_another_tree_takes_every_key_along(store: ConfigStore) 
     for customer in ("org", "team-a", "proj", "other", "dept"):
         audit = await audit_customer(redis, customer, "USD", now_ms=T0)
         assert audit.ok, audit.to_json()
+
+
+async def test_a_move_to_another_tree_takes_the_accounting_counters_along(
+    store: ConfigStore,
+) -> None:
+    redis = store.redis
+    now = int(time.time() * 1000)  # refusal counts expire by the wall clock
+    refused = RefusalKey("proj", hour_of(now), "cap_reached", "k1", "m")
+    await add_refusals(redis, {refused: 3}, TreeIndex(redis))
+    await report_unreconciled(redis, "pod-a", {"proj": (2, 5 * UNIT, T0)}, T0, TreeIndex(redis))
+
+    await apply_tree(store, proj("dept"))
+
+    assert await read_refusals(redis, "proj", now - 1, now + 1) == [(refused, 3)]
+    waiting = (await in_flight(redis, "proj", T0)).unreconciled
+    assert [(w.pod, w.count, w.amount) for w in waiting] == [("pod-a", 2, 5 * UNIT)]
+    assert not await redis.exists(f"sg:{{org}}@proj:refusals:{hour_of(now)}")
+    assert not await redis.exists("sg:{org}@proj:unreconciled")
 
 
 async def test_a_subtree_leaves_its_tree_and_a_single_budget_joins_one(
