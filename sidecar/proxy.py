@@ -143,6 +143,13 @@ class Proxy:
         self.metrics.decisions.labels(outcome).inc()
         return _Refused(outcome, response)
 
+    def _retry_shortly(self, outcome: str, code: str, message: str) -> _Refused:
+        """A 503 the client may retry in a second (no money was touched)."""
+        return self._refuse(
+            outcome,
+            errors.error_response(503, "server_error", code, message, headers={"Retry-After": "1"}),
+        )
+
     async def _admit(self, request: web.Request) -> Metered:
         key = extract_api_key(request.headers)
         if key is None:
@@ -295,27 +302,19 @@ class Proxy:
             )
         except TreeMoving as error:  # its budget is being moved to another tree: never fail-open
             log.warning("budget moving", extra={"error": str(error)})
-            raise self._refuse(
-                "moving",
-                errors.error_response(
-                    503, "server_error", "budget_moving",
-                    "This budget is being moved; retry shortly.",
-                    headers={"Retry-After": "1"},
-                ),
-            ) from None  # fmt: skip
+            raise self._retry_shortly(
+                "moving", "budget_moving", "This budget is being moved; retry shortly."
+            ) from None
         except LocalExhaustion as error:
             # Too many calls in flight here (pool or queue): backpressure after the wait,
             # never "unreachable" and never fail-open.
             self.metrics.backpressure.labels("reserve").inc()
             log.warning("money path saturated", extra={"error": str(error)})
-            raise self._refuse(
+            raise self._retry_shortly(
                 "backpressure",
-                errors.error_response(
-                    503, "server_error", "billing_busy",
-                    "Too many requests in flight on this replica; retry shortly.",
-                    headers={"Retry-After": "1"},
-                ),
-            ) from None  # fmt: skip
+                "billing_busy",
+                "Too many requests in flight on this replica; retry shortly.",
+            ) from None
         except (RedisError, OSError, TimeoutError) as error:
             self.metrics.redis_errors.labels("reserve").inc()
             if self.settings.fail_mode is FailMode.open:

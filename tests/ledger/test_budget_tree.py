@@ -20,7 +20,7 @@ from spendgate.accounting.entries import scan
 from spendgate.config_store import ConfigStore
 from spendgate.keys import TREE, for_customer
 from spendgate.ledger import Ledger, LedgerError, Outcome, Usage
-from tests.support.budget_trees import apply_tree, tree_budget
+from tests.support.budget_trees import apply_tree, target_ledger, tree_budget
 from tests.support.redis_servers import RedisTarget
 
 UNIT = 1_000_000
@@ -46,12 +46,8 @@ def clock() -> Clock:
 async def ledger(
     ledger_redis: Any, ledger_redis_target: RedisTarget, clock: Clock
 ) -> AsyncIterator[Ledger]:
-    channel = ledger_redis_target.script_channel()
-    ledger = Ledger(ledger_redis, clock=clock, channel=channel)
-    await ledger.load_scripts()
-    yield ledger
-    if channel is not None:
-        await channel.close()
+    async with target_ledger(ledger_redis, ledger_redis_target, clock) as ledger:
+        yield ledger
 
 
 @pytest_asyncio.fixture

@@ -13,7 +13,7 @@ import pytest_asyncio
 
 from spendgate.config_store import ConfigStore
 from spendgate.ledger import Ledger, Outcome
-from tests.support.budget_trees import apply_tree, tree_budget
+from tests.support.budget_trees import apply_tree, target_ledger, tree_budget
 from tests.support.redis_servers import RedisTarget
 
 UNIT = 1_000_000
@@ -33,19 +33,20 @@ class Clock:
 
 @pytest_asyncio.fixture
 async def capped(ledger_redis: Any, ledger_redis_target: RedisTarget) -> AsyncIterator[Ledger]:
-    channel = ledger_redis_target.script_channel()
-    ledger = Ledger(ledger_redis, clock=Clock(), channel=channel)
-    await ledger.load_scripts()
-    await apply_tree(
-        ConfigStore(ledger_redis, ledger),
-        tree_budget("org", balance="100.00"),
-        tree_budget(
-            "team", "org", mode="capped", limit="50.00", period="month", apiKeys=[MAIN_KEY, CI_KEY]
-        ),
-    )
-    yield ledger
-    if channel is not None:
-        await channel.close()
+    async with target_ledger(ledger_redis, ledger_redis_target, Clock()) as ledger:
+        await apply_tree(
+            ConfigStore(ledger_redis, ledger),
+            tree_budget("org", balance="100.00"),
+            tree_budget(
+                "team",
+                "org",
+                mode="capped",
+                limit="50.00",
+                period="month",
+                apiKeys=[MAIN_KEY, CI_KEY],
+            ),
+        )
+        yield ledger
 
 
 async def reserve(ledger: Ledger, rid: str, amount: int, key: str = "ci", **kw: Any):

@@ -19,7 +19,7 @@ from spendgate.ledger import Ledger
 from spendgate.money import format_amount
 from spendgate.operator.budgets.status import account_fields
 from spendgate.periods import current_period
-from tests.support.budget_trees import apply_tree, tree_budget
+from tests.support.budget_trees import apply_tree, target_ledger, tree_budget
 from tests.support.redis_servers import RedisTarget
 
 T0 = 1_710_331_200_000  # 2024-03-13T12:00:00Z
@@ -37,18 +37,14 @@ class Clock:
 
 @pytest_asyncio.fixture
 async def tree(ledger_redis: Any, ledger_redis_target: RedisTarget) -> AsyncIterator[Ledger]:
-    channel = ledger_redis_target.script_channel()
-    ledger = Ledger(ledger_redis, clock=Clock(), channel=channel)
-    await ledger.load_scripts()
-    await apply_tree(
-        ConfigStore(ledger.redis, ledger),
-        tree_budget("acme", mode="capped", limit="1000.00", period="month"),
-        tree_budget("eng", "acme", mode="capped", limit="500.00", period="month"),
-        tree_budget("ml", "eng", mode="capped", limit="200.00", period="month"),
-    )
-    yield ledger
-    if channel is not None:
-        await channel.close()
+    async with target_ledger(ledger_redis, ledger_redis_target, Clock()) as ledger:
+        await apply_tree(
+            ConfigStore(ledger.redis, ledger),
+            tree_budget("acme", mode="capped", limit="1000.00", period="month"),
+            tree_budget("eng", "acme", mode="capped", limit="500.00", period="month"),
+            tree_budget("ml", "eng", mode="capped", limit="200.00", period="month"),
+        )
+        yield ledger
 
 
 async def traffic(ledger: Ledger, round_: int) -> dict[str, int]:

@@ -28,7 +28,7 @@ from spendgate.config_store import ConfigStore, TreeConflict
 from spendgate.keys import MOVES, TREE
 from spendgate.ledger import Ledger, LedgerError, Outcome
 from spendgate.tree_moves import TreeMoves
-from tests.support.budget_trees import apply_tree, tree_budget
+from tests.support.budget_trees import apply_tree, target_ledger, tree_budget
 from tests.support.redis_servers import RedisTarget
 
 UNIT = 1_000_000
@@ -67,13 +67,9 @@ ORGS = [
 
 @pytest_asyncio.fixture
 async def ledger(ledger_redis: Any, ledger_redis_target: RedisTarget) -> AsyncIterator[Ledger]:
-    channel = ledger_redis_target.script_channel()
-    ledger = Ledger(ledger_redis, clock=Clock(), channel=channel)
-    ledger.move_retry_pauses_s = FAST_RETRIES
-    await ledger.load_scripts()
-    yield ledger
-    if channel is not None:
-        await channel.close()
+    async with target_ledger(ledger_redis, ledger_redis_target, Clock()) as ledger:
+        ledger.move_retry_pauses_s = FAST_RETRIES
+        yield ledger
 
 
 @pytest_asyncio.fixture

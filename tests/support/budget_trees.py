@@ -3,10 +3,27 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 from spendgate.config_store import ConfigStore
+from spendgate.ledger import Ledger
 from spendgate.models import CustomerBudget, parse_resource
+
+
+@asynccontextmanager
+async def target_ledger(redis: Any, target: Any, clock: Callable[[], int]) -> AsyncIterator[Ledger]:
+    """A ledger with its scripts loaded on ``target`` (a ``RedisTarget``), over its pipelined
+    channel when the target has one (closed afterwards)."""
+    channel = target.script_channel()
+    ledger = Ledger(redis, clock=clock, channel=channel)
+    await ledger.load_scripts()
+    try:
+        yield ledger
+    finally:
+        if channel is not None:
+            await channel.close()
 
 
 def tree_budget(name: str, parent: str | None = None, **spec: Any) -> CustomerBudget:
