@@ -28,7 +28,7 @@ from spendgate.config_store import ConfigStore, TreeConflict
 from spendgate.keys import MOVES, TREE
 from spendgate.ledger import Ledger, LedgerError, Outcome
 from spendgate.tree_moves import TreeMoves
-from tests.support.budget_trees import apply_tree, target_ledger, tree_budget
+from tests.support.budget_trees import apply_tree, crashing_move, target_ledger, tree_budget
 from tests.support.redis_servers import RedisTarget
 
 UNIT = 1_000_000
@@ -277,22 +277,9 @@ async def test_an_interrupted_move_finishes_when_applied_again(
     assert (await reserve(ledger, "proj", "p1", 2 * UNIT)).ok
     assert (await reserve(ledger, "proj", "s1", UNIT)).ok
     await ledger.settle("proj", "s1", UNIT)
-    moves = store.moves
-    advance, calls = moves._advance, []
-
-    async def crashing(plan: Any, step: str | None) -> Any:
-        calls.append(step)
-        if len(calls) - 1 == crash_at and not recorded:
-            raise ConnectionError("crashed")
-        result = await advance(plan, step)
-        if len(calls) - 1 == crash_at:
-            raise ConnectionError("crashed")
-        return result
-
-    moves._advance = crashing  # type: ignore[method-assign]
-    with pytest.raises(ConnectionError):
+    crash = crashing_move(store.moves, at_step=crash_at, after_it=recorded)
+    with crash, pytest.raises(ConnectionError):
         await apply_tree(store, proj("dept"))
-    moves._advance = advance  # type: ignore[method-assign]
     # Meanwhile nothing is admitted against the old state; the new place once it is live.
     try:
         mid = await reserve(ledger, "proj", "mid", UNIT)
@@ -323,18 +310,8 @@ async def test_an_interrupted_move_within_a_tree_finishes(
 ) -> None:
     ledger = store.ledger
     assert (await reserve(ledger, "proj", "p1", 2 * UNIT)).ok
-    moves = store.moves
-    advance = moves._advance
-
-    async def crashing(plan: Any, step: str | None) -> Any:
-        if recorded:
-            await advance(plan, step)
-        raise ConnectionError("crashed")
-
-    moves._advance = crashing  # type: ignore[method-assign]
-    with pytest.raises(ConnectionError):
+    with crashing_move(store.moves, after_it=recorded), pytest.raises(ConnectionError):
         await apply_tree(store, proj("team-b"))
-    moves._advance = advance  # type: ignore[method-assign]
     with pytest.raises(LedgerError, match="a move that did not finish"):
         await reserve(ledger, "proj", "mid", UNIT)  # levels say team-b, sg:tree team-a
     assert (await TreeMoves(store.redis, ledger).pending()) == ["proj"]
@@ -375,23 +352,15 @@ async def test_a_configuration_write_never_lifts_a_fence(store: ConfigStore) -> 
     """Re-applying a budget of the subtree while its move is fenced must not wipe the fence
     (configure replaces the cfg hash): it is refused until the move is done, then lands at the
     new place; a suspension lands at the new place too."""
-    ledger, moves = store.ledger, store.moves
-    advance = moves._advance
-
-    async def crashing(plan: Any, step: str | None) -> Any:
-        await advance(plan, step)
-        raise ConnectionError("crashed")
-
-    moves._advance = crashing  # type: ignore[method-assign]
-    with pytest.raises(ConnectionError):
+    ledger = store.ledger
+    with crashing_move(store.moves), pytest.raises(ConnectionError):
         await apply_tree(store, proj("dept"))  # fenced, not copied yet
-    moves._advance = advance  # type: ignore[method-assign]
     with pytest.raises(LedgerError, match="a move of its budget did not finish"):
         await ledger.configure(proj("team-a").spec, parent="team-a")
     assert await store.redis.hget("sg:{org}@proj:cfg", "moved") == b"other"
     with pytest.raises(LedgerError):
         await reserve(ledger, "proj", "r", UNIT)
-    await moves.resume()
+    await store.moves.resume()
     await ledger.suspend("proj", "payment", "card declined")
     assert await store.redis.hgetall("sg:{other}@proj:susp") == {b"payment": b"card declined"}
     refused = await reserve(ledger, "proj", "r", UNIT)

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from tests.support.budget_trees import crashing_move
 from tests.support.sidecar_env import budget, data_plane
 
 PROJ_KEY = "sk-test-proj-0123456789abcdef00"
@@ -55,17 +56,8 @@ async def test_a_budget_stuck_in_a_move_is_refused_503_never_served(redis_url: s
         await plane.apply_budget(child("team-a", "acme"), "sk-test-team-a-0123456789abcdef")
         await plane.apply_budget(budget("other", "5.00"), "sk-test-other-0123456789abcdef")
         await plane.apply_budget(child("proj", "team-a", "0.50"), PROJ_KEY)
-        moves = plane.store.moves
-        advance = moves._advance
-
-        async def crashing(plan: Any, step: str | None) -> Any:
-            await advance(plan, step)
-            raise ConnectionError("operator crashed")
-
-        moves._advance = crashing  # type: ignore[method-assign]
-        with pytest.raises(ConnectionError):
+        with crashing_move(plane.store.moves), pytest.raises(ConnectionError):
             await plane.apply_budget(child("proj", "other", "0.50"), PROJ_KEY)
-        moves._advance = advance  # type: ignore[method-assign]
         response = await plane.client.post(
             "/echo", data=b"{}", headers={"Authorization": f"Bearer {PROJ_KEY}"}
         )

@@ -3,8 +3,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 from spendgate.config_store import ConfigStore
@@ -24,6 +24,29 @@ async def target_ledger(redis: Any, target: Any, clock: Callable[[], int]) -> As
     finally:
         if channel is not None:
             await channel.close()
+
+
+@contextmanager
+def crashing_move(moves: Any, *, at_step: int = 0, after_it: bool = True) -> Iterator[None]:
+    """Moves by ``moves`` (a ``TreeMoves``) crash with ConnectionError at their ``at_step``-th
+    step (counted from 0), before or after that step runs, until the block ends."""
+    advance, calls = moves._advance, 0
+
+    async def crashing(plan: Any, step: str | None) -> Any:
+        nonlocal calls
+        index, calls = calls, calls + 1
+        if index == at_step and not after_it:
+            raise ConnectionError("crashed")
+        result = await advance(plan, step)
+        if index == at_step:
+            raise ConnectionError("crashed")
+        return result
+
+    moves._advance = crashing
+    try:
+        yield
+    finally:
+        moves._advance = advance
 
 
 def tree_budget(name: str, parent: str | None = None, **spec: Any) -> CustomerBudget:
