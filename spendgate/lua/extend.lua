@@ -4,7 +4,8 @@
 local now = now_ms(ARGV[1])
 local rid, extra, ttl = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 
-if tree_stale() then return {'moved'} end
+local cfgs = current_ancestor_cfgs()
+if not cfgs then return {'moved'} end
 if redis.call('EXISTS', K_IDEM) == 1 then return {'duplicate'} end
 reap(now, 16)  -- first: an expired hold (this one included) is gone, not grown back
 local raw = redis.call('HGET', K_HOLDS, rid)
@@ -18,7 +19,7 @@ local cfg = redis.call('HMGET', K_CFG, 'mode', 'limit', 'period', 'max_cost')
 local amount, _, key, estimate = parse_hold(raw)
 local max_cost = num(cfg[4])
 if max_cost > 0 and amount + extra > max_cost then return {'cost_cap', max_cost, amount + extra} end
-local states = level_states(now, cfg[1], num(cfg[2]), cfg[3], ancestor_cfgs())
+local states = level_states(now, cfg[1], num(cfg[2]), cfg[3], cfgs)
 local key_avail = key_available(key, redis.call('HGET', K_CFG, 'kcap:' .. key), now)
 local at, available = tightest(states, key_avail)
 if extra > available then return {'insufficient', available, extra, at} end

@@ -234,10 +234,13 @@ local function tree_consistent(own_parent, cfgs)
   return true
 end
 
--- For the scripts that change a hold or charge (settle, release, extend, sweep): true when the
--- levels passed are not the budget's current place (the caller reads its tree again).
-local function tree_stale()
-  return not tree_consistent(redis.call('HGET', K_CFG, 'parent'), ancestor_cfgs())
+-- For the scripts that change a hold or charge (settle, release, extend, sweep): the
+-- ancestors' configurations (as ancestor_cfgs), or nil when the levels passed are not the
+-- budget's current place (the caller reads its tree again).
+local function current_ancestor_cfgs()
+  local cfgs = ancestor_cfgs()
+  if not tree_consistent(redis.call('HGET', K_CFG, 'parent'), cfgs) then return nil end
+  return cfgs
 end
 
 -- Every level's state, after its period rollover: {available, balance, held, mode}. The own

@@ -4,7 +4,7 @@
 local now = now_ms(ARGV[1])
 local rid, idem_ttl = ARGV[2], tonumber(ARGV[3])
 
-if tree_stale() then return {'moved'} end
+if not current_ancestor_cfgs() then return {'moved'} end
 local done = redis.call('GET', K_IDEM)
 if done then return {'duplicate', done} end
 local raw = redis.call('HGET', K_HOLDS, rid)

@@ -11,7 +11,8 @@
 local now = now_ms(ARGV[1])
 local rid, cost, key_id, idem_ttl = ARGV[2], tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
 
-if tree_stale() then return {'moved'} end
+local cfgs = current_ancestor_cfgs()
+if not cfgs then return {'moved'} end
 local done = redis.call('GET', K_IDEM)
 if done then return {'duplicate', done} end
 
@@ -26,7 +27,6 @@ end
 
 local cfg = redis.call('HMGET', K_CFG, 'period', 'rl', 'krl:' .. key_id, 'mode', 'limit',
   'kcap:' .. key_id)
-local cfgs = ancestor_cfgs()
 local states = level_states(now, cfg[4], num(cfg[5]), cfg[1], cfgs)
 local key_avail = key_available(key_id, cfg[6], now)
 local charged = cost
