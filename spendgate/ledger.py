@@ -453,16 +453,11 @@ class Ledger:
         fid = check_request_id(funding_id)
         flag = "1" if allow_negative else "0"
         args = [self._now(), fid, amount, kind, flag, "source", source, "note", note]
-        keys = await self.keys_of(customer_id)
-        result = await self._run("credit", keys.script_keys(keys.funding(fid)), args)
-        for pause_s in self.move_retry_pauses_s:  # its keys moved to another tree (tree_moves)
-            if result[0] != "moved":
-                break
-            await asyncio.sleep(pause_s)
-            keys = for_customer(customer_id, await self.tree.ancestors(customer_id, fresh=True))
-            result = await self._run("credit", keys.script_keys(keys.funding(fid)), args)
-        if result[0] == "moved":
-            raise TreeMoving(f"customer {customer_id!r}: a move of its budget did not finish")
+
+        async def write(keys: CustomerKeys) -> list[Any]:
+            return await self._run("credit", keys.script_keys(keys.funding(fid)), args)
+
+        result = await self._at_place(customer_id, write)
         return credit_result(kind, customer_id, fid, amount, result)
 
     # ----------------------------------------------------------------- configuration
@@ -503,8 +498,8 @@ class Ledger:
     async def _at_place(
         self, customer_id: str, write: Callable[[CustomerKeys], Awaitable[list[Any]]]
     ) -> list[Any]:
-        """A configuration write at the budget's current place (read now): a place fenced or
-        left by a move (``moved``) is read again and written again, bounded."""
+        """A write (configuration, suspension, credit) at the budget's current place, read now:
+        a place fenced or left by a move (``moved``) is read again and written again, bounded."""
         result = ["moved"]
         for pause_s in (0.0, *self.move_retry_pauses_s):
             await asyncio.sleep(pause_s)
