@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from .keys import TREE, CustomerKeys, decode_ancestors, for_customer
@@ -73,6 +73,12 @@ class TreeIndex:
             customer_ids, await self.redis.hmget(TREE, list(customer_ids)), strict=True
         ):
             self._remember(customer_id, decode_ancestors(raw))
+
+    async def keys_of_many(self, customer_ids: Iterable[str]) -> dict[str, CustomerKeys]:
+        """Each budget's keys where it sits, the ones not cached read in one round trip."""
+        wanted = set(customer_ids)
+        await self.prime(sorted(c for c in wanted if self.cached(c) is None))
+        return {c: for_customer(c, self.cached(c) or ()) for c in wanted}
 
     def _remember(self, customer_id: str, found: tuple[str, ...]) -> None:
         if found:

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..budget_tree import TreeIndex, tree_keys
-from ..keys import CustomerKeys, for_customer
 
 HOUR_MS = 3_600_000
 RETENTION_MS = 35 * 86_400_000
@@ -46,9 +45,7 @@ async def add_refusals(redis: Any, counts: Mapping[RefusalKey, int], tree: TreeI
     ``tree`` names where each customer sits (one read for those it has not cached)."""
     if not counts:
         return
-    customers = {refusal.customer_id for refusal in counts}
-    await tree.prime(sorted(c for c in customers if tree.cached(c) is None))
-    keys: dict[str, CustomerKeys] = {c: for_customer(c, tree.cached(c) or ()) for c in customers}
+    keys = await tree.keys_of_many(refusal.customer_id for refusal in counts)
     pipe = redis.pipeline(transaction=False)
     touched: set[str] = set()
     for refusal, count in counts.items():

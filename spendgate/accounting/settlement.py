@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..budget_tree import TreeIndex, tree_keys
-from ..keys import for_customer
 
 UNRECONCILED_TTL_MS = 7 * 86_400_000
 
@@ -100,10 +99,10 @@ async def report_unreconciled(
     """One sidecar's unreconciled charges per customer: ``(count, amount, oldest ms)``; a
     customer with nothing left waiting has its field removed. ``tree`` names where each
     customer sits."""
-    await tree.prime(sorted(c for c in waiting if tree.cached(c) is None))
+    keys = await tree.keys_of_many(waiting)
     pipe = redis.pipeline(transaction=False)
     for customer_id, (count, amount, oldest) in waiting.items():
-        name = for_customer(customer_id, tree.cached(customer_id) or ()).unreconciled
+        name = keys[customer_id].unreconciled
         if count <= 0:
             pipe.hdel(name, pod)
             continue
