@@ -41,7 +41,7 @@ Schema = dict[str, Any]
 # and an older schema makes the API server refuse (422) or prune what the operator writes.
 # Bump it with every schema change (tests/core/test_crds.py pins each generation's digests).
 SCHEMA_ANNOTATION = f"{GROUP}/schema-generation"
-SCHEMA_GENERATION = 2
+SCHEMA_GENERATION = 3
 
 HEADER = (
     "# Generated from spendgate/models.py by `python -m spendgate.crd --write crds/`.\n"

@@ -24,6 +24,7 @@ from .credits import Credit, credit_result
 from .keys import CustomerKeys, for_customer, tree_script_keys
 from .models import CustomerBudgetSpec, Mode, RateLimit
 from .script_channel import ClusterRedirect, ClusterScriptChannel, ScriptChannel
+from .soft_limits import script_entries
 
 IDEMPOTENCY_TTL_MS = 7 * 86_400_000
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -79,6 +80,7 @@ class Reservation:
     limit_id: str | None = None
     detail: str = ""
     level: str = ""  # for a tree: the customerId of the level that refused, "key" for a key's cap
+    downgraded: str = ""  # the customerId of the level whose downgrade soft limit applied
 
     @property
     def ok(self) -> bool:
@@ -212,6 +214,12 @@ def budget_config(spec: CustomerBudgetSpec) -> dict[str, str]:
         "max_cost": str(spec.policy.max_request_cost or 0),
         "rl": json.dumps(_rate_limit_entries(spec.rate_limits, "c")),
     }
+    soft = [
+        {**trigger, "rl": _rate_limit_entries(limit.rate_limits or [], f"s{index}")}
+        for index, (limit, trigger) in enumerate(script_entries(spec))
+    ]
+    if soft:
+        config["soft"] = json.dumps(soft)
     for key in spec.api_keys:
         if key.rate_limits:
             config[f"krl:{key.name}"] = json.dumps(
@@ -319,22 +327,27 @@ class Ledger:
         currency: str,
         ttl_ms: int,
         minimum: int | None = None,
+        downgrade: tuple[int, int] | None = None,
     ) -> Reservation:
-        """Hold ``estimate``; with ``minimum``, hold as much as is available down to it."""
-        if estimate < 0:
-            raise LedgerError(f"estimate must not be negative, got {estimate}")
-        minimum = estimate if minimum is None else minimum
-        if not 0 <= minimum <= estimate:
-            raise LedgerError(f"minimum must be within 0..{estimate}, got {minimum}")
+        """Hold ``estimate``; with ``minimum``, hold as much as is available down to it.
+
+        ``downgrade`` is the (estimate, minimum) of the cheaper model the request would be sent
+        to while a downgrade soft limit of its budget is reached; ``downgraded`` in the result
+        says when it was (the amounts held are then that model's)."""
+        minimum = self._check_amounts(estimate, minimum)
         rid = check_request_id(request_id)
         args = [self._now(), rid, key_id, estimate, currency, ttl_ms, minimum, customer_id]
+        if downgrade is not None:
+            args += [downgrade[0], self._check_amounts(*downgrade)]
         result, path = await self._run_tree("reserve", customer_id, f"req:{rid}", args)
         outcome = Outcome(result[0])
         if outcome is Outcome.reserved:
             rate = RateInfo(*result[4:7]) if result[4] >= 0 else None
+            downgraded = path[result[9] - 1] if result[9] > 0 else ""
             return Reservation(
-                outcome, rid, result[8], available=result[3], deadline_ms=result[7], rate=rate
-            )
+                outcome, rid, result[8], available=result[3], deadline_ms=result[7], rate=rate,
+                downgraded=downgraded,
+            )  # fmt: skip
         estimate = minimum
         if outcome is Outcome.rate_limited:
             return Reservation(
@@ -360,6 +373,16 @@ class Ledger:
         if outcome is Outcome.cost_cap:
             return Reservation(outcome, rid, estimate, available=result[1])
         return Reservation(outcome, rid, estimate)
+
+    @staticmethod
+    def _check_amounts(estimate: int, minimum: int | None) -> int:
+        """``minimum`` (``estimate`` when None), checked against ``estimate``."""
+        if estimate < 0:
+            raise LedgerError(f"estimate must not be negative, got {estimate}")
+        minimum = estimate if minimum is None else minimum
+        if not 0 <= minimum <= estimate:
+            raise LedgerError(f"minimum must be within 0..{estimate}, got {minimum}")
+        return minimum
 
     async def extend(
         self, customer_id: str, request_id: str, extra: int, *, ttl_ms: int

@@ -379,6 +379,63 @@ class AbnormalSpendPolicy(_Model):
         return self
 
 
+_MAX_SOFT_LIMITS = 8
+
+
+class SoftLimitAction(StrEnum):
+    notify = "notify"
+    throttle = "throttle"
+    downgrade = "downgrade"
+
+
+class SoftLimit(_Model):
+    """A threshold that acts before the hard cap (docs/operator.md, *Soft limits*): at a
+    percentage of the level's limit spent (or held), or when what is left falls below an amount."""
+
+    model_config = ConfigDict(
+        json_schema_extra=cel(
+            ("has(self.at) != has(self.below)", "give exactly one of at or below"),
+            (
+                "(self.action == 'throttle') == has(self.rateLimits)",
+                "rateLimits are what action 'throttle' applies: give them with it, only with it",
+            ),
+        )
+    )
+
+    action: SoftLimitAction = Field(
+        description="notify: an Event and the alert webhook, once per period; throttle: the"
+        " rateLimits apply too; downgrade: requests go to their rule's downgradeTo model."
+    )
+    at: int | None = Field(
+        default=None,
+        ge=1,
+        le=100,
+        description="Acts once this percentage of the budget's limit is spent or held this"
+        " period (needs spec.limit).",
+    )
+    below: PositiveAmount | None = Field(
+        default=None, description="Acts once what is available falls below this amount."
+    )
+    rate_limits: list[RateLimit] | None = Field(default=None, min_length=1, max_length=8)
+
+    @model_validator(mode="after")
+    def _one_trigger(self) -> Self:
+        if (self.at is None) == (self.below is None):
+            raise ValueError("give exactly one of at or below")
+        if (self.action is SoftLimitAction.throttle) != (self.rate_limits is not None):
+            raise ValueError(
+                "rateLimits are what action 'throttle' applies: give them with it, only with it"
+            )
+        return self
+
+    @property
+    def label(self) -> str:
+        """Like "throttle at 90%" or "notify below 5.00"."""
+        if self.at is not None:
+            return f"{self.action.value} at {self.at}%"
+        return f"{self.action.value} below {format_amount(self.below or 0)}"
+
+
 class BudgetPolicy(_Model):
     suspended: bool = False
     alert_thresholds: list[int] = Field(
@@ -405,6 +462,11 @@ class BudgetPolicy(_Model):
         default=None,
         description="Alert on or suspend spend far above the customer's own baseline; off"
         " when absent.",
+    )
+    soft_limits: list[SoftLimit] = Field(
+        default_factory=list,
+        max_length=_MAX_SOFT_LIMITS,
+        description="Thresholds that notify, throttle or downgrade before the hard cap.",
     )
 
     @field_validator("alert_thresholds")
@@ -442,6 +504,12 @@ class StripeLink(_Model):
     )
 
 
+_SOFT_AT_NEEDS_LIMIT = (
+    "'at' is a percentage of the budget's limit, and this budget has none; use 'below' (an"
+    " amount left) or give the budget a limit"
+)
+
+
 class CustomerBudgetSpec(_Model):
     # The rules of ``_cross_field``; negative balances are refused by the amount schema.
     model_config = ConfigDict(
@@ -467,6 +535,11 @@ class CustomerBudgetSpec(_Model):
             (
                 "!has(self.parent) || !has(self.stripe)",
                 "stripe links a root budget; a budget with a parent spends its root's money",
+            ),
+            (
+                "has(self.limit) || !has(self.policy) || !has(self.policy.softLimits)"
+                " || self.policy.softLimits.all(s, !has(s.at))",
+                f"policy.softLimits: {_SOFT_AT_NEEDS_LIMIT}",
             ),
         )
     )
@@ -560,6 +633,9 @@ class CustomerBudgetSpec(_Model):
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
             raise ValueError(f"apiKeys names must be unique; repeated: {', '.join(duplicates)}")
+        for index, soft in enumerate(self.policy.soft_limits):
+            if soft.at is not None and self.limit is None:
+                raise ValueError(f"policy.softLimits[{index}]: {_SOFT_AT_NEEDS_LIMIT}")
         return self
 
 
@@ -643,6 +719,11 @@ class CustomerBudgetStatus(_Model):
         description="The highest alert threshold (percent) already alerted; 0 for none.",
     )
     alert_baseline: AlertBaseline | None = None
+    soft_limits_reached: list[str] = Field(
+        default_factory=list,
+        description='The soft limits reached now, like "throttle at 90%"; a notify one alerts'
+        " once when it joins this list.",
+    )
 
 
 # --------------------------------------------------------------------------- PriceBook
@@ -819,6 +900,10 @@ class ExpressionPrice(_Model):
         return value
 
 
+# A model name (what body.model is set to), not a glob pattern like Match.models.
+DOWNGRADE_MODEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$"
+
+
 class PriceRule(_Model):
     # "maximum must be at least the flat price" is not repeated in CEL: comparing decimal strings
     # would mean comparing doubles. The operator validates it with this model and reports it.
@@ -873,6 +958,15 @@ class PriceRule(_Model):
         le=MAX_OUTPUT_TOKENS_LIMIT,
         description="A request whose balance covers fewer output tokens is refused (402);"
         " default 16 (or maxOutputTokens, if smaller).",
+    )
+
+    downgrade_to: str | None = Field(
+        default=None,
+        pattern=DOWNGRADE_MODEL_PATTERN,
+        max_length=253,
+        description="The cheaper model (priced by another rule of this PriceBook, on this"
+        " route) that requests of this rule are rewritten to while a downgrade soft limit of"
+        " their budget is reached.",
     )
 
     _pricing: ExpressionPricing | None = PrivateAttr(default=None)
@@ -985,11 +1079,51 @@ class PriceBookSpec(_Model):
             raise ValueError(f"rule names must be unique; repeated: {', '.join(duplicates)}")
         return self
 
+    @model_validator(mode="after")
+    def _downgrades(self) -> Self:
+        for index, rule in enumerate(self.rules):
+            if rule.downgrade_to is not None:
+                self._check_downgrade(index, rule, rule.downgrade_to)
+        return self
+
+    def _check_downgrade(self, index: int, rule: PriceRule, model: str) -> None:
+        where = f"rules[{index}] ({rule.name}).downgradeTo"
+        method, path = rule.match.methods[0], rule.match.path or rule.match.path_prefix or "/"
+        target = self.find_rule(method, path, model)
+        if target is None:
+            raise ValueError(f"{where}: no rule prices model {model!r} on {method} {path}")
+        if target is rule:
+            raise ValueError(
+                f"{where}: model {model!r} is priced by this same rule, so the downgrade would"
+                " cost the same; name a model another rule prices"
+            )
+        if rule.price is not None and target.price is not None:
+            pricier = [
+                name
+                for name in Price.model_fields
+                if getattr(target.price, name) > getattr(rule.price, name)
+            ]
+            if target.max_cost > rule.max_cost:
+                pricier.append("maximum")
+            if pricier:
+                raise ValueError(
+                    f"{where}: rule {target.name!r} (model {model!r}) is not cheaper:"
+                    f" {', '.join(to_camel(name) for name in pricier)} higher"
+                )
+
     def find_rule(self, method: str, path: str, model: str | None) -> PriceRule | None:
         for rule in self.rules:
             if rule.match.matches(method, path, model):
                 return rule
         return None
+
+    def downgrade_of(self, rule: PriceRule, method: str, path: str) -> PriceRule | None:
+        """The rule pricing ``rule.downgradeTo`` for this request, or None (no downgrade, or
+        its model is not priced on this route)."""
+        if rule.downgrade_to is None:
+            return None
+        target = self.find_rule(method, path, rule.downgrade_to)
+        return None if target is None or target is rule else target
 
 
 # --------------------------------------------------------------------------- resources

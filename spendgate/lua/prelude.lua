@@ -169,14 +169,43 @@ local function gcra(limit, tat, now, units)
   return true, new_tat, 0, remaining, new_tat - now
 end
 
+-- A level's soft limits that scripts act on (cfg `soft`, JSON; notify is the operator's):
+-- {action = 'throttle'|'downgrade', used = N | left = N, rl = {limits}}. `used` acts once
+-- spent + held reaches N; `left` once what is available falls below N.
+local function soft_limits(raw)
+  if not raw or raw == '' then return {} end
+  return cjson.decode(raw)
+end
+
+-- `state` is a level's entry of level_states.
+local function soft_active(soft, state)
+  if soft.used then return state[5] + state[3] >= soft.used end
+  return state[1] < soft.left
+end
+
+-- The rate limits of a level's throttles: the active ones (given the level's state), or all
+-- of them (for corrections of what was counted).
+local function throttle_limits(raw, state)
+  local limits = {}
+  for _, soft in ipairs(soft_limits(raw)) do
+    if soft.action == 'throttle' and (not state or soft_active(soft, state)) then
+      for _, l in ipairs(soft.rl) do limits[#limits + 1] = l end
+    end
+  end
+  return limits
+end
+
 -- Move cost-based rate limits by `delta` (positive: more was spent than counted at reserve;
 -- negative: a refund for what a release or a cheaper settle did not spend). GCRA: the
 -- difference arrives now, so it starts from max(tat, now) like a request; a refund never
--- moves the arrival time into the past. `rl` is a level's rate-limit hash (own by default).
-local function correct_cost_limits(cfg_rl, key_rl, delta, now, rl)
+-- moves the arrival time into the past. `rl` is a level's rate-limit hash (own by default),
+-- `soft` its soft limits (a throttle's cost limits are corrected too, once they count).
+local function correct_cost_limits(cfg_rl, key_rl, delta, now, rl, soft)
   if delta == 0 then return end
   rl = rl or K_RL
-  for _, l in ipairs(rate_limits(cfg_rl, key_rl)) do
+  local limits = rate_limits(cfg_rl, key_rl)
+  for _, l in ipairs(throttle_limits(soft)) do limits[#limits + 1] = l end
+  for _, l in ipairs(limits) do
     if l.kind == 'cost' then
       local tat = num(redis.call('HGET', rl, l.id))
       if tat > 0 then
@@ -196,13 +225,13 @@ local function available_of(mode, limit, balance, held, spent)
   return available
 end
 
--- Each ancestor's configuration: {currency, mode, limit, period, rl, parent}. A level whose
+-- Each ancestor's configuration: {currency, mode, limit, period, rl, parent, soft}. A level whose
 -- `parent` presence disagrees with the levels passed means the caller's tree is stale.
 local function ancestor_cfgs()
   local cfgs = {}
   for i = 2, #LEVELS do
     cfgs[i] = redis.call('HMGET', LEVELS[i].cfg, 'currency', 'mode', 'limit', 'period', 'rl',
-      'parent')
+      'parent', 'soft')
   end
   return cfgs
 end
@@ -243,7 +272,7 @@ local function current_ancestor_cfgs()
   return cfgs
 end
 
--- Every level's state, after its period rollover: {available, balance, held, mode}. The own
+-- Every level's state, after its period rollover: {available, balance, held, mode, spent}. The own
 -- level's configuration is (mode, limit, period); the ancestors' come from ancestor_cfgs.
 local function level_states(now, mode, limit, period, cfgs)
   local states = {}
@@ -253,7 +282,7 @@ local function level_states(now, mode, limit, period, cfgs)
     rollover(p, now, level.acct)
     local acct = redis.call('HMGET', level.acct, 'balance', 'held', 'spent')
     local balance, held, spent = num(acct[1]), num(acct[2]), num(acct[3])
-    states[i] = {available_of(m, l, balance, held, spent), balance, held, m}
+    states[i] = {available_of(m, l, balance, held, spent), balance, held, m, spent}
   end
   return states
 end

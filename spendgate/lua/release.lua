@@ -13,11 +13,11 @@ if raw then
   local held, _, key_id, estimate = parse_hold(raw)
   amount = held
   drop_hold(rid, amount, key_id)
-  local cfg = redis.call('HMGET', K_CFG, 'rl', 'krl:' .. key_id)
-  correct_cost_limits(cfg[1], cfg[2], 0 - estimate, now)
+  local cfg = redis.call('HMGET', K_CFG, 'rl', 'krl:' .. key_id, 'soft')
+  correct_cost_limits(cfg[1], cfg[2], 0 - estimate, now, K_RL, cfg[3])
   for i = 2, #LEVELS do
-    local rl = redis.call('HGET', LEVELS[i].cfg, 'rl')
-    correct_cost_limits(rl, nil, 0 - estimate, now, LEVELS[i].rl)
+    local above = redis.call('HMGET', LEVELS[i].cfg, 'rl', 'soft')
+    correct_cost_limits(above[1], nil, 0 - estimate, now, LEVELS[i].rl, above[2])
   end
 end
 redis.call('SET', K_IDEM, 'released', 'PX', idem_ttl)

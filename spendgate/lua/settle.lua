@@ -26,7 +26,7 @@ if raw then
 end
 
 local cfg = redis.call('HMGET', K_CFG, 'period', 'rl', 'krl:' .. key_id, 'mode', 'limit',
-  'kcap:' .. key_id)
+  'kcap:' .. key_id, 'soft')
 local states = level_states(now, cfg[4], num(cfg[5]), cfg[1], cfgs)
 local key_avail = key_available(key_id, cfg[6], now)
 local charged = cost
@@ -54,10 +54,10 @@ for i, level in ipairs(LEVELS) do
     redis.call('HINCRBY', level.acct, 'absorbed', absorbed)
   end
   if i == 1 then
-    correct_cost_limits(cfg[2], cfg[3], charged - estimate, now)
+    correct_cost_limits(cfg[2], cfg[3], charged - estimate, now, K_RL, cfg[7])
     entry = ledger_append(fields)
   else
-    correct_cost_limits(cfgs[i][5], nil, charged - estimate, now, level.rl)
+    correct_cost_limits(cfgs[i][5], nil, charged - estimate, now, level.rl, cfgs[i][7])
     ledger_append(fields, level.ledger)
   end
 end

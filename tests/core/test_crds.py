@@ -206,6 +206,10 @@ SCHEMA_DIGESTS = {
         "customerbudgets.spendgate.dev": "476e2f54eedb3ae6",
         "pricebooks.spendgate.dev": "565ae987fb30dedf",
     },
+    3: {  # policy.softLimits, status.softLimitsReached; PriceBook rules' downgradeTo
+        "customerbudgets.spendgate.dev": "a1ee6e7d9c7f9126",
+        "pricebooks.spendgate.dev": "c1935f96a101fab1",
+    },
 }
 
 
@@ -592,6 +596,24 @@ CEL_CASES: list[tuple[str, list[dict[str, Any]], dict[str, Any]]] = [
     ("stripe links a root budget; a budget with a parent spends its root's money",
      [budget(parent="acme-org"), budget(stripe={"customerId": "cus_A"})],
      budget(parent="acme-org", stripe={"customerId": "cus_A"})),
+    ("give exactly one of at or below",
+     [budget(**CAPPED, policy={"softLimits": [{"action": "notify", "at": 90},
+                                               {"action": "notify", "below": "5.00"}]})],
+     budget(**CAPPED, policy={"softLimits": [{"action": "notify", "at": 90, "below": 5}]})),
+    ("rateLimits are what action 'throttle' applies: give them with it, only with it",
+     [budget(**CAPPED, policy={"softLimits": [
+         {"action": "throttle", "at": 80, "rateLimits": [{"requests": 1, "per": "second"}]}]})],
+     budget(**CAPPED, policy={"softLimits": [{"action": "throttle", "at": 80}]})),
+    ("rateLimits are what action 'throttle' applies: give them with it, only with it",
+     [budget(balance="5", policy={"softLimits": [{"action": "downgrade", "below": "1"}]})],
+     budget(balance="5", policy={"softLimits": [
+         {"action": "downgrade", "below": "1", "rateLimits": [{"requests": 1, "per": "day"}]}]})),
+    ("policy.softLimits: 'at' is a percentage of the budget's limit, and this budget has none;"
+     " use 'below' (an amount left) or give the budget a limit",
+     [budget(balance="5", limit="4", period="day", policy={"softLimits": [
+         {"action": "notify", "at": 50}]}),
+      budget(balance="5", policy={"softLimits": [{"action": "notify", "below": "1"}]})],
+     budget(balance="5", policy={"softLimits": [{"action": "notify", "at": 50}]})),
     ("a key's spend cap needs both limit and period",
      [budget(apiKeys=[{**KEY, "limit": "5.00", "period": "day"}])],
      budget(apiKeys=[{**KEY, "limit": "5.00"}])),
@@ -724,6 +746,11 @@ MODEL_ONLY = [
     budget(policy={"abnormalSpend": {**ABNORMAL, "window": "2d"}}),  # over 24 h
     # a clampField the bound does not read: lowering it would not lower the hold
     pricebook(priced_by(bound="prices.one", prices={"one": 1}, clampField="n")),
+    # downgradeTo a model no rule prices on the rule's route, the rule's own, a pricier one
+    pricebook(rule(match={"models": ["big"]}, downgradeTo="small")),
+    pricebook(rule(match={"models": ["big*"]}, downgradeTo="big-mini")),
+    pricebook(rule(match={"models": ["big"]}, downgradeTo="small"),
+              rule(name="small", match={"models": ["small"]}, price={"flat": "0.02"})),
 ]
 # ... and the other way round: the models normalize these (pydantic's lax mode turns "yes" into
 # True and "10" into 10), the CRD asks for the canonical form.
