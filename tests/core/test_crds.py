@@ -749,8 +749,10 @@ MODEL_ONLY = [
     # downgradeTo a model no rule prices on the rule's route, the rule's own, a pricier one
     pricebook(rule(match={"models": ["big"]}, downgradeTo="small")),
     pricebook(rule(match={"models": ["big*"]}, downgradeTo="big-mini")),
-    pricebook(rule(match={"models": ["big"]}, downgradeTo="small"),
-              rule(name="small", match={"models": ["small"]}, price={"flat": "0.02"})),
+    pricebook(
+        rule(match={"models": ["big"]}, downgradeTo="small"),
+        rule(name="small", match={"models": ["small"]}, price={"flat": "0.02"}),
+    ),
 ]
 # ... and the other way round: the models normalize these (pydantic's lax mode turns "yes" into
 # True and "10" into 10), the CRD asks for the canonical form.
