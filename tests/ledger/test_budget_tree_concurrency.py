@@ -22,8 +22,7 @@ from hypothesis import strategies as st
 
 from spendgate.config_store import ConfigStore
 from spendgate.ledger import Ledger, Outcome
-from spendgate.script_channel import ClusterScriptChannel, ScriptChannel
-from tests.support.budget_trees import apply_tree, tree_budget
+from tests.support.budget_trees import apply_tree, concurrent_ledger, tree_budget
 from tests.support.redis_servers import RedisServer, RedisTarget
 
 CONCURRENCY = 500
@@ -71,31 +70,9 @@ async def check_tree(ledger: Ledger) -> dict[str, int]:
 
 @pytest_asyncio.fixture
 async def big_ledger(ledger_redis_target: RedisTarget) -> AsyncIterator[Ledger]:
-    client: Any
-    if ledger_redis_target.cluster:
-        client = redis.asyncio.cluster.RedisCluster.from_url(
-            ledger_redis_target.url,
-            max_connections=CONCURRENCY + 10,
-            socket_connect_timeout=30,  # 500 connections at once on a loaded 2-core machine
-        )
-    else:
-        client = redis.asyncio.Redis.from_url(
-            ledger_redis_target.url,
-            max_connections=CONCURRENCY + 10,
-            socket_connect_timeout=30,  # 500 connections at once on a loaded 2-core machine
-        )
-    channel: ScriptChannel | ClusterScriptChannel | None = None  # 500 scripts queued: no 0.5 s
-    if ledger_redis_target.kind == "pipelined":
-        channel = ScriptChannel(ledger_redis_target.url, timeout_s=30)
-    elif ledger_redis_target.kind == "cluster_pipelined":
-        channel = ClusterScriptChannel(ledger_redis_target.url, timeout_s=30)
-    ledger = Ledger(client, clock=lambda: T0, channel=channel)
-    await ledger.load_scripts()
-    await apply_tree(ConfigStore(client, ledger), *organisation())
-    yield ledger
-    if channel is not None:
-        await channel.close()
-    await client.aclose()
+    async with concurrent_ledger(ledger_redis_target, CONCURRENCY, lambda: T0) as ledger:
+        await apply_tree(ConfigStore(ledger.redis, ledger), *organisation())
+        yield ledger
 
 
 async def test_500_concurrent_requests_at_every_level(big_ledger: Ledger) -> None:
