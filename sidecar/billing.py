@@ -35,6 +35,7 @@ class Metered:
     count_change: tuple[str, int] | None = None  # a count field lowered to what the hold pays
     available: int | None = None  # what the customer could still spend after the hold
     bound: Bound | None = None  # what was priced before the request (None: fail-open)
+    downgraded: str | None = None  # X-Spendgate-Downgraded, when sent as a cheaper model
     started: float = field(default_factory=time.monotonic)
     upstream_started: float = 0.0
     cut_off: bool = False

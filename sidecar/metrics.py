@@ -92,6 +92,13 @@ class SidecarMetrics:
             "Requests whose count (a price expression's clampField) the sidecar lowered",
             registry=r,
         )
+        self.downgrades = Counter(
+            "spendgate_downgrades",
+            "Requests sent as their rule's downgradeTo model (a downgrade soft limit), by the"
+            " rule they asked for",
+            ["rule"],
+            registry=r,
+        )
         self.upstream_errors = Counter(
             "spendgate_upstream_errors", "Model container failures", ["kind"], registry=r
         )

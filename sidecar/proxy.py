@@ -42,6 +42,7 @@ from . import errors
 from .billing import Metered
 from .config_cache import ConfigCache
 from .customer_view import BALANCE_PATH, CustomerView
+from .downgrade import Downgrade, plan_downgrade
 from .fail_open import FailOpenAllowance, upper_bound
 from .front import context
 from .front.body import BodyRefused, inspect, read_body
@@ -207,7 +208,15 @@ class Proxy:
             ) from None
         request_id = context.current().request_id
         context.current().rule, context.current().currency = rule.name, pricebook.currency
-        reservation = await self._reserve(owner, request_id, rule, bound, pricebook.currency, form)
+        downgrade = plan_downgrade(
+            pricebook, rule, request.method, request.path, facts, bound,
+            lambda target, target_body, target_facts: self._form_for(
+                target, pricebook, request, target_body, target_facts
+            ),
+        )  # fmt: skip
+        reservation = await self._reserve(
+            owner, request_id, rule, bound, pricebook.currency, form, downgrade
+        )
         if reservation is not None and not reservation.ok:
             if reservation.outcome is Outcome.currency_mismatch:
                 log.error(
@@ -218,6 +227,14 @@ class Proxy:
             self.customer_view.refused(owner.customer_id, owner.key_name, outcome, facts.model)
             raise self._refuse(outcome, errors.refusal(reservation, owner.customer_id))
         self.metrics.decisions.labels("admitted" if reservation else "fail_open").inc()
+        downgraded = None
+        if reservation is not None and reservation.downgraded and downgrade is not None:
+            self.metrics.downgrades.labels(rule.name).inc()
+            downgraded = downgrade.header(reservation.downgraded)
+            rule, form, facts, body, bound = (
+                downgrade.rule, downgrade.form, downgrade.facts, downgrade.body, downgrade.bound
+            )  # fmt: skip
+            context.current().rule = rule.name
         held = reservation.estimate if reservation is not None else bound.hold
         output_limit = form.output_for(bound, held)
         context.current().hold = held if reservation is not None else None
@@ -246,6 +263,7 @@ class Proxy:
             output_limit=output_limit,
             output_change=clamped,
             count_change=count,
+            downgraded=downgraded,
         )
 
     @staticmethod
@@ -289,7 +307,9 @@ class Proxy:
         bound: Bound,
         currency: str,
         form: PricingForm,
+        downgrade: Downgrade | None,
     ) -> Reservation | None:
+        timeout = rule.timeout if downgrade is None else max(rule.timeout, downgrade.rule.timeout)
         try:
             return await self.ledger.reserve(
                 owner.customer_id,
@@ -298,7 +318,10 @@ class Proxy:
                 minimum=bound.minimum,
                 key_id=owner.key_name,
                 currency=currency,
-                ttl_ms=rule.timeout + self.settings.hold_grace_ms,
+                ttl_ms=timeout + self.settings.hold_grace_ms,
+                downgrade=None
+                if downgrade is None
+                else (downgrade.bound.hold, downgrade.bound.minimum),
             )
         except TreeMoving as error:  # its budget is being moved to another tree: never fail-open
             log.warning("budget moving", extra={"error": str(error)})

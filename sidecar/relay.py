@@ -13,6 +13,7 @@ import time
 
 import aiohttp
 from aiohttp import web
+from multidict import CIMultiDict
 
 from spendgate.models import FailureCharge
 from spendgate.pricing import Used
@@ -20,6 +21,7 @@ from spendgate.pricing import Used
 from . import errors
 from .billing import Metered
 from .customer_view import admission_headers, final_cost_headers
+from .downgrade import DOWNGRADED_HEADER
 from .front.targets import UpstreamBase
 from .headers import forward_headers, response_headers
 from .holds import GpuClock, Holds, OutOfTime
@@ -34,6 +36,13 @@ log = logging.getLogger("spendgate.sidecar")
 SMALL_BODY = 64 * 1024  # bodies up to this size with a known length are sent in one write
 OUTPUT_LIMIT_HEADER = "X-Spendgate-Output-Limit"
 COUNT_LIMIT_HEADER = "X-Spendgate-Count-Limit"
+
+
+def _admitted_headers(headers: CIMultiDict[str], metered: Metered) -> None:
+    """What the answer to an admitted request says about its admission."""
+    admission_headers(headers, metered.currency, metered.hold, metered.available)
+    if metered.downgraded is not None:
+        headers[DOWNGRADED_HEADER] = metered.downgraded
 
 
 class Relay:
@@ -136,13 +145,13 @@ class Relay:
     ) -> web.StreamResponse:
         if is_foreign_error(upstream):  # the model's own error page: relay it in our shape
             response = await foreign_error(upstream)
-            admission_headers(response.headers, metered.currency, metered.hold, metered.available)
+            _admitted_headers(response.headers, metered)
             response.headers.update(errors.rate_limit_headers(metered.rate))
             self.settlement.finish(metered, upstream, None, outcome="upstream_status")
             return response
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
         response.headers.update(response_headers(upstream))
-        admission_headers(response.headers, metered.currency, metered.hold, metered.available)
+        _admitted_headers(response.headers, metered)
         response.headers["X-Spendgate-Request-Id"] = metered.request_id
         response.headers.update(errors.rate_limit_headers(metered.rate))
         if metered.output_change is not None:

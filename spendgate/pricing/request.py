@@ -158,8 +158,9 @@ def with_output_limit(facts: RequestFacts, path: str, limit: int) -> bytes:
     return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()
 
 
-def with_field(facts: RequestFacts, name: str, value: int) -> bytes:
-    """The JSON request body with its field ``name`` set to ``value`` (a lowered count)."""
+def with_field(facts: RequestFacts, name: str, value: int | str) -> bytes:
+    """The JSON request body with its field ``name`` set to ``value`` (a lowered count, a
+    downgraded model)."""
     if facts.document is None:
         raise ValueError("only a JSON body has fields to set")
     document = {**facts.document, name: value}
