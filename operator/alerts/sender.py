@@ -35,7 +35,9 @@ RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 class Alert:
     """One thing worth telling a human about a budget."""
 
-    kind: str  # ThresholdCrossed | StateChanged
+    # ThresholdCrossed | StateChanged | SoftLimitReached (a notify soft limit) | AbnormalSpend
+    # | CostAbsorbed
+    kind: str
     budget: str  # namespace/name
     customer_id: str
     message: str

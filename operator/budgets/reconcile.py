@@ -63,6 +63,7 @@ CARRIED_STATUS = (
     "customerId",
     "alertedThreshold",
     "alertBaseline",
+    "softLimitsReached",
     "activeKeys",
     *ACCOUNT_FIELDS,
 )

@@ -2,7 +2,8 @@
 
 The state machine (Active, Exhausted, Suspended, PendingPaymentMethod; Misconfigured is the
 reconciler's), the ``Funded`` and ``Suspended`` conditions, the account fields, the alert
-thresholds with their prepaid baseline, and the Events and alerts that changes of these send.
+thresholds with their prepaid baseline, the soft limits reached (soft_limits.py), and the Events
+and alerts that changes of these send.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from spendgate.periods import current_period, period_start_ms
 from ..alerts.sender import Alert
 from ..kube import conditions as cond
 from ..kube.objects import EventSpec, ready_events
+from .soft_limits import STATUS_FIELD as SOFT_LIMITS_FIELD
+from .soft_limits import evaluate_soft_limits, soft_limit_changes
 
 # Suspension sources (fields of the customer's ``susp`` hash in Redis) and what they mean.
 SPEC_SOURCE = "spec"  # spec.policy.suspended (written by the configure script)
@@ -291,7 +294,8 @@ def fill_account_status(
     status: dict[str, Any],
     now: datetime,
 ) -> tuple[list[EventSpec], list[Alert]]:
-    """Fill the account fields, state, Funded/Suspended and thresholds into ``status``."""
+    """Fill the account fields, state, Funded/Suspended, thresholds and soft limits into
+    ``status``."""
     now_ms = _ms(now)
     generation = budget.metadata.generation
     state, reasons = budget_state(account, now_ms)
@@ -328,6 +332,11 @@ def fill_account_status(
                 },
             )
         )
+    soft_limits = evaluate_soft_limits(budget, account, old_status, now_ms)
+    status[SOFT_LIMITS_FIELD] = soft_limits.reached
+    soft_events, soft_alerts = soft_limit_changes(budget, account, soft_limits, status)
+    events += soft_events
+    alerts += soft_alerts
     alert = _state_alert(budget, old_status.get("state"), status)
     if alert is not None:
         alerts.append(alert)
@@ -340,6 +349,7 @@ def clear_account_status(status: dict[str, Any]) -> None:
         status[name] = None
     status["alertBaseline"] = None
     status["alertedThreshold"] = None
+    status[SOFT_LIMITS_FIELD] = None
     status["activeKeys"] = None
     status["conditions"] = [
         c
