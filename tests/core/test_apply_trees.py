@@ -4,6 +4,7 @@ any order in the input); every invalid tree is refused naming the field, with no
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,11 @@ def test_the_organisation_example_applies_as_a_tree(organisation: str) -> None:
     assert client.hget(TREE, "initech-chatbot") == b"initech-research,initech"
     assert client.hget("sg:{initech}@initech-chatbot:cfg", "kcap:ci") == b"5000000|day"
     assert client.hget("sg:{initech}:acct", "balance") == b"500000000"
+    soft = json.loads(client.hget("sg:{initech}@initech-research:cfg", "soft") or b"[]")
+    assert [(s["action"], s["used"]) for s in soft] == [
+        ("throttle", 180_000_000), ("downgrade", 190_000_000)
+    ]  # fmt: skip
+    assert client.hexists("sg:pricebooks", "default/initech-models")
 
 
 def test_children_before_their_parent_in_the_input_apply(
