@@ -98,6 +98,12 @@ def _shortfall(outcome: Outcome, estimate: int, available: int) -> str:
     return f"{cost}; your spend limit for this period has {format_amount(available)} left."
 
 
+def _throttled(reservation: Reservation) -> str:
+    """Why a rate limit refused, when it is a throttle soft limit (ids ``s<i>:...``)."""
+    limit_id = reservation.limit_id or ""
+    return " (throttled: a soft limit of its spend is reached)" if limit_id[:1] == "s" else ""
+
+
 def _above(reservation: Reservation, customer: str) -> str:
     """The budget above the customer's own (in its tree) that refused, or "". Its figures are
     not shown: they count its other children's spend too."""
@@ -112,7 +118,8 @@ def _level_refusal(reservation: Reservation, level: str) -> web.Response:
         headers["Retry-After"] = retry_after_seconds(reservation.retry_after_ms or 0)
         return error_response(
             429, "rate_limit_error", "rate_limit_exceeded",
-            f"Rate limit of budget '{level}' reached; retry after {headers['Retry-After']} s.",
+            f"Rate limit of budget '{level}' reached{_throttled(reservation)}; retry after"
+            f" {headers['Retry-After']} s.",
             headers=headers,
         )  # fmt: skip
     if outcome is Outcome.suspended:
@@ -145,8 +152,8 @@ def refusal(reservation: Reservation, customer: str = "") -> web.Response:
         headers["Retry-After"] = retry_after_seconds(reservation.retry_after_ms or 0)
         return error_response(
             429, "rate_limit_error", "rate_limit_exceeded",
-            "Rate limit reached for this customer or key; retry after "
-            f"{headers['Retry-After']} s.",
+            f"Rate limit reached for this customer or key{_throttled(reservation)}; retry"
+            f" after {headers['Retry-After']} s.",
             headers=headers,
         )  # fmt: skip
     if outcome in (Outcome.insufficient, Outcome.cap_reached):

@@ -1,7 +1,8 @@
-"""Downgrade soft limits through the sidecar: once a budget level's downgrade soft limit is
+"""Soft limits through the sidecar. Downgrade: once a budget level's downgrade soft limit is
 reached, a request for a model whose rule names ``downgradeTo`` is sent as that cheaper model,
 priced and charged as it, and the response says so; before it, and for models without a
-downgrade, nothing changes. On a single Redis and the 3-master Cluster."""
+downgrade, nothing changes (on a single Redis and the 3-master Cluster). Throttle: a 429 that
+says the budget is throttled."""
 
 from __future__ import annotations
 
@@ -117,3 +118,21 @@ async def test_a_downgrade_that_would_hold_more_is_not_taken(redis_url: str) -> 
         assert response.status == 200 and body["model"] == "big"
         assert "X-Spendgate-Downgraded" not in response.headers
         assert (await plane.account()).charged == BIG_COST
+
+
+async def test_a_reached_throttle_is_a_429_that_says_so(redis_url: str) -> None:
+    one_a_day = [{"requests": 1, "per": "day"}]
+    throttle = {"action": "throttle", "below": "9.80", "rateLimits": one_a_day}
+    async with data_plane(redis_url, pricebook=PRICEBOOK) as plane:
+        soft = {"softLimits": [throttle]}
+        await plane.apply_budget(budget("acme", "10.00", policy=soft), ACME_KEY)
+        for _ in range(3):  # 10.00, 9.97, 9.94 left: unthrottled
+            assert (await chat(plane, "small"))[0].status == 200
+        assert (await chat(plane, "big"))[0].status == 200  # 9.61 left: throttled from now on
+        assert (await chat(plane, "small"))[0].status == 200  # the day's one request
+        response, body = await chat(plane, "small")
+        assert response.status == 429
+        assert body["error"]["message"].startswith(
+            "Rate limit reached for this customer or key (throttled: a soft limit of its spend"
+            " is reached); retry after"
+        )
