@@ -1,12 +1,14 @@
 """What a budget tree costs per request: reserve + settle on a single budget and on the leaf of
-trees of 2, 3 and 4 levels, against a throwaway redis-server.
+trees of 2, 3 and 4 levels, against a throwaway redis-server; each depth also with soft limits
+at every level (a throttle and a downgrade, both reached, so each request is throttled-checked
+and downgraded at every level).
 
     .venv/bin/python benchmarks/tree_depth.py [--requests 3000]
 
 Reports, per depth, the client's sequential req/s (one reserve + one settle per request, one
 round trip each) and Redis' own time per script call (INFO commandstats, evalsha): the cost
 that a tree's one shard pays for every level. Everything shares the machine's cores: compare
-the depths within one run.
+the rows within one run.
 """
 
 from __future__ import annotations
@@ -22,14 +24,23 @@ from spendgate.ledger import Ledger
 from spendgate.local_redis import RedisServer
 from spendgate.models import CustomerBudget, parse_resource
 
+LIMITS = [{"requests": 1_000_000, "per": "second"}]
+# Reached from the first request (less than 2000000 is always left), never refusing.
+SOFT_LIMITS = [
+    {"action": "throttle", "below": "2000000", "rateLimits": LIMITS},
+    {"action": "downgrade", "below": "2000000"},
+]
 
-def _budget(name: str, parent: str | None) -> CustomerBudget:
+
+def _budget(name: str, parent: str | None, soft: bool) -> CustomerBudget:
     spec: dict[str, object] = {
         "customerId": name,
         "currency": "USD",
-        "rateLimits": [{"requests": 1_000_000, "per": "second"}],
+        "rateLimits": LIMITS,
         "apiKeys": [{"name": "main", "secretRef": {"name": f"{name}-keys"}}],
     }
+    if soft:
+        spec["policy"] = {"softLimits": SOFT_LIMITS}
     if parent is None:
         spec["balance"] = "1000000"
     else:
@@ -46,7 +57,7 @@ def _budget(name: str, parent: str | None) -> CustomerBudget:
     return resource
 
 
-async def _measure(url: str, depth: int, requests: int) -> tuple[float, float]:
+async def _measure(url: str, depth: int, requests: int, soft: bool) -> tuple[float, float]:
     client = redis.asyncio.Redis.from_url(url)
     await client.flushall()
     ledger = Ledger(client)
@@ -55,14 +66,18 @@ async def _measure(url: str, depth: int, requests: int) -> tuple[float, float]:
     parent = None
     for level in range(depth):
         name = f"d{depth}-l{level}"
-        budget = _budget(name, parent)
+        budget = _budget(name, parent, soft)
         await store.apply_budget(budget, {"main": f"sk-bench-{name}-0123456789"})
         parent = name
     leaf = parent or ""
     await client.config_resetstat()
     start = time.perf_counter()
+    downgrade = (800, 800) if soft else None
     for i in range(requests):
-        await ledger.reserve(leaf, f"r{i}", 1000, key_id="main", currency="USD", ttl_ms=60_000)
+        held = await ledger.reserve(
+            leaf, f"r{i}", 1000, key_id="main", currency="USD", ttl_ms=60_000, downgrade=downgrade
+        )
+        assert held.ok and bool(held.downgraded) == soft, held
         await ledger.settle(leaf, f"r{i}", 600)
     elapsed = time.perf_counter() - start
     stats = (await client.info("commandstats"))["cmdstat_evalsha"]
@@ -76,10 +91,14 @@ async def main(requests: int) -> None:
     server = RedisServer()
     server.start()
     try:
-        print(f"{'levels':>6}  {'req/s':>8}  {'Redis µs per script':>20}")
+        print(f"{'levels':>6}  {'soft limits':>11}  {'req/s':>8}  {'Redis µs per script':>20}")
         for depth in (1, 2, 3, 4):
-            rate, usec = await _measure(server.url, depth, requests)
-            print(f"{depth:>6}  {rate:>8.0f}  {usec:>20.1f}")
+            for soft in (False, True):
+                rate, usec = await _measure(server.url, depth, requests, soft)
+                print(
+                    f"{depth:>6}  {'2 a level' if soft else 'none':>11}  {rate:>8.0f}"
+                    f"  {usec:>20.1f}"
+                )
     finally:
         server.close()
 
