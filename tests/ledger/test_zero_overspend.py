@@ -27,32 +27,24 @@ from aiohttp.test_utils import TestServer
 from spendgate.config_store import ConfigStore
 from spendgate.ledger import Ledger
 from spendgate.models import parse_resource
-from tests.support.sidecar_env import ACME_KEY, budget
+from tests.support.sidecar_env import ACME_KEY, budget, pricebook
 from tests.support.sidecar_processes import free_port, wait_ready
 
 REQUESTS = 1_000
 FUNDING = 170_000_000  # the budget's 170.00: about 250 requests at the rule's bound
 PROMPT = "héllo wörld, ünïcödé 東京 " * 8  # 8 x 33 bytes, but only 8 x 24 characters
-PRICEBOOK: dict[str, Any] = {
-    "apiVersion": "spendgate.dev/v1alpha1",
-    "kind": "PriceBook",
-    "metadata": {"name": "default", "namespace": "default"},
-    "spec": {
-        "currency": "USD",
-        "rules": [
-            {
-                "name": "chat",
-                "match": {"path": "/v1/chat/completions"},
-                "price": {"perMillionInputTokens": "1000", "perMillionOutputTokens": "2000"},
-                "promptOverhead": {"perMessage": 4, "perRequest": 8},
-                "maxOutputTokens": 200,
-                "minOutputTokens": 10,
-                "maximum": "5.00",
-                "timeout": "30s",
-            }
-        ],
-    },
-}
+PRICEBOOK = pricebook(
+    {
+        "name": "chat",
+        "match": {"path": "/v1/chat/completions"},
+        "price": {"perMillionInputTokens": "1000", "perMillionOutputTokens": "2000"},
+        "promptOverhead": {"perMessage": 4, "perRequest": 8},
+        "maxOutputTokens": 200,
+        "minOutputTokens": 10,
+        "maximum": "5.00",
+        "timeout": "30s",
+    }
+)
 
 
 def worst_case_model() -> web.Application:

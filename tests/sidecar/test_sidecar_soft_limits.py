@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.sidecar_env import ACME_KEY, budget, data_plane
+from tests.support.sidecar_env import ACME_KEY, budget, data_plane, pricebook
 
 UNIT = 1_000_000
 TEAM_KEY = "sk-test-team-0123456789abcdef00"
@@ -28,19 +28,11 @@ def rule(name: str, flat: str, per_token: str, **fields: Any) -> dict[str, Any]:
     }
 
 
-PRICEBOOK = {
-    "apiVersion": "spendgate.dev/v1alpha1",
-    "kind": "PriceBook",
-    "metadata": {"name": "default", "namespace": "default"},
-    "spec": {
-        "currency": "USD",
-        "rules": [
-            rule("big", "0.10", "0.10", downgradeTo="small"),
-            rule("small", "0.01", "0.01"),
-            rule("other", "0.10", "0.10"),
-        ],
-    },
-}
+PRICEBOOK = pricebook(
+    rule("big", "0.10", "0.10", downgradeTo="small"),
+    rule("small", "0.01", "0.01"),
+    rule("other", "0.10", "0.10"),
+)
 BIG_COST = 100_000 + 2 * 100_000  # two output tokens
 SMALL_COST = 10_000 + 2 * 10_000
 
@@ -107,11 +99,8 @@ async def test_a_downgrade_that_would_hold_more_is_not_taken(redis_url: str) -> 
         "match": {"path": "/v1/chat/completions", "models": ["small"]},
         "expression": {"bound": "prices.request", "prices": {"request": "1.00"}},
     }
-    pricebook = {
-        **PRICEBOOK,
-        "spec": {"currency": "USD", "rules": [PRICEBOOK["spec"]["rules"][0], priced_by_expression]},
-    }
-    async with data_plane(redis_url, pricebook=pricebook) as plane:
+    book = pricebook(PRICEBOOK["spec"]["rules"][0], priced_by_expression)
+    async with data_plane(redis_url, pricebook=book) as plane:
         soft = {"softLimits": [{"action": "downgrade", "below": "100.00"}]}
         await plane.apply_budget(budget("acme", "10.00", policy=soft), ACME_KEY)
         response, body = await chat(plane, "big")  # as "small" it would hold 1.00, not 0.30

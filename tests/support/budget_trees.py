@@ -13,14 +13,15 @@ import redis.asyncio.cluster
 from spendgate.config_store import ConfigStore
 from spendgate.ledger import Ledger
 from spendgate.models import CustomerBudget, parse_resource
-from spendgate.script_channel import ClusterScriptChannel, ScriptChannel
 
 
 @asynccontextmanager
-async def target_ledger(redis: Any, target: Any, clock: Callable[[], int]) -> AsyncIterator[Ledger]:
+async def target_ledger(
+    redis: Any, target: Any, clock: Callable[[], int], channel_timeout_s: float | None = None
+) -> AsyncIterator[Ledger]:
     """A ledger with its scripts loaded on ``target`` (a ``RedisTarget``), over its pipelined
     channel when the target has one (closed afterwards)."""
-    channel = target.script_channel()
+    channel = target.script_channel(channel_timeout_s)
     ledger = Ledger(redis, clock=clock, channel=channel)
     await ledger.load_scripts()
     try:
@@ -44,18 +45,10 @@ async def concurrent_ledger(
         client = redis.asyncio.cluster.RedisCluster.from_url(target.url, **options)
     else:
         client = redis.asyncio.Redis.from_url(target.url, **options)
-    channel: ScriptChannel | ClusterScriptChannel | None = None
-    if target.kind == "pipelined":
-        channel = ScriptChannel(target.url, timeout_s=30)
-    elif target.kind == "cluster_pipelined":
-        channel = ClusterScriptChannel(target.url, timeout_s=30)
-    ledger = Ledger(client, clock=clock, channel=channel)
-    await ledger.load_scripts()
     try:
-        yield ledger
+        async with target_ledger(client, target, clock, channel_timeout_s=30) as ledger:
+            yield ledger
     finally:
-        if channel is not None:
-            await channel.close()
         await client.aclose()
 
 

@@ -58,11 +58,14 @@ class RedisTarget:
     kind: Literal["single", "pipelined", "cluster", "cluster_pipelined"]
     url: str
 
-    def script_channel(self) -> ScriptChannel | ClusterScriptChannel | None:
+    def script_channel(
+        self, timeout_s: float | None = None
+    ) -> ScriptChannel | ClusterScriptChannel | None:
+        options = {} if timeout_s is None else {"timeout_s": timeout_s}
         if self.kind == "pipelined":
-            return ScriptChannel(self.url)
+            return ScriptChannel(self.url, **options)
         if self.kind == "cluster_pipelined":
-            return ClusterScriptChannel(self.url)
+            return ClusterScriptChannel(self.url, **options)
         return None
 
     @property

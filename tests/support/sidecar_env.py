@@ -26,46 +26,49 @@ from spendgate.sidecar.standin import create_app as create_standin
 ACME_KEY = "sk-test-acme-0123456789abcdef"
 OTHER_KEY = "sk-test-other-0123456789abcdef"
 
-PRICEBOOK: dict[str, Any] = {
-    "apiVersion": "spendgate.dev/v1alpha1",
-    "kind": "PriceBook",
-    "metadata": {"name": "default", "namespace": "default"},
-    "spec": {
-        "currency": "USD",
-        "rules": [
-            {
-                # 0.01 per request + 0.01 per output token: easy arithmetic in tests.
-                "name": "chat",
-                "match": {"path": "/v1/chat/completions"},
-                "price": {"flat": "0.01", "perMillionOutputTokens": "10000"},
-                "estimate": {"outputTokens": 10},
-                "maximum": "5.00",
-                "timeout": "5s",
-                "onUpstreamError": "free",
-                "onClientDisconnect": "metered",
-            },
-            {
-                "name": "timed",
-                "match": {"pathPrefix": "/slow", "methods": ["GET"]},
-                "price": {"flat": "0.01", "perSecond": "1.00"},
-                "estimate": {"seconds": "1s"},
-                "maximum": "2.00",
-                "timeout": "1s",
-                "onUpstreamError": "metered",
-            },
-            {
-                "name": "bytes",
-                "match": {"pathPrefix": "/bytes"},
-                "price": {"flat": "0.01"},
-            },
-            {
-                "name": "echo",
-                "match": {"path": "/echo"},
-                "price": {"flat": "0.01"},
-            },
-        ],
+
+def pricebook(*rules: dict[str, Any]) -> dict[str, Any]:
+    """The PriceBook ``default/default`` (the one the data plane's sidecar reads), in USD."""
+    return {
+        "apiVersion": "spendgate.dev/v1alpha1",
+        "kind": "PriceBook",
+        "metadata": {"name": "default", "namespace": "default"},
+        "spec": {"currency": "USD", "rules": list(rules)},
+    }
+
+
+PRICEBOOK: dict[str, Any] = pricebook(
+    {
+        # 0.01 per request + 0.01 per output token: easy arithmetic in tests.
+        "name": "chat",
+        "match": {"path": "/v1/chat/completions"},
+        "price": {"flat": "0.01", "perMillionOutputTokens": "10000"},
+        "estimate": {"outputTokens": 10},
+        "maximum": "5.00",
+        "timeout": "5s",
+        "onUpstreamError": "free",
+        "onClientDisconnect": "metered",
     },
-}
+    {
+        "name": "timed",
+        "match": {"pathPrefix": "/slow", "methods": ["GET"]},
+        "price": {"flat": "0.01", "perSecond": "1.00"},
+        "estimate": {"seconds": "1s"},
+        "maximum": "2.00",
+        "timeout": "1s",
+        "onUpstreamError": "metered",
+    },
+    {
+        "name": "bytes",
+        "match": {"pathPrefix": "/bytes"},
+        "price": {"flat": "0.01"},
+    },
+    {
+        "name": "echo",
+        "match": {"path": "/echo"},
+        "price": {"flat": "0.01"},
+    },
+)
 
 
 def budget(customer: str, balance: str, key_name: str = "main", **spec: Any) -> dict[str, Any]:
@@ -198,5 +201,6 @@ __all__ = [
     "SidecarTestServer",
     "budget",
     "data_plane",
+    "pricebook",
     "replace",
 ]
