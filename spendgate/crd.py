@@ -44,7 +44,7 @@ SCHEMA_ANNOTATION = f"{GROUP}/schema-generation"
 SCHEMA_GENERATION = 3
 
 HEADER = (
-    "# Generated from spendgate/models.py by `python -m spendgate.crd --write crds/`.\n"
+    "# Generated from spendgate/models/ by `python -m spendgate.crd --write crds/`.\n"
     "# Do not edit: change the models and regenerate (tests/core/test_crds.py checks it).\n"
 )
 CATEGORY = "spendgate"
@@ -287,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stale = check(args.check)
         for path in stale:
             print(
-                f"{path} is out of date with spendgate/models.py;"
+                f"{path} is out of date with spendgate/models/;"
                 f" run: python -m spendgate.crd --write {args.check}",
                 file=sys.stderr,
             )

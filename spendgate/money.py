@@ -17,7 +17,7 @@ MICROS_PER_UNIT = 1_000_000
 # too precise), not as "not a decimal"; the range check below bounds it.
 _AMOUNT_RE = re.compile(r"^(?P<sign>[+-])?(?P<int>\d+)(?:\.(?P<frac>\d+))?$", re.ASCII)
 MAX_DECIMALS = 6
-_MAX_INT_DIGITS = 15  # as AMOUNT_PATTERN in models.py; beyond MAX_MICROS anyway
+_MAX_INT_DIGITS = 15  # as AMOUNT_PATTERN in models/fields.py; beyond MAX_MICROS anyway
 
 # The Lua ledger computes in doubles: amounts must stay integers below 2^53 to be exact
 # (a larger one would be rounded silently, or make HINCRBY fail). About 9 billion units.

@@ -189,7 +189,7 @@ def example_manifests() -> list[dict[str, Any]]:
 def test_committed_crds_match_the_models() -> None:
     stale = crd.check(CRDS)
     assert not stale, (
-        f"{stale} drifted from spendgate/models.py: python -m spendgate.crd --write crds/"
+        f"{stale} drifted from spendgate/models/: python -m spendgate.crd --write crds/"
     )
 
 
