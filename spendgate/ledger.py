@@ -8,7 +8,6 @@ script touches carries the customer's hash tag (see ``spendgate.keys``).
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -22,9 +21,9 @@ from .backpressure import CallLimiter, LocalExhaustion
 from .budget_tree import TreeIndex
 from .credits import Credit, credit_result
 from .keys import CustomerKeys, for_customer, tree_script_keys
-from .models import CustomerBudgetSpec, Mode, RateLimit
+from .models import CustomerBudgetSpec, Mode
 from .script_channel import ClusterRedirect, ClusterScriptChannel, ScriptChannel
-from .soft_limits import script_entries
+from .script_config import budget_config
 
 IDEMPOTENCY_TTL_MS = 7 * 86_400_000
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -183,51 +182,6 @@ def check_request_id(request_id: str) -> str:
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _rate_limit_entries(limits: list[RateLimit], scope: str) -> list[dict[str, Any]]:
-    entries = []
-    for limit in limits:
-        burst = limit.burst if limit.burst is not None else limit.amount
-        if limit.kind == "cost" and limit.burst is not None:
-            burst = limit.amount * limit.burst // 100  # cost bursts are a percentage
-        entries.append(
-            {
-                # The id encodes the limit itself, so changing a limit starts it afresh.
-                "id": f"{scope}:{limit.kind}:{limit.amount}:{limit.per.value}:{burst}",
-                "kind": limit.kind,
-                "amount": limit.amount,
-                "window_ms": limit.per.milliseconds,
-                "burst": burst,
-            }
-        )
-    return entries
-
-
-def budget_config(spec: CustomerBudgetSpec) -> dict[str, str]:
-    """The ``cfg`` hash the scripts read, built from a CustomerBudget spec."""
-    config = {
-        "currency": spec.currency,
-        "mode": spec.mode.value,
-        "limit": str(spec.limit or 0),
-        "period": spec.period.value if spec.period else "",
-        "max_cost": str(spec.policy.max_request_cost or 0),
-        "rl": json.dumps(_rate_limit_entries(spec.rate_limits, "c")),
-    }
-    soft = [
-        {**trigger, "rl": _rate_limit_entries(limit.rate_limits or [], f"s{index}")}
-        for index, (limit, trigger) in enumerate(script_entries(spec))
-    ]
-    if soft:
-        config["soft"] = json.dumps(soft)
-    for key in spec.api_keys:
-        if key.rate_limits:
-            config[f"krl:{key.name}"] = json.dumps(
-                _rate_limit_entries(key.rate_limits, f"k:{key.name}")
-            )
-        if key.limit is not None and key.period is not None:
-            config[f"kcap:{key.name}"] = f"{key.limit}|{key.period.value}"
-    return config
 
 
 class Ledger:

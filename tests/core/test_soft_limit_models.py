@@ -10,7 +10,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from spendgate.ledger import budget_config
 from spendgate.models import (
     API_VERSION,
     CustomerBudget,
@@ -20,6 +19,7 @@ from spendgate.models import (
     parse_resource,
 )
 from spendgate.money import format_amount
+from spendgate.script_config import budget_config
 from spendgate.soft_limits import reached, spent_at
 
 
