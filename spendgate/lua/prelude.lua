@@ -183,11 +183,11 @@ local function soft_active(soft, state)
   return state[1] < soft.left
 end
 
--- The rate limits of a level's throttles: the active ones (given the level's state), or all
--- of them (for corrections of what was counted).
-local function throttle_limits(raw, state)
+-- The rate limits of a level's throttles (`softs`, as soft_limits decoded them): the active
+-- ones (given the level's state), or all of them (for corrections of what was counted).
+local function throttle_limits(softs, state)
   local limits = {}
-  for _, soft in ipairs(soft_limits(raw)) do
+  for _, soft in ipairs(softs) do
     if soft.action == 'throttle' and (not state or soft_active(soft, state)) then
       for _, l in ipairs(soft.rl) do limits[#limits + 1] = l end
     end
@@ -204,7 +204,7 @@ local function correct_cost_limits(cfg_rl, key_rl, delta, now, rl, soft)
   if delta == 0 then return end
   rl = rl or K_RL
   local limits = rate_limits(cfg_rl, key_rl)
-  for _, l in ipairs(throttle_limits(soft)) do limits[#limits + 1] = l end
+  for _, l in ipairs(throttle_limits(soft_limits(soft))) do limits[#limits + 1] = l end
   for _, l in ipairs(limits) do
     if l.kind == 'cost' then
       local tat = num(redis.call('HGET', rl, l.id))

@@ -39,11 +39,12 @@ end
 reap(now, 64)
 
 local states = level_states(now, cfg[2], num(cfg[3]), cfg[4], cfgs)
-local function soft_of(i) if i == 1 then return cfg[10] end return cfgs[i][7] end
+local softs = {soft_limits(cfg[10])}  -- each level's, decoded once
+for i = 2, #LEVELS do softs[i] = soft_limits(cfgs[i][7]) end
 local alt_wanted, downgraded = tonumber(ARGV[9]), 0
 if alt_wanted then
   for i = 1, #LEVELS do
-    for _, soft in ipairs(soft_limits(soft_of(i))) do
+    for _, soft in ipairs(softs[i]) do
       if downgraded == 0 and soft.action == 'downgrade' and soft_active(soft, states[i]) then
         downgraded = i
       end
@@ -71,7 +72,7 @@ local tightest_ratio, t_limit, t_remaining, t_reset = 2, -1, -1, 0
 for i, level in ipairs(LEVELS) do
   local limits
   if i == 1 then limits = rate_limits(cfg[6], cfg[7]) else limits = rate_limits(cfgs[i][5]) end
-  for _, l in ipairs(throttle_limits(soft_of(i), states[i])) do limits[#limits + 1] = l end
+  for _, l in ipairs(throttle_limits(softs[i], states[i])) do limits[#limits + 1] = l end
   local new_tats = {}
   for _, l in ipairs(limits) do
     local units = (l.kind == 'cost') and amount or 1
