@@ -9,6 +9,7 @@ from aiohttp import web
 
 from spendgate.ledger import Outcome, RateInfo, Reservation
 from spendgate.money import format_amount
+from spendgate.script_config import is_throttle_limit
 
 
 def error_response(
@@ -99,9 +100,10 @@ def _shortfall(outcome: Outcome, estimate: int, available: int) -> str:
 
 
 def _throttled(reservation: Reservation) -> str:
-    """Why a rate limit refused, when it is a throttle soft limit (ids ``s<i>:...``)."""
-    limit_id = reservation.limit_id or ""
-    return " (throttled: a soft limit of its spend is reached)" if limit_id[:1] == "s" else ""
+    """Why a rate limit refused, when it is a throttle soft limit's."""
+    if not is_throttle_limit(reservation.limit_id):
+        return ""
+    return " (throttled: a soft limit of its spend is reached)"
 
 
 def _above(reservation: Reservation, customer: str) -> str:

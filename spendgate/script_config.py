@@ -8,6 +8,13 @@ from typing import Any
 from .models import CustomerBudgetSpec, RateLimit
 from .soft_limits import script_entries
 
+THROTTLE_SCOPE = "s"  # ids of a throttle soft limit's rate limits: s<index>:...
+
+
+def is_throttle_limit(limit_id: str | None) -> bool:
+    """Whether a rate limit id (a refusal's ``limit_id``) is a throttle soft limit's."""
+    return (limit_id or "").startswith(THROTTLE_SCOPE)
+
 
 def _rate_limit_entries(limits: list[RateLimit], scope: str) -> list[dict[str, Any]]:
     entries = []
@@ -39,7 +46,7 @@ def budget_config(spec: CustomerBudgetSpec) -> dict[str, str]:
         "rl": json.dumps(_rate_limit_entries(spec.rate_limits, "c")),
     }
     soft = [
-        {**trigger, "rl": _rate_limit_entries(limit.rate_limits or [], f"s{index}")}
+        {**trigger, "rl": _rate_limit_entries(limit.rate_limits or [], f"{THROTTLE_SCOPE}{index}")}
         for index, (limit, trigger) in enumerate(script_entries(spec))
     ]
     if soft:
